@@ -1,0 +1,90 @@
+"""Bookkeeping shared by the ALS loops: errors, best iterate, stopping, monotonicity."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Callable
+
+import numpy as np
+
+__all__ = ["ALSMonitor", "NonMonotoneWarning"]
+
+
+class NonMonotoneWarning(RuntimeWarning):
+    """An ALS sweep increased the objective by more than round-off."""
+
+
+class ALSMonitor:
+    """Track the relative errors of an ALS run and decide when to stop.
+
+    Every block update of our ALS minimizes the same objective over its block, so the
+    error sequence is non-increasing in exact arithmetic. The monitor enforces that: an
+    increase stops the run and the best iterate is returned; if the increase is larger than
+    what round-off can explain (``100 * eps`` on the relative error, whose absolute accuracy
+    is about ``eps / 2`` with the explicit error formula we use), a
+    :class:`NonMonotoneWarning` says so loudly.
+
+    Parameters
+    ----------
+    tol : float
+        Stop when the relative error decreases by less than ``tol`` in one sweep
+        (TensorLy's ``abs_rec_error`` criterion).
+    eps : float
+        Machine epsilon of the working dtype.
+    verbose : bool or int
+    callback : callable or None
+        ``callback(decomposition, error)``; returning ``True`` stops the run.
+    name : str
+        Shown in messages.
+    """
+
+    def __init__(self, tol: float, eps: float, verbose: bool | int, callback: Callable | None, name: str):
+        if tol < 0 or not np.isfinite(tol):
+            raise ValueError(f"`tol` must be a finite number >= 0, got {tol}.")
+        if callback is not None and not callable(callback):
+            raise TypeError("`callback` must be callable or None.")
+        self.tol = tol
+        self.noise = 100.0 * eps
+        self.verbose = verbose
+        self.callback = callback
+        self.name = name
+        self.errors: list[float] = []
+        self.best: Any = None
+        self.stop_reason = "n_iter_max"
+        self.non_monotone_steps: list[tuple[int, float, float]] = []
+
+    def record(self, error: float, state: Any, make_decomposition: Callable[[Any], Any], extra: str = "") -> bool:
+        """Record the error of a new iterate; return True when the run should stop."""
+        if not np.isfinite(error):
+            self.stop_reason = "non-finite error"
+            warnings.warn(
+                f"{self.name}: the error became {error} at iteration {len(self.errors)}; "
+                "returning the best finite iterate.",
+                NonMonotoneWarning,
+                stacklevel=3,
+            )
+            return True
+        iteration = len(self.errors)
+        if self.errors and error > self.errors[-1]:
+            prev = self.errors[-1]
+            self.stop_reason = "objective increased"
+            if error - prev > self.noise:
+                self.non_monotone_steps.append((iteration, prev, error))
+                warnings.warn(
+                    f"{self.name}: iteration {iteration} increased the relative error from "
+                    f"{prev:.10g} to {error:.10g}; stopping and returning the best iterate.",
+                    NonMonotoneWarning,
+                    stacklevel=3,
+                )
+            return True
+        self.errors.append(float(error))
+        self.best = state
+        if self.verbose:
+            print(f"{self.name} iteration {iteration}: relative sigma-error {error:.10g}{extra}")
+        if self.callback is not None and self.callback(make_decomposition(state), float(error)) is True:
+            self.stop_reason = "callback"
+            return True
+        if len(self.errors) >= 2 and self.tol and (self.errors[-2] - self.errors[-1]) < self.tol:
+            self.stop_reason = "converged"
+            return True
+        return False

@@ -1,0 +1,92 @@
+"""The weighted least-squares problem both solvers start from."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import tensorly as tl
+
+from .._validation import validate_sigma, validate_tensor
+from ..norms import damp_sigma, matricize
+
+__all__ = ["SigmaProblem"]
+
+
+@dataclass
+class SigmaProblem:
+    r"""A validated instance of :math:`\min \|(W - \tilde W)\Sigma^{1/2}\|_F^2`.
+
+    Attributes
+    ----------
+    shape : tuple of int
+        Shape of the tensor ``W``: ``(T, S, *spatial)``.
+    W : tensor ``(T, n)``
+        The matricized tensor.
+    sigma : tensor ``(n, n)``
+        Symmetrized and damped weight, in the tensor's dtype and device.
+    Wsig : tensor ``(T, n)``
+        ``W @ sigma``, computed once: every update and every error evaluation reuses it.
+    ref : float
+        ``trace(W sigma W^T)``, the squared sigma-norm of ``W``.
+    eps : float
+        Machine epsilon of the working dtype.
+    """
+
+    shape: tuple
+    W: object
+    sigma: object
+    Wsig: object
+    ref: float
+    eps: float
+
+    @property
+    def n_out(self) -> int:
+        return self.shape[0]
+
+    @property
+    def n_in(self) -> int:
+        return self.shape[1]
+
+    @property
+    def spatial(self) -> tuple:
+        return tuple(self.shape[2:])
+
+    @property
+    def n_pos(self) -> int:
+        return int(np.prod(self.spatial)) if self.spatial else 1
+
+    @classmethod
+    def build(cls, tensor, sigma, *, damping: float, check_psd: bool) -> "SigmaProblem":
+        validate_tensor(tensor)
+        dtype = np.dtype(tl.to_numpy(tl.reshape(tensor, (-1,))[:1]).dtype)
+        if dtype.kind != "f":
+            raise TypeError(
+                f"`tensor` must have a floating-point dtype (float32 or float64), got {dtype}."
+            )
+        shape = tuple(int(d) for d in tl.shape(tensor))
+        W = matricize(tensor)
+        n = tl.shape(W)[1]
+        # sigma follows the tensor: same backend, dtype and device (as TensorLy does for
+        # every argument of a decomposition).
+        sigma = tl.tensor(sigma, **tl.context(tensor))
+        sigma = damp_sigma(validate_sigma(sigma, n, check_psd=check_psd), damping)
+        Wsig = tl.dot(W, sigma)
+        ref = float(tl.sum(W * Wsig))
+        if not ref > 0.0:
+            raise ValueError(
+                "`tensor` has zero sigma-norm (it lies in the null space of `sigma`): "
+                "there is nothing to approximate."
+            )
+        return cls(shape, W, sigma, Wsig, ref, float(np.finfo(dtype).eps))
+
+    def relative_error(self, approx, approx_sig) -> float:
+        """Relative error from ``W~`` and ``W~ @ sigma`` (both ``T x n``), computed explicitly.
+
+        ``trace(D sigma D^T)`` with ``D = W - W~`` is evaluated as ``sum(D * (W sigma - W~ sigma))``
+        rather than through Gram identities such as ``||W||^2 - ||core||^2``: the latter is
+        wrong in the sigma-norm for non-orthogonal factors and loses all accuracy to
+        cancellation when the error is small.
+        """
+        diff = float(tl.sum((self.W - approx) * (self.Wsig - approx_sig)))
+        return float(np.sqrt(max(diff, 0.0) / self.ref))

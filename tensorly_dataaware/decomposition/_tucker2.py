@@ -1,0 +1,410 @@
+r"""Sigma-weighted Tucker-2 decomposition by exact alternating least squares.
+
+Model, for ``W`` of shape ``(T, S, *spatial)`` and ``P = prod(spatial)``:
+
+.. math::
+
+    \tilde W[t, s, p] = \sum_{a, b} U[t, a]\, V[s, b]\, G[a, b, p],
+
+factors on the output mode (``U``, ``T x R_out``) and the input mode (``V``,
+``S x R_in``), the spatial modes kept whole in the core ``G``. The objective is
+:math:`f = \|(W - \tilde W)\Sigma^{1/2}\|_F^2` with ``W`` matricized as ``W.reshape(T, -1)``.
+
+One sweep has two exact block updates:
+
+1. **Input factor** ``V`` given ``(U, G)``: the coupled linear system of
+   :mod:`._structured_solve` (preconditioned CG started from the current ``V``, or a dense
+   solve when small), followed by a QR orthonormalization, which changes nothing because
+2. **output factor and core jointly** given ``span(V)``: with ``Z = V kron I_P`` and
+   ``C = Z^T Sigma Z``, the best ``U`` is made of the ``R_out`` leading eigenvectors of
+   ``(W Sigma Z) C^+ (W Sigma Z)^T`` and then ``G = U^T (W Sigma Z) C^+``. This is the
+   exact minimizer over ``(U, G)`` together, which is stronger than updating them one at a
+   time.
+
+Both steps minimize ``f`` over their block, so ``f`` never increases. With ``sigma = I``
+the fixed points are those of Frobenius HOOI (TensorLy's ``partial_tucker``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tensorly as tl
+from opt_einsum import contract
+from tensorly.decomposition._base_decomposition import DecompositionMixin
+from tensorly.tucker_tensor import TuckerTensor
+
+from .._validation import validate_tucker2_rank
+from ..norms import psd_solve, top_eigvecs
+from ._monitor import ALSMonitor
+from ._problem import SigmaProblem
+from ._structured_solve import InputFactorSystem
+
+__all__ = ["tucker2_sigma", "Tucker2Sigma"]
+
+#: ``solver="auto"`` solves the input-factor system densely up to this many unknowns
+#: (``S * R_in``); above it, preconditioned CG is much cheaper (see benchmarks/speed.py).
+DIRECT_SOLVE_MAX_UNKNOWNS = 512
+
+
+def _orthonormalize(matrix):
+    q, _ = tl.qr(matrix)
+    return q
+
+
+def _joint_output_core(prob: SigmaProblem, V):
+    """Exact minimizer over ``(U, G)`` for a fixed input factor ``V`` (orthonormal).
+
+    Returns ``U, G, error`` with ``G`` of shape ``(R_out, R_in, P)`` and the explicit
+    relative sigma-error of the resulting model.
+    """
+    S, P = prob.n_in, prob.n_pos
+    r_in = tl.shape(V)[1]
+    sigma4 = tl.reshape(prob.sigma, (S, P, S, P))
+    # Sigma Z, shape (S, P, R_in, P): the only O(n^2 R_in) contraction of the step.
+    sig_z = contract("spuq,ub->spbq", sigma4, V)
+    C = tl.reshape(contract("sb,spcq->bpcq", V, sig_z), (r_in * P, r_in * P))
+    F = tl.reshape(contract("tsp,sb->tbp", tl.reshape(prob.Wsig, (prob.n_out, S, P)), V), (prob.n_out, r_in * P))
+    H = psd_solve((C + tl.transpose(C)) / 2, tl.transpose(F))  # C^+ F^T, (R_in P) x T
+    B = tl.dot(F, H)
+    return sig_z, H, (B + tl.transpose(B)) / 2
+
+
+class _Tucker2State:
+    """One iterate: factors and the pieces of the last joint step reused by the V-step."""
+
+    def __init__(self, U, V, G, error):
+        self.U, self.V, self.G, self.error = U, V, G, error
+
+
+def _joint_step(prob: SigmaProblem, V, r_out: int) -> _Tucker2State:
+    S, P, T = prob.n_in, prob.n_pos, prob.n_out
+    r_in = tl.shape(V)[1]
+    sig_z, H, BBt = _joint_output_core(prob, V)
+    U, _ = top_eigvecs(BBt, r_out)
+    G_mat = tl.transpose(tl.dot(H, U))  # R_out x (R_in P)
+    G = tl.reshape(G_mat, (r_out, r_in, P))
+    # W~ = U G (V kron I)^T and W~ Sigma = U G (Sigma Z)^T, both T x n.
+    approx = tl.dot(U, tl.reshape(contract("abp,sb->asp", G, V), (r_out, S * P)))
+    approx_sig = tl.dot(U, tl.dot(G_mat, tl.transpose(tl.reshape(sig_z, (S * P, r_in * P)))))
+    return _Tucker2State(U, V, G, prob.relative_error(approx, approx_sig))
+
+
+def _initial_input_factor(tensor, prob: SigmaProblem, ranks, init, random_state):
+    S = prob.n_in
+    r_out, r_in = ranks
+    if isinstance(init, TuckerTensor) or (isinstance(init, (tuple, list)) and len(init) == 2 and not isinstance(init, str)):
+        _, factors = init
+        if len(factors) < 2 or tuple(tl.shape(factors[1])) != (S, r_in):
+            raise ValueError(
+                f"`init` decomposition must have an input factor (factors[1]) of shape ({S}, {r_in})."
+            )
+        return _orthonormalize(tl.tensor(factors[1], **tl.context(tensor)))
+    if init == "svd":
+        # Plain HOSVD of the input mode: leading left singular vectors of unfold(W, 1).
+        unfolded = tl.unfold(tensor, 1)
+        V, _ = top_eigvecs(tl.dot(unfolded, tl.transpose(unfolded)), r_in)
+        return V
+    if init == "frobenius":
+        from tensorly.decomposition import partial_tucker
+
+        (_, factors), _ = partial_tucker(tensor, rank=[r_out, r_in], modes=[0, 1], init="svd", tol=1e-8)
+        return _orthonormalize(factors[1])
+    if init == "random":
+        rng = tl.check_random_state(random_state)
+        return _orthonormalize(tl.tensor(rng.standard_normal((S, r_in)), **tl.context(tensor)))
+    raise ValueError(
+        f"Unknown init {init!r}: use 'svd', 'frobenius', 'random' or a TuckerTensor / (core, factors)."
+    )
+
+
+def _to_tucker_tensor(state: _Tucker2State, shape, context) -> TuckerTensor:
+    spatial = tuple(shape[2:])
+    core = tl.reshape(state.G, (tl.shape(state.G)[0], tl.shape(state.G)[1]) + spatial)
+    factors = [state.U, state.V] + [tl.eye(d, **context) for d in spatial]
+    return TuckerTensor((core, factors))
+
+
+def _tucker2_sigma(
+    tensor,
+    rank,
+    sigma,
+    *,
+    init="svd",
+    n_iter_max: int = 100,
+    tol: float = 1e-8,
+    damping: float = 0.0,
+    solver: str = "auto",
+    cg_tol: float = 1e-8,
+    cg_maxiter: int = 500,
+    check_psd: bool = True,
+    random_state=None,
+    verbose=False,
+    callback=None,
+):
+    prob = SigmaProblem.build(tensor, sigma, damping=damping, check_psd=check_psd)
+    r_out, r_in = validate_tucker2_rank(prob.shape, rank)
+    if isinstance(n_iter_max, bool) or not isinstance(n_iter_max, (int, np.integer)) or n_iter_max < 1:
+        raise ValueError(f"`n_iter_max` must be an int >= 1, got {n_iter_max!r}.")
+    if solver == "auto":
+        solver = "direct" if prob.n_in * r_in <= DIRECT_SOLVE_MAX_UNKNOWNS else "cg"
+    if solver not in ("direct", "cg"):
+        raise ValueError(f"Unknown `solver` {solver!r}: use 'auto', 'direct' or 'cg'.")
+    context = tl.context(tensor)
+    make = lambda state: _to_tucker_tensor(state, prob.shape, context)  # noqa: E731
+    monitor = ALSMonitor(tol, prob.eps, verbose, callback, "tucker2_sigma")
+    system = InputFactorSystem(prob.sigma, prob.n_in, prob.n_pos)
+    Wsig3 = tl.reshape(prob.Wsig, (prob.n_out, prob.n_in, prob.n_pos))
+
+    V = _initial_input_factor(tensor, prob, (r_out, r_in), init, random_state)
+    state = _joint_step(prob, V, r_out)
+    solves = []
+    stop = monitor.record(state.error, state, make)
+    for _ in range(1, n_iter_max):
+        if stop:
+            break
+        # Input-factor step: only U^T W matters because U is orthonormal.
+        x_sig = contract("ta,tsp->asp", state.U, Wsig3)
+        rhs = contract("asp,abp->sb", x_sig, state.G)
+        V_new, info = system.solve(state.G, rhs, state.V, method=solver, tol=cg_tol, maxiter=cg_maxiter)
+        solves.append(info)
+        # The joint step depends on span(V) only: orthonormalizing keeps it well scaled.
+        state = _joint_step(prob, _orthonormalize(V_new), r_out)
+        stop = monitor.record(
+            state.error, state, make, extra=f" ({info.method}: {info.iterations} it, residual {info.relative_residual:.2e})"
+        )
+    details = {
+        "stop_reason": monitor.stop_reason,
+        "solves": solves,
+        "non_monotone_steps": monitor.non_monotone_steps,
+        "ranks": (r_out, r_in),
+        "solver": solver,
+    }
+    return make(monitor.best), monitor.errors, details
+
+
+def tucker2_sigma(
+    tensor,
+    rank,
+    sigma,
+    *,
+    init="svd",
+    n_iter_max: int = 100,
+    tol: float = 1e-8,
+    damping: float = 0.0,
+    solver: str = "auto",
+    cg_tol: float = 1e-8,
+    cg_maxiter: int = 500,
+    check_psd: bool = True,
+    random_state=None,
+    return_errors: bool = False,
+    verbose=False,
+    callback=None,
+):
+    r"""Tucker-2 decomposition minimizing the sigma-weighted error.
+
+    Finds ``W~ = G x_0 U x_1 V`` (factors on modes 0 and 1, the remaining modes kept whole
+    in the core) minimizing
+
+    .. math:: f(\tilde W) = \|(W - \tilde W)\Sigma^{1/2}\|_F^2
+              = \operatorname{tr}\big((W - \tilde W)\Sigma (W - \tilde W)^\top\big)
+
+    with ``W`` matricized as ``W.reshape(T, -1)``, by exact alternating least squares. With
+    ``sigma = I`` it solves the Frobenius problem of TensorLy's ``partial_tucker``.
+
+    Parameters
+    ----------
+    tensor : tensor of shape ``(T, S, *spatial)``, order >= 2
+        Mode 0 is the output mode (a conv weight ``(T, S, kh, kw)``, a linear weight
+        ``(T, S)``, ...).
+    rank : int, (int, int) or float
+        ``(R_out, R_in)``; an int is used for both modes (clipped to each mode size); a float
+        in ``(0, 1]`` keeps that fraction of the parameters (TensorLy's
+        ``validate_tucker_rank`` with the spatial modes fixed).
+    sigma : tensor of shape ``(n, n)``, ``n = prod(tensor.shape[1:])``
+        Symmetric positive semi-definite weight: the covariance (or second moment) of the
+        layer's input patches in ``torch.nn.functional.unfold`` order. It is cast to the
+        tensor's backend, dtype and device. Scaling it does not change the solution.
+    init : {'svd', 'frobenius', 'random'} or TuckerTensor, default is 'svd'
+        How the input factor ``V`` starts (the output factor and core are then set to their
+        exact optimum for that ``V``):
+
+        * ``'svd'``: leading left singular vectors of the mode-1 unfolding (HOSVD);
+        * ``'frobenius'``: the input factor of TensorLy's ``partial_tucker``. Because the
+          first step is optimal for that ``V`` and every sweep is monotone, the result is
+          never worse in the sigma-norm than the Frobenius decomposition;
+        * ``'random'``: a random orthonormal ``V`` (``random_state``);
+        * a ``TuckerTensor`` or ``(core, factors)``: warm start from ``factors[1]``.
+    n_iter_max : int, default is 100
+        Maximum number of ALS sweeps (the initial step counts as one).
+    tol : float, default is 1e-8
+        Stop when the relative sigma-error decreases by less than ``tol`` in a sweep.
+    damping : float, default is 0
+        Relative ridge: ``sigma + damping * mean(diag(sigma)) * I`` is used throughout (see
+        :func:`tensorly_dataaware.norms.damp_sigma`). Singular ``sigma`` is handled without
+        it (pseudo-inverse solves, see Notes); damping additionally pulls the solution toward
+        the Frobenius one in directions the data does not excite.
+    solver : {'auto', 'cg', 'direct'}, default is 'auto'
+        Input-factor solver: dense eigen-solve of the ``(S R_in)``-sized system, or
+        matrix-free preconditioned conjugate gradients. ``'auto'`` uses the dense solve up
+        to ``DIRECT_SOLVE_MAX_UNKNOWNS`` unknowns.
+    cg_tol : float, default is 1e-8
+        Relative residual at which CG stops (floored at ten machine epsilons).
+    cg_maxiter : int, default is 500
+        Maximum CG iterations per sweep.
+    check_psd : bool, default is True
+        Verify that ``sigma`` is positive semi-definite (a float64 Cholesky on the host,
+        ``n^3/3`` flops).
+    random_state : None, int or np.random.RandomState
+        Used by ``init='random'``.
+    return_errors : bool, default is False
+        Also return the list of relative sigma-errors, one per sweep.
+    verbose : bool or int, default is False
+        Print the error (and CG statistics) of each sweep.
+    callback : callable, optional
+        ``callback(tucker_tensor, error)`` after each sweep; returning ``True`` stops.
+
+    Returns
+    -------
+    TuckerTensor or (TuckerTensor, list of float)
+        ``(core, [U, V, I_{d_2}, ...])`` with ``core`` of shape ``(R_out, R_in, *spatial)``,
+        ``U`` and ``V`` with orthonormal columns and identity factors on the spatial modes,
+        so that ``tl.tucker_to_tensor`` reconstructs ``W~``. The errors, if asked for, are
+        relative sigma-errors ``||(W - W~) L|| / ||W L||`` (with the damped ``sigma``).
+
+    Notes
+    -----
+    * Every block update is an exact minimizer of ``f``, so the errors are non-increasing.
+      If round-off ever makes a sweep increase the objective, the run stops and returns the
+      best iterate; an increase beyond round-off also emits a ``NonMonotoneWarning``.
+    * Singular ``sigma``: the small systems are solved by eigendecomposition with a
+      pseudo-inverse cut-off (minimum-norm solutions); CG on the input-factor system
+      converges within the range of the operator.
+    * Cost per sweep, with ``n = S P``: about ``n^2 R_in (1 + ...)`` flops for the joint
+      step and ``2 R_out n^2`` per CG iteration; ``sigma`` is never expanded beyond its
+      ``n x n`` size and no ``(S R_in)^2`` matrix is formed with ``solver='cg'``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import tensorly as tl
+    >>> from tensorly_dataaware import tucker2_sigma, relative_sigma_error
+    >>> rng = np.random.default_rng(0)
+    >>> W = rng.standard_normal((8, 6, 3, 3))
+    >>> X = rng.standard_normal((500, 54)) @ rng.standard_normal((54, 54))
+    >>> sigma = X.T @ X / 500
+    >>> tucker, errors = tucker2_sigma(W, (4, 3), sigma, return_errors=True)
+    >>> tl.tucker_to_tensor(tucker).shape
+    (8, 6, 3, 3)
+    >>> bool(np.all(np.diff(errors) <= 0))
+    True
+    """
+    tucker, errors, _ = _tucker2_sigma(
+        tensor,
+        rank,
+        sigma,
+        init=init,
+        n_iter_max=n_iter_max,
+        tol=tol,
+        damping=damping,
+        solver=solver,
+        cg_tol=cg_tol,
+        cg_maxiter=cg_maxiter,
+        check_psd=check_psd,
+        random_state=random_state,
+        verbose=verbose,
+        callback=callback,
+    )
+    if return_errors:
+        return tucker, errors
+    return tucker
+
+
+class Tucker2Sigma(DecompositionMixin):
+    """Sigma-weighted Tucker-2 decomposition (class interface of :func:`tucker2_sigma`).
+
+    Parameters
+    ----------
+    rank, sigma, init, n_iter_max, tol, damping, solver, cg_tol, cg_maxiter, check_psd,
+    random_state, verbose, callback
+        As in :func:`tucker2_sigma`.
+
+    Attributes
+    ----------
+    decomposition_ : TuckerTensor
+        The result of the last :meth:`fit_transform`.
+    errors_ : list of float
+        Relative sigma-error after each sweep (non-increasing).
+    stop_reason_ : str
+        Why the run stopped: ``'converged'``, ``'n_iter_max'``, ``'callback'`` or
+        ``'objective increased'``.
+    solves_ : list of SolveInfo
+        Method, iterations and final residual of each input-factor solve.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from tensorly_dataaware import Tucker2Sigma
+    >>> W = np.random.default_rng(0).standard_normal((6, 5, 3, 3))
+    >>> model = Tucker2Sigma(rank=(3, 2), sigma=np.eye(45))
+    >>> model.fit_transform(W).core.shape
+    (3, 2, 3, 3)
+    """
+
+    def __init__(
+        self,
+        rank,
+        sigma,
+        *,
+        init="svd",
+        n_iter_max: int = 100,
+        tol: float = 1e-8,
+        damping: float = 0.0,
+        solver: str = "auto",
+        cg_tol: float = 1e-8,
+        cg_maxiter: int = 500,
+        check_psd: bool = True,
+        random_state=None,
+        verbose=False,
+        callback=None,
+    ):
+        self.rank = rank
+        self.sigma = sigma
+        self.init = init
+        self.n_iter_max = n_iter_max
+        self.tol = tol
+        self.damping = damping
+        self.solver = solver
+        self.cg_tol = cg_tol
+        self.cg_maxiter = cg_maxiter
+        self.check_psd = check_psd
+        self.random_state = random_state
+        self.verbose = verbose
+        self.callback = callback
+
+    def fit_transform(self, tensor):
+        """Decompose ``tensor`` and return the ``TuckerTensor``."""
+        tucker, errors, details = _tucker2_sigma(
+            tensor,
+            self.rank,
+            self.sigma,
+            init=self.init,
+            n_iter_max=self.n_iter_max,
+            tol=self.tol,
+            damping=self.damping,
+            solver=self.solver,
+            cg_tol=self.cg_tol,
+            cg_maxiter=self.cg_maxiter,
+            check_psd=self.check_psd,
+            random_state=self.random_state,
+            verbose=self.verbose,
+            callback=self.callback,
+        )
+        self.decomposition_ = tucker
+        self.errors_ = errors
+        self.stop_reason_ = details["stop_reason"]
+        self.solves_ = details["solves"]
+        return tucker
+
+    def transform(self, tensor):
+        """Alias of :meth:`fit_transform` (a decomposition has no separate fit)."""
+        return self.fit_transform(tensor)

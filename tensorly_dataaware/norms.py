@@ -1,0 +1,213 @@
+r"""The sigma-weighted norm and the small linear-algebra kernels every solver shares.
+
+For a tensor ``W`` of shape ``(T, S, d_2, ..., d_{N-1})`` matricized as
+``W.reshape(T, -1)`` (``n = S * d_2 * ... * d_{N-1}`` columns) and a symmetric positive
+semi-definite ``sigma`` of size ``n x n``,
+
+.. math::
+
+    \|W\|_\Sigma^2 = \operatorname{tr}(W \Sigma W^\top) = \|W \Sigma^{1/2}\|_F^2 .
+
+When ``sigma`` is the second moment of a layer's input patches, this is the mean squared
+output of the linear map ``W`` over the data; applied to ``W - W~`` it is the mean squared
+change of the layer's output.
+
+Everything here is written with TensorLy ops, so it runs on every backend.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tensorly as tl
+
+from ._validation import validate_sigma, validate_tensor
+
+__all__ = [
+    "matricize",
+    "sigma_norm",
+    "relative_sigma_error",
+    "damp_sigma",
+    "psd_solve",
+    "whitened_svd",
+]
+
+
+def matricize(tensor):
+    """Reshape ``(T, S, ...)`` to ``(T, S * ...)``: the column order of ``sigma``."""
+    shape = tl.shape(tensor)
+    return tl.reshape(tensor, (shape[0], -1))
+
+
+def _to_dense(approximation):
+    """Accept a dense tensor, a ``CPTensor``/``TuckerTensor`` or a ``(weights, factors)`` pair."""
+    if isinstance(approximation, tl.cp_tensor.CPTensor):
+        return tl.cp_to_tensor(approximation)
+    if isinstance(approximation, tl.tucker_tensor.TuckerTensor):
+        return tl.tucker_to_tensor(approximation)
+    return approximation
+
+
+def _squared_sigma_norm(matrix, sigma):
+    # sum(M * (M @ sigma)) = trace(M sigma M^T) without forming the T x T product.
+    return tl.sum(matrix * tl.dot(matrix, sigma))
+
+
+def sigma_norm(tensor, sigma, *, check_psd: bool = False):
+    r"""Sigma-weighted norm :math:`\|W \Sigma^{1/2}\|_F` of a tensor.
+
+    Parameters
+    ----------
+    tensor : tensor of shape ``(T, S, ...)``
+        Mode 0 is the output mode; the other modes are flattened in C order.
+    sigma : tensor of shape ``(n, n)``
+        Symmetric positive semi-definite weight, ``n = prod(tensor.shape[1:])``.
+    check_psd : bool, default is False
+        Also verify that ``sigma`` is positive semi-definite (a host-side Cholesky).
+
+    Returns
+    -------
+    float
+        :math:`\sqrt{\operatorname{tr}(W \Sigma W^\top)}`.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from tensorly_dataaware import sigma_norm
+    >>> W = np.ones((2, 3))
+    >>> float(sigma_norm(W, np.eye(3)))  # the Frobenius norm when sigma = I
+    2.449489742783178
+    """
+    validate_tensor(tensor)
+    mat = matricize(tensor)
+    sigma = validate_sigma(sigma, tl.shape(mat)[1], check_psd=check_psd)
+    # Clamp: round-off can make a tiny squared norm slightly negative.
+    return float(np.sqrt(max(float(_squared_sigma_norm(mat, sigma)), 0.0)))
+
+
+def relative_sigma_error(tensor, approximation, sigma, *, check_psd: bool = False) -> float:
+    r"""Relative sigma-error :math:`\|(W - \tilde W)\Sigma^{1/2}\|_F / \|W \Sigma^{1/2}\|_F`.
+
+    Parameters
+    ----------
+    tensor : tensor of shape ``(T, S, ...)``
+        The reference tensor ``W``.
+    approximation : tensor, CPTensor or TuckerTensor
+        ``W~``; decompositions are reconstructed first.
+    sigma : tensor of shape ``(n, n)``
+        Symmetric positive semi-definite weight.
+    check_psd : bool, default is False
+        Also verify that ``sigma`` is positive semi-definite.
+
+    Returns
+    -------
+    float
+        The relative error (0 for an exact approximation).
+    """
+    validate_tensor(tensor)
+    approximation = _to_dense(approximation)
+    if tuple(tl.shape(approximation)) != tuple(tl.shape(tensor)):
+        raise ValueError(
+            f"`approximation` has shape {tuple(tl.shape(approximation))}, "
+            f"but `tensor` has shape {tuple(tl.shape(tensor))}."
+        )
+    mat = matricize(tensor)
+    sigma = validate_sigma(sigma, tl.shape(mat)[1], check_psd=check_psd)
+    ref = float(_squared_sigma_norm(mat, sigma))
+    if ref <= 0.0:
+        raise ValueError("`tensor` has zero sigma-norm: the relative error is undefined.")
+    diff = float(_squared_sigma_norm(mat - matricize(approximation), sigma))
+    return float(np.sqrt(max(diff, 0.0) / ref))
+
+
+def damp_sigma(sigma, damping: float):
+    r"""Return :math:`\Sigma + \delta \cdot \overline{\operatorname{diag}(\Sigma)} \cdot I`.
+
+    Real input covariances are singular or nearly so (zero padding, dead channels,
+    correlated pixels). Adding a ridge proportional to the mean variance is the same as
+    adding a little isotropic noise to the inputs: it makes every normal equation well posed
+    and pulls the minimizer, in directions the data never excites, toward the Frobenius one,
+    while changing the objective by a relative ``O(damping)`` only.
+    """
+    if damping < 0 or not np.isfinite(damping):
+        raise ValueError(f"`damping` must be a finite number >= 0, got {damping}.")
+    if damping == 0:
+        return sigma
+    n = tl.shape(sigma)[0]
+    mean_diag = tl.sum(tl.diag(sigma)) / n
+    return sigma + (damping * mean_diag) * tl.eye(n, **tl.context(sigma))
+
+
+def _pinv_rcond(matrix) -> float:
+    # Relative eigenvalue cut-off in the spirit of numpy.linalg.pinv / lstsq: below
+    # n * eps * lambda_max an eigen-direction is numerical noise.
+    eps = float(np.finfo(tl.to_numpy(matrix[:1, :1]).dtype).eps)
+    return max(tl.shape(matrix)[0], 1) * eps * 10
+
+
+def psd_solve(matrix, rhs, rcond: float | None = None):
+    """Minimum-norm solution of ``matrix @ x = rhs`` for a symmetric PSD ``matrix``.
+
+    Uses the eigendecomposition, so a singular ``matrix`` (a rank-deficient covariance)
+    gives the pseudo-inverse solution instead of NaN or an exception, and it behaves the
+    same on every backend. ``x`` is the exact minimizer of the quadratic
+    ``x^T A x / 2 - b^T x`` over the range of ``A``, which is what keeps the ALS monotone.
+    """
+    eigvals, eigvecs = tl.eigh(matrix)
+    if rcond is None:
+        rcond = _pinv_rcond(matrix)
+    top = tl.max(eigvals)
+    keep = eigvals > rcond * top
+    safe = tl.where(keep, eigvals, tl.ones(tl.shape(eigvals), **tl.context(eigvals)))
+    inv = tl.where(keep, 1.0 / safe, tl.zeros(tl.shape(eigvals), **tl.context(eigvals)))
+    proj = tl.dot(tl.transpose(eigvecs), rhs)
+    if tl.ndim(rhs) == 1:
+        return tl.dot(eigvecs, inv * proj)
+    return tl.dot(eigvecs, inv[:, None] * proj)
+
+
+def top_eigvecs(matrix, k: int):
+    """The ``k`` leading eigenvectors (descending) and eigenvalues of a symmetric matrix."""
+    eigvals, eigvecs = tl.eigh(matrix)
+    n = tl.shape(eigvals)[0]
+    idx = list(range(n - 1, n - 1 - k, -1))
+    return eigvecs[:, idx], eigvals[idx]
+
+
+def whitened_svd(matrix, rank: int, sigma, *, damping: float = 0.0, check_psd: bool = True):
+    r"""Best rank-``r`` approximation of a matrix in the sigma-norm.
+
+    Solves :math:`\min_{\operatorname{rank}(\tilde W) \le r} \|(W - \tilde W)\Sigma^{1/2}\|_F`
+    exactly: :math:`\tilde W = U_r U_r^\top W` with :math:`U_r` the ``r`` leading
+    eigenvectors of :math:`W \Sigma W^\top`, i.e. the leading left singular vectors of the
+    whitened matrix :math:`W \Sigma^{1/2}`. No square root or inverse of ``sigma`` is
+    needed, so a singular ``sigma`` is fine. This is the optimum for ``nn.Linear`` layers
+    and ``1 x 1`` convolutions.
+
+    Parameters
+    ----------
+    matrix : tensor of shape ``(T, n)`` (or ``(T, S, ...)``, matricized)
+    rank : int
+        Target rank, ``1 <= rank <= min(T, n)``.
+    sigma : tensor of shape ``(n, n)``
+    damping : float, default is 0
+        Relative ridge added to ``sigma`` (see :func:`damp_sigma`).
+    check_psd : bool, default is True
+
+    Returns
+    -------
+    (last, first)
+        ``last`` of shape ``(T, rank)`` with orthonormal columns and ``first = last.T @ W``
+        of shape ``(rank, n)``, so that ``W~ = last @ first``.
+    """
+    validate_tensor(matrix, "matrix")
+    mat = matricize(matrix)
+    n_out, n = tl.shape(mat)
+    if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)):
+        raise TypeError(f"`rank` must be an int, got {rank!r}.")
+    if not (1 <= rank <= min(n_out, n)):
+        raise ValueError(f"`rank` must be in [1, {min(n_out, n)}], got {rank}.")
+    sigma = damp_sigma(validate_sigma(sigma, n, check_psd=check_psd), damping)
+    gram = tl.dot(mat, tl.dot(sigma, tl.transpose(mat)))
+    last, _ = top_eigvecs((gram + tl.transpose(gram)) / 2, rank)
+    first = tl.dot(tl.transpose(last), mat)
+    return last, first
