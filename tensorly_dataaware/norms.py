@@ -169,8 +169,8 @@ def top_eigvecs(matrix, k: int):
     """The ``k`` leading eigenvectors (descending) and eigenvalues of a symmetric matrix."""
     eigvals, eigvecs = tl.eigh(matrix)
     n = tl.shape(eigvals)[0]
-    idx = list(range(n - 1, n - 1 - k, -1))
-    return eigvecs[:, idx], eigvals[idx]
+    # eigh sorts ascending; flip (not fancy indexing, which JAX rejects) for descending.
+    return tl.flip(eigvecs[:, n - k :], axis=1), tl.flip(eigvals[n - k :], axis=0)
 
 
 def whitened_svd(matrix, rank: int, sigma, *, damping: float = 0.0, check_psd: bool = True):

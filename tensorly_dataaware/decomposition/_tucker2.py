@@ -30,11 +30,11 @@ from __future__ import annotations
 import numpy as np
 import tensorly as tl
 from opt_einsum import contract
-from tensorly.decomposition._base_decomposition import DecompositionMixin
 from tensorly.tucker_tensor import TuckerTensor
 
 from .._validation import validate_tucker2_rank
 from ..norms import psd_solve, top_eigvecs
+from ._base import SigmaDecomposition
 from ._monitor import ALSMonitor
 from ._problem import SigmaProblem
 from ._structured_solve import InputFactorSystem
@@ -319,7 +319,7 @@ def tucker2_sigma(
     return tucker
 
 
-class Tucker2Sigma(DecompositionMixin):
+class Tucker2Sigma(SigmaDecomposition):
     """Sigma-weighted Tucker-2 decomposition (class interface of :func:`tucker2_sigma`).
 
     Parameters
@@ -350,61 +350,4 @@ class Tucker2Sigma(DecompositionMixin):
     (3, 2, 3, 3)
     """
 
-    def __init__(
-        self,
-        rank,
-        sigma,
-        *,
-        init="svd",
-        n_iter_max: int = 100,
-        tol: float = 1e-8,
-        damping: float = 0.0,
-        solver: str = "auto",
-        cg_tol: float = 1e-8,
-        cg_maxiter: int = 500,
-        check_psd: bool = True,
-        random_state=None,
-        verbose=False,
-        callback=None,
-    ):
-        self.rank = rank
-        self.sigma = sigma
-        self.init = init
-        self.n_iter_max = n_iter_max
-        self.tol = tol
-        self.damping = damping
-        self.solver = solver
-        self.cg_tol = cg_tol
-        self.cg_maxiter = cg_maxiter
-        self.check_psd = check_psd
-        self.random_state = random_state
-        self.verbose = verbose
-        self.callback = callback
-
-    def fit_transform(self, tensor):
-        """Decompose ``tensor`` and return the ``TuckerTensor``."""
-        tucker, errors, details = _tucker2_sigma(
-            tensor,
-            self.rank,
-            self.sigma,
-            init=self.init,
-            n_iter_max=self.n_iter_max,
-            tol=self.tol,
-            damping=self.damping,
-            solver=self.solver,
-            cg_tol=self.cg_tol,
-            cg_maxiter=self.cg_maxiter,
-            check_psd=self.check_psd,
-            random_state=self.random_state,
-            verbose=self.verbose,
-            callback=self.callback,
-        )
-        self.decomposition_ = tucker
-        self.errors_ = errors
-        self.stop_reason_ = details["stop_reason"]
-        self.solves_ = details["solves"]
-        return tucker
-
-    def transform(self, tensor):
-        """Alias of :meth:`fit_transform` (a decomposition has no separate fit)."""
-        return self.fit_transform(tensor)
+    _function = staticmethod(_tucker2_sigma)

@@ -1,0 +1,401 @@
+"""Correctness of the sigma-weighted Tucker-2 and CP solvers on every backend."""
+
+import warnings
+
+import numpy as np
+import pytest
+import tensorly as tl
+from tensorly.decomposition import parafac, partial_tucker
+from tensorly.testing import assert_array_almost_equal
+
+from tensorly_dataaware import (
+    NonMonotoneWarning,
+    ParafacSigma,
+    Tucker2Sigma,
+    parafac_sigma,
+    relative_sigma_error,
+    sigma_norm,
+    tucker2_sigma,
+    whitened_svd,
+)
+from tensorly_dataaware.decomposition._monitor import ALSMonitor
+
+from .conftest import correlated_sigma
+
+SHAPE = (10, 8, 3, 3)
+N = 8 * 9
+
+
+def _t(x, dtype=None):
+    return tl.tensor(x, dtype=dtype or tl.backend.float64)
+
+
+def _low_rank_plus_noise(rng, shape, ranks, noise=0.05):
+    core = rng.standard_normal(ranks + shape[2:])
+    U = np.linalg.qr(rng.standard_normal((shape[0], ranks[0])))[0]
+    V = np.linalg.qr(rng.standard_normal((shape[1], ranks[1])))[0]
+    W = np.einsum("abij,ta,sb->tsij", core, U, V)
+    return W + noise * rng.standard_normal(shape)
+
+
+def _np(x):
+    return np.asarray(tl.to_numpy(x), dtype=np.float64)
+
+
+def _sigma_gradients_tucker(W, tucker, sigma):
+    """Gradients of f = tr(D sigma D^T) w.r.t. U, V and the core (numpy, float64)."""
+    core, (U, V, *_) = tucker
+    core, U, V = _np(core), _np(U), _np(V)
+    T, S = W.shape[:2]
+    approx = np.einsum("abij,ta,sb->tsij", core, U, V)
+    E = (-2 * (W - approx).reshape(T, -1) @ sigma).reshape(W.shape)
+    gU = np.einsum("tsij,abij,sb->ta", E, core, V)
+    gV = np.einsum("tsij,ta,abij->sb", E, U, core)
+    gG = np.einsum("tsij,ta,sb->abij", E, U, V)
+    return gU, gV, gG
+
+
+class TestTucker2:
+    def test_identity_sigma_matches_partial_tucker(self, backend, rng):
+        W = _low_rank_plus_noise(rng, SHAPE, (4, 3))
+        tucker, errors = tucker2_sigma(_t(W), (4, 3), _t(np.eye(N)), tol=1e-12, return_errors=True)
+        (core, factors), _ = partial_tucker(_t(W), rank=[4, 3], modes=[0, 1], tol=1e-12, n_iter_max=500)
+        ref = tl.norm(_t(W) - tl.tucker_to_tensor((core, factors))) / tl.norm(_t(W))
+        assert errors[-1] == pytest.approx(float(ref), rel=1e-6)
+        assert relative_sigma_error(_t(W), tucker, _t(np.eye(N))) == pytest.approx(errors[-1], rel=1e-8)
+
+    @pytest.mark.parametrize("init", ["svd", "frobenius", "random"])
+    @pytest.mark.parametrize("solver", ["direct", "cg"])
+    def test_errors_non_increasing_and_match_reconstruction(self, backend, rng, init, solver):
+        W = rng.standard_normal(SHAPE)
+        sigma = correlated_sigma(rng, N)
+        tucker, errors = tucker2_sigma(
+            _t(W), (5, 4), _t(sigma), init=init, solver=solver, random_state=0, n_iter_max=40, return_errors=True
+        )
+        assert len(errors) >= 2
+        assert np.all(np.diff(errors) <= 0)
+        assert relative_sigma_error(_t(W), tucker, _t(sigma)) == pytest.approx(errors[-1], rel=1e-8)
+        core, factors = tucker
+        assert tl.shape(core) == (5, 4, 3, 3)
+        assert [tl.shape(f) for f in factors] == [(10, 5), (8, 4), (3, 3), (3, 3)]
+        assert_array_almost_equal(tl.dot(tl.transpose(factors[0]), factors[0]), tl.eye(5, dtype=tl.backend.float64))
+        assert_array_almost_equal(tl.dot(tl.transpose(factors[1]), factors[1]), tl.eye(4, dtype=tl.backend.float64))
+
+    @pytest.mark.parametrize("solver", ["direct", "cg"])
+    def test_first_order_optimality(self, backend, rng, solver):
+        # A well-posed problem (clear low-rank structure), so that ALS converges to a
+        # stationary point in a reasonable number of sweeps (on unstructured noise, ALS
+        # can crawl through a "swamp" for hundreds of sweeps), and a moderately conditioned
+        # sigma (with cond ~ 1e10 the weakly weighted directions converge very slowly).
+        W = _low_rank_plus_noise(rng, SHAPE, (5, 4), noise=0.1)
+        sigma = correlated_sigma(rng, N, decay=40.0)
+        tucker = tucker2_sigma(_t(W), (5, 4), _t(sigma), tol=1e-14, n_iter_max=400, cg_tol=1e-12, solver=solver)
+        scale = np.linalg.norm(W.reshape(10, -1) @ sigma)
+        for grad in _sigma_gradients_tucker(W, tucker, sigma):
+            assert np.linalg.norm(grad) / scale < 1e-5
+
+    def test_beats_frobenius_in_sigma_norm(self, backend, rng):
+        W = rng.standard_normal(SHAPE)
+        sigma = correlated_sigma(rng, N)
+        (core, factors), _ = partial_tucker(_t(W), rank=[5, 4], modes=[0, 1], tol=1e-10)
+        frob = relative_sigma_error(_t(W), tl.tucker_to_tensor((core, factors)), _t(sigma))
+        ours = relative_sigma_error(_t(W), tucker2_sigma(_t(W), (5, 4), _t(sigma)), _t(sigma))
+        warm = tucker2_sigma(_t(W), (5, 4), _t(sigma), init="frobenius", n_iter_max=1)
+        assert ours < 0.9 * frob
+        # The first step from the Frobenius input factor can only improve on it.
+        assert relative_sigma_error(_t(W), warm, _t(sigma)) <= frob + 1e-12
+
+    def test_scaling_sigma_changes_nothing(self, backend, rng):
+        W = rng.standard_normal(SHAPE)
+        sigma = correlated_sigma(rng, N)
+        a = tl.tucker_to_tensor(tucker2_sigma(_t(W), (5, 4), _t(sigma), n_iter_max=15))
+        b = tl.tucker_to_tensor(tucker2_sigma(_t(W), (5, 4), _t(37.5 * sigma), n_iter_max=15))
+        assert_array_almost_equal(a, b, decimal=8)
+
+    def test_pointwise_conv_is_whitened_svd(self, backend, rng):
+        # For a 1x1 kernel Tucker-2 is a rank-min(R_out, R_in) problem solved by the whitened SVD.
+        W = rng.standard_normal((9, 7, 1, 1))
+        sigma = correlated_sigma(rng, 7)
+        _, errors = tucker2_sigma(_t(W), (3, 3), _t(sigma), tol=1e-14, n_iter_max=300, return_errors=True)
+        last, first = whitened_svd(_t(W), 3, _t(sigma))
+        best = relative_sigma_error(_t(W.reshape(9, 7)), tl.dot(last, first), _t(sigma))
+        assert errors[-1] == pytest.approx(best, rel=1e-6)
+
+    def test_singular_sigma_no_nan(self, backend, rng):
+        X = rng.standard_normal((20, N))  # 20 samples: rank-20 covariance of size 72
+        sigma = X.T @ X / 20
+        tucker, errors = tucker2_sigma(_t(rng.standard_normal(SHAPE)), (5, 4), _t(sigma), return_errors=True)
+        assert np.all(np.isfinite(_np(tl.tucker_to_tensor(tucker))))
+        assert np.all(np.diff(errors) <= 0)
+
+    @pytest.mark.parametrize("shape", [(6, 5), (6, 5, 3), (4, 3, 2, 2, 2)])
+    def test_other_orders(self, backend, rng, shape):
+        n = int(np.prod(shape[1:]))
+        tucker, errors = tucker2_sigma(_t(rng.standard_normal(shape)), (3, 2), _t(correlated_sigma(rng, n)), return_errors=True)
+        assert tl.shape(tl.tucker_to_tensor(tucker)) == shape
+        assert np.all(np.diff(errors) <= 0)
+
+    def test_float_rank_and_class_api(self, backend, rng):
+        W = _t(rng.standard_normal(SHAPE))
+        model = Tucker2Sigma(rank=0.3, sigma=_t(correlated_sigma(rng, N)), n_iter_max=5)
+        tucker = model.fit_transform(W)
+        assert model.decomposition_ is tucker
+        assert 1 <= len(model.errors_) <= 5
+        assert model.stop_reason_ in {"converged", "n_iter_max", "objective increased"}
+        n_params = sum(int(np.prod(tl.shape(x))) for x in (tucker.core, tucker.factors[0], tucker.factors[1]))
+        assert n_params <= 0.35 * np.prod(SHAPE)
+
+    def test_callback_can_stop(self, backend, rng):
+        seen = []
+
+        def cb(tucker, error):
+            seen.append(error)
+            return len(seen) == 3
+
+        tucker2_sigma(_t(rng.standard_normal(SHAPE)), (5, 4), _t(correlated_sigma(rng, N)), callback=cb, tol=0)
+        assert len(seen) == 3
+
+
+class TestParafac:
+    def test_identity_sigma_matches_parafac(self, backend, rng):
+        factors = [rng.standard_normal((d, 4)) for d in SHAPE]
+        W = np.einsum("tr,sr,ir,jr->tsij", *factors) + 1e-3 * rng.standard_normal(SHAPE)
+        _, errors = parafac_sigma(_t(W), 4, _t(np.eye(N)), tol=1e-12, n_iter_max=500, return_errors=True)
+        cp = parafac(_t(W), 4, tol=1e-12, n_iter_max=500)
+        ref = float(tl.norm(_t(W) - tl.cp_to_tensor(cp)) / tl.norm(_t(W)))
+        assert errors[-1] == pytest.approx(ref, rel=1e-4)
+
+    @pytest.mark.parametrize("init", ["svd", "frobenius", "random"])
+    @pytest.mark.parametrize("solver", ["direct", "cg"])
+    def test_errors_non_increasing(self, backend, rng, init, solver):
+        W = rng.standard_normal(SHAPE)
+        sigma = correlated_sigma(rng, N)
+        cp, errors = parafac_sigma(
+            _t(W), 6, _t(sigma), init=init, solver=solver, random_state=0, n_iter_max=30, return_errors=True
+        )
+        assert np.all(np.diff(errors) <= 0)
+        assert errors[-1] < errors[0]
+        assert relative_sigma_error(_t(W), cp, _t(sigma)) == pytest.approx(errors[-1], rel=1e-8)
+
+    def test_first_order_optimality(self, backend, rng):
+        factors = [rng.standard_normal((d, 3)) for d in SHAPE]
+        W = np.einsum("tr,sr,ir,jr->tsij", *factors) + 0.1 * rng.standard_normal(SHAPE)
+        sigma = correlated_sigma(rng, N)
+        cp = parafac_sigma(_t(W), 3, _t(sigma), tol=1e-15, n_iter_max=2000, cg_tol=1e-12)
+        weights, fs = cp
+        fs = [_np(f) for f in fs]
+        fs[0] = fs[0] * _np(weights)[None, :]
+        approx = np.einsum("tr,sr,ir,jr->tsij", *fs)
+        E = (-2 * (W - approx).reshape(10, -1) @ sigma).reshape(SHAPE)
+        scale = np.linalg.norm(W.reshape(10, -1) @ sigma) * max(np.linalg.norm(f) for f in fs) ** 3
+        for mode in range(4):
+            others = [fs[m] for m in range(4) if m != mode]
+            kr = tl.to_numpy(tl.tenalg.khatri_rao([tl.tensor(o) for o in others]))
+            grad = np.moveaxis(E, mode, 0).reshape(SHAPE[mode], -1) @ kr
+            assert np.linalg.norm(grad) / scale < 1e-5
+
+    def test_beats_frobenius_in_sigma_norm(self, backend, rng):
+        W = rng.standard_normal(SHAPE)
+        sigma = correlated_sigma(rng, N)
+        frob = relative_sigma_error(_t(W), parafac(_t(W), 6, tol=1e-10), _t(sigma))
+        ours = relative_sigma_error(_t(W), parafac_sigma(_t(W), 6, _t(sigma)), _t(sigma))
+        warm = parafac_sigma(_t(W), 6, _t(sigma), init="frobenius", n_iter_max=1)
+        assert ours < 0.9 * frob
+        assert relative_sigma_error(_t(W), warm, _t(sigma)) <= frob + 1e-12
+
+    def test_scaling_sigma_changes_nothing(self, backend, rng):
+        W = rng.standard_normal(SHAPE)
+        sigma = correlated_sigma(rng, N)
+        a = tl.cp_to_tensor(parafac_sigma(_t(W), 5, _t(sigma), n_iter_max=10, random_state=0))
+        b = tl.cp_to_tensor(parafac_sigma(_t(W), 5, _t(0.01 * sigma), n_iter_max=10, random_state=0))
+        assert_array_almost_equal(a, b, decimal=7)
+
+    def test_init_from_tensorly_cp_tensor(self, backend, rng):
+        W = _t(rng.standard_normal(SHAPE))
+        sigma = _t(correlated_sigma(rng, N))
+        start = parafac(W, 5, n_iter_max=5)
+        before = relative_sigma_error(W, start, sigma)
+        cp, errors = parafac_sigma(W, 5, sigma, init=start, n_iter_max=10, return_errors=True)
+        assert errors[0] <= before + 1e-12
+        assert isinstance(cp, tl.cp_tensor.CPTensor)
+
+    @pytest.mark.parametrize("shape", [(6, 5), (6, 5, 3), (4, 3, 2, 2, 2)])
+    def test_other_orders(self, backend, rng, shape):
+        n = int(np.prod(shape[1:]))
+        cp, errors = parafac_sigma(_t(rng.standard_normal(shape)), 3, _t(correlated_sigma(rng, n)), return_errors=True)
+        assert tl.shape(tl.cp_to_tensor(cp)) == shape
+        assert np.all(np.diff(errors) <= 0)
+
+    def test_singular_sigma_no_nan(self, backend, rng):
+        X = rng.standard_normal((15, N))
+        cp, errors = parafac_sigma(_t(rng.standard_normal(SHAPE)), 6, _t(X.T @ X), return_errors=True)
+        assert np.all(np.isfinite(_np(tl.cp_to_tensor(cp))))
+        assert np.all(np.diff(errors) <= 0)
+
+    def test_class_api(self, backend, rng):
+        model = ParafacSigma(rank=4, sigma=_t(correlated_sigma(rng, N)), n_iter_max=4)
+        cp = model.fit_transform(_t(rng.standard_normal(SHAPE)))
+        assert model.decomposition_ is cp and cp.rank == 4
+        assert len(model.errors_) <= 4
+
+
+class TestBackendsAgree:
+    """The same code path gives the same answer on every backend and dtype."""
+
+    @pytest.mark.parametrize("method", ["tucker", "cp"])
+    def test_same_result_as_numpy(self, backend, rng, method):
+        W = rng.standard_normal(SHAPE)
+        sigma = correlated_sigma(rng, N)
+
+        def run(dtype):
+            args = (_t(W, dtype), (5, 4) if method == "tucker" else 5, _t(sigma, dtype))
+            if method == "tucker":
+                return _np(tl.tucker_to_tensor(tucker2_sigma(*args, n_iter_max=10)))
+            return _np(tl.cp_to_tensor(parafac_sigma(*args, n_iter_max=10, init="random", random_state=3)))
+
+        def err(approx):
+            with tl.backend_context("numpy"):
+                return relative_sigma_error(W, approx, sigma)
+
+        here64 = run(tl.backend.float64)
+        here32 = run(tl.backend.float32)
+        with tl.backend_context("numpy"):
+            ref = run(tl.backend.float64)
+        # float64: the same numbers on every backend.
+        assert np.linalg.norm(here64 - ref) / np.linalg.norm(ref) < 1e-6
+        # float32: sigma has cond ~ 1e10, so directions it barely weights are not determined
+        # in single precision; what must agree is the objective.
+        assert abs(err(here32) - err(ref)) < 1e-3 * err(ref) + 1e-4
+
+    def test_dtype_follows_input(self, backend, rng):
+        W = _t(rng.standard_normal(SHAPE), tl.backend.float32)
+        tucker = tucker2_sigma(W, (3, 3), np.eye(N), n_iter_max=3)
+        assert tl.context(tucker.core)["dtype"] == tl.context(W)["dtype"]
+
+
+class TestBadInput:
+    def test_sigma_shape(self, rng):
+        with pytest.raises(ValueError, match="square matrix of size n"):
+            tucker2_sigma(rng.standard_normal(SHAPE), 3, np.eye(N - 1))
+
+    def test_sigma_not_symmetric(self, rng):
+        sigma = np.eye(N)
+        sigma[0, 1] = 0.5
+        with pytest.raises(ValueError, match="not symmetric"):
+            parafac_sigma(rng.standard_normal(SHAPE), 3, sigma)
+
+    def test_sigma_indefinite(self, rng):
+        sigma = np.eye(N)
+        sigma[3, 3] = 0.0
+        sigma[3, 4] = sigma[4, 3] = 0.9
+        with pytest.raises(ValueError, match="not positive semi-definite"):
+            tucker2_sigma(rng.standard_normal(SHAPE), 3, sigma)
+
+    @pytest.mark.parametrize("where", ["tensor", "sigma"])
+    def test_nan_and_inf(self, rng, where):
+        W, sigma = rng.standard_normal(SHAPE), np.eye(N)
+        for bad in (np.nan, np.inf):
+            W2, s2 = W.copy(), sigma.copy()
+            (W2 if where == "tensor" else s2)[1, 1] = bad
+            with pytest.raises(ValueError, match="NaN or Inf"):
+                tucker2_sigma(W2, 3, s2)
+            with pytest.raises(ValueError, match="NaN or Inf"):
+                parafac_sigma(W2, 3, s2)
+
+    @pytest.mark.parametrize("rank", [0, -2, (11, 2), (2, 9), (0, 1), 2.5, 0.0])
+    def test_tucker_rank_out_of_range(self, rng, rank):
+        with pytest.raises(ValueError):
+            tucker2_sigma(rng.standard_normal(SHAPE), rank, np.eye(N))
+
+    @pytest.mark.parametrize("rank", [0, -1, 10**6, 1.5])
+    def test_cp_rank_out_of_range(self, rng, rank):
+        with pytest.raises(ValueError):
+            parafac_sigma(rng.standard_normal(SHAPE), rank, np.eye(N))
+
+    def test_rank_type(self, rng):
+        with pytest.raises(TypeError):
+            tucker2_sigma(rng.standard_normal(SHAPE), "3", np.eye(N))
+
+    def test_order_below_two(self, rng):
+        with pytest.raises(ValueError, match="order >= 2"):
+            tucker2_sigma(rng.standard_normal(5), 1, np.eye(1))
+        with pytest.raises(ValueError, match="order >= 2"):
+            parafac_sigma(rng.standard_normal(5), 1, np.eye(1))
+
+    def test_zero_tensor(self):
+        with pytest.raises(ValueError, match="zero sigma-norm"):
+            tucker2_sigma(np.zeros(SHAPE), 2, np.eye(N))
+
+    def test_integer_tensor(self):
+        with pytest.raises(TypeError, match="floating-point"):
+            tucker2_sigma(np.ones(SHAPE, dtype=np.int64), 2, np.eye(N))
+
+    def test_unknown_options(self, rng):
+        W = rng.standard_normal(SHAPE)
+        with pytest.raises(ValueError, match="Unknown init"):
+            tucker2_sigma(W, 2, np.eye(N), init="nope")
+        with pytest.raises(ValueError, match="Unknown init"):
+            parafac_sigma(W, 2, np.eye(N), init="nope")
+        with pytest.raises(ValueError, match="solver"):
+            tucker2_sigma(W, 2, np.eye(N), solver="lu")
+        with pytest.raises(ValueError, match="n_iter_max"):
+            parafac_sigma(W, 2, np.eye(N), n_iter_max=0)
+        with pytest.raises(ValueError, match="damping"):
+            tucker2_sigma(W, 2, np.eye(N), damping=-1.0)
+        with pytest.raises(ValueError, match="input factor"):
+            tucker2_sigma(W, (3, 2), np.eye(N), init=(None, [np.eye(10)[:, :3], np.eye(8)[:, :3]]))
+
+    def test_inputs_not_modified(self, rng):
+        W, sigma = rng.standard_normal(SHAPE), correlated_sigma(rng, N)
+        W0, s0 = W.copy(), sigma.copy()
+        tucker2_sigma(W, 3, sigma, n_iter_max=3, damping=1e-3)
+        parafac_sigma(W, 3, sigma, n_iter_max=3, damping=1e-3)
+        np.testing.assert_array_equal(W, W0)
+        np.testing.assert_array_equal(sigma, s0)
+
+
+class TestNorms:
+    def test_sigma_norm_is_output_energy(self, rng):
+        X = rng.standard_normal((500, 6))
+        W = rng.standard_normal((4, 6))
+        assert sigma_norm(W, X.T @ X / 500) ** 2 == pytest.approx(np.mean(np.sum((X @ W.T) ** 2, axis=1)))
+
+    def test_relative_error_shape_mismatch(self, rng):
+        with pytest.raises(ValueError, match="approximation"):
+            relative_sigma_error(rng.standard_normal((4, 6)), rng.standard_normal((4, 5)), np.eye(6))
+
+    def test_whitened_svd_is_optimal(self, rng):
+        W = rng.standard_normal((8, 6))
+        sigma = correlated_sigma(rng, 6)
+        last, first = whitened_svd(W, 2, sigma)
+        best = relative_sigma_error(W, last @ first, sigma)
+        # Eckart-Young in the whitened space: equal to the tail singular values of W L.
+        L = np.linalg.cholesky(sigma)
+        s = np.linalg.svd(W @ L, compute_uv=False)
+        assert best == pytest.approx(np.sqrt(np.sum(s[2:] ** 2) / np.sum(s**2)), rel=1e-8)
+        with pytest.raises(ValueError):
+            whitened_svd(W, 7, sigma)
+
+
+class TestMonitor:
+    def test_increase_stops_and_keeps_best(self):
+        monitor = ALSMonitor(0.0, 1e-16, False, None, "test")
+        assert not monitor.record(0.5, "a", lambda s: s)
+        assert not monitor.record(0.4, "b", lambda s: s)
+        with pytest.warns(NonMonotoneWarning, match="increased"):
+            assert monitor.record(0.45, "c", lambda s: s)
+        assert monitor.best == "b" and monitor.errors == [0.5, 0.4]
+        assert monitor.stop_reason == "objective increased"
+
+    def test_round_off_increase_is_silent(self):
+        monitor = ALSMonitor(0.0, 1e-16, False, None, "test")
+        monitor.record(0.4, "a", lambda s: s)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert monitor.record(0.4 + 1e-16, "b", lambda s: s)
+        assert monitor.best == "a"
+
+    def test_verbose_prints(self, rng, capsys):
+        tucker2_sigma(rng.standard_normal(SHAPE), 3, np.eye(N), n_iter_max=3, verbose=True, tol=0)
+        out = capsys.readouterr().out
+        assert "iteration 0" in out and "iteration 2" in out

@@ -1,0 +1,361 @@
+"""Tests of the streaming input-patch statistics (tensorly_dataaware.torch.statistics)."""
+
+from __future__ import annotations
+
+import itertools
+import os
+
+import pytest
+
+torch = pytest.importorskip("torch")
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+
+from tensorly_dataaware.torch import statistics as stats_module  # noqa: E402
+from tensorly_dataaware.torch.statistics import (  # noqa: E402
+    LayerStatistics,
+    collect_covariances,
+    load_statistics,
+    merge_statistics,
+    patches_for,
+    save_statistics,
+)
+
+F64 = torch.float64
+
+# nn.Conv2d's own notice about the asymmetric 'same' padding of even kernels (the reference).
+pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel:UserWarning")
+
+KERNELS = [(3, 3), (3, 1), (1, 3), (5, 3), (2, 3)]
+CONFIGS = [
+    (kernel, stride, padding, mode, dilation, groups)
+    for kernel, stride, padding, mode, dilation, groups in itertools.product(
+        KERNELS, [1, 2], [0, 1, "same"], ["zeros", "reflect", "circular"], [1, 2], [1, 2]
+    )
+    if not (padding == "same" and stride != 1)
+]
+
+
+def _conv(kernel, stride, padding, mode, dilation, groups, seed=0):
+    torch.manual_seed(seed)
+    return nn.Conv2d(
+        4, 6, kernel, stride=stride, padding=padding, padding_mode=mode, dilation=dilation, groups=groups,
+        bias=False, dtype=F64,
+    )
+
+
+def _brute_force_patches(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """Patches by F.unfold on an input padded the way nn.Conv2d pads it, split per group."""
+    kh, kw = conv.kernel_size
+    if isinstance(conv.padding, str):
+        pads = []
+        for k, d in zip(conv.kernel_size[::-1], conv.dilation[::-1]):
+            total = d * (k - 1)
+            pads += [total // 2, total - total // 2]
+    else:
+        pads = [conv.padding[1], conv.padding[1], conv.padding[0], conv.padding[0]]
+    mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+    padded = F.pad(x, pads, mode=mode)
+    cols = F.unfold(padded, (kh, kw), dilation=conv.dilation, stride=conv.stride)  # (B, C*K, L)
+    g = conv.groups
+    n = cols.shape[1] // g
+    return torch.stack([cols[:, i * n:(i + 1) * n, :].transpose(1, 2).reshape(-1, n) for i in range(g)])
+
+
+def _centered_cov(p: torch.Tensor) -> torch.Tensor:
+    centered = p - p.mean(dim=0, keepdim=True)
+    return centered.T @ centered / p.shape[0]
+
+
+@pytest.mark.parametrize("kernel,stride,padding,mode,dilation,groups", CONFIGS)
+def test_conv_patches_and_covariance_match_brute_force(kernel, stride, padding, mode, dilation, groups):
+    conv = _conv(kernel, stride, padding, mode, dilation, groups)
+    x = torch.randn(2, 4, 9, 8, dtype=F64)
+    patches = patches_for(conv, x)
+    # Column order: every group's patches times its weight block reproduce the conv output.
+    y = conv(x)
+    batch, t, ho, wo = y.shape
+    w = conv.weight.reshape(groups, t // groups, -1)
+    expected = y.reshape(batch, groups, t // groups, ho * wo).permute(1, 0, 3, 2)
+    got = torch.bmm(patches, w.transpose(1, 2)).reshape(groups, batch, ho * wo, t // groups)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+
+    brute = _brute_force_patches(conv, x)
+    stats = LayerStatistics.from_module(conv)
+    stats.update(patches)
+    assert stats.count == brute.shape[1]
+    for g in range(groups):
+        torch.testing.assert_close(stats.covariance[g], _centered_cov(brute[g]), rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(stats.second_moment[g], brute[g].T @ brute[g] / brute.shape[1])
+        torch.testing.assert_close(stats.mean[g], brute[g].mean(0))
+
+
+def test_conv1d_patches_match_output():
+    for padding, mode in [(1, "zeros"), ("same", "reflect"), (2, "circular"), ("valid", "zeros")]:
+        conv = nn.Conv1d(4, 6, 3, stride=1 if padding == "same" else 2, padding=padding, padding_mode=mode,
+                         dilation=2, groups=2, bias=False, dtype=F64)
+        x = torch.randn(3, 4, 13, dtype=F64)
+        patches = patches_for(conv, x)
+        y = conv(x)  # (B, T, L)
+        w = conv.weight.reshape(2, 3, -1)
+        got = torch.bmm(patches, w.transpose(1, 2)).reshape(2, 3, y.shape[-1], 3)
+        expected = y.reshape(3, 2, 3, y.shape[-1]).permute(1, 0, 3, 2)
+        torch.testing.assert_close(got, expected)
+        # An unbatched input gives the patches of a batch of one.
+        torch.testing.assert_close(patches_for(conv, x[0]), patches_for(conv, x[:1]))
+
+
+def test_linear_with_3d_input():
+    lin = nn.Linear(5, 2, dtype=F64)
+    x = torch.randn(3, 7, 5, dtype=F64)
+    p = patches_for(lin, x)
+    assert p.shape == (1, 21, 5)
+    stats = LayerStatistics.from_module(lin)
+    stats.update(p)
+    flat = x.reshape(-1, 5)
+    torch.testing.assert_close(stats.sigma(), _centered_cov(flat))
+    torch.testing.assert_close(stats.sigma(centered=False), flat.T @ flat / 21)
+    with pytest.raises(ValueError, match="in_features|5"):
+        patches_for(lin, torch.randn(3, 4, dtype=F64))
+
+
+def test_sigma_matches_uncentered_norm_identity():
+    # E||dW x||^2 = tr(dW M dW^T) with M the uncentered second moment.
+    conv = _conv((3, 3), 1, 1, "zeros", 1, 1)
+    x = torch.randn(2, 4, 7, 7, dtype=F64)
+    stats = LayerStatistics.from_module(conv)
+    p = patches_for(conv, x)
+    stats.update(p)
+    dw = torch.randn(6, 36, dtype=F64)
+    lhs = ((p[0] @ dw.T) ** 2).sum(1).mean()
+    torch.testing.assert_close(lhs, torch.trace(dw @ stats.sigma(centered=False) @ dw.T))
+
+
+def test_subsampled_positions_are_a_seeded_subset_and_unbiased():
+    conv = _conv((3, 3), 1, 1, "reflect", 1, 2)
+    x = torch.randn(2, 4, 5, 5, dtype=F64)
+    full = patches_for(conv, x)  # 25 positions per image
+    gen = torch.Generator().manual_seed(3)
+    sub = patches_for(conv, x, max_positions_per_image=4, generator=gen)
+    assert sub.shape == (2, 8, full.shape[2])
+    for g in range(2):
+        # Each sampled patch of image b is one of image b's patches.
+        for b in range(2):
+            rows = full[g, b * 25:(b + 1) * 25]
+            dist = (sub[g, b * 4:(b + 1) * 4, None, :] - rows[None]).abs().sum(-1).min(1).values
+            assert float(dist.max()) == 0.0
+    again = patches_for(conv, x, max_positions_per_image=4, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(sub, again)
+    # Asking for at least all positions returns the full patches.
+    torch.testing.assert_close(patches_for(conv, x, max_positions_per_image=25), full)
+    # Unbiased: averaging the sub-sampled second moment over many draws approaches the full one.
+    # Copies of the images get independent draws, so one call makes many draws at once.
+    acc = LayerStatistics.from_module(conv)
+    acc.update(patches_for(conv, x.repeat(500, 1, 1, 1), max_positions_per_image=4, generator=gen))
+    exact = LayerStatistics.from_module(conv)
+    exact.update(full)
+    err = (acc.second_moment - exact.second_moment).abs().max() / exact.second_moment.abs().max()
+    assert err < 0.05
+
+
+def test_merge_of_two_halves_equals_whole():
+    conv = _conv((3, 3), 2, 1, "zeros", 1, 2)
+    x = torch.randn(6, 4, 9, 9, dtype=F64)
+    whole, first, second = (LayerStatistics.from_module(conv) for _ in range(3))
+    whole.update(patches_for(conv, x))
+    first.update(patches_for(conv, x[:2]))
+    second.update(patches_for(conv, x[2:]))
+    merged = first + second
+    assert merged.count == whole.count
+    torch.testing.assert_close(merged.covariance, whole.covariance)
+    torch.testing.assert_close(merged.sum_outer, whole.sum_outer)
+    assert first.count == 2 * 25  # operands untouched
+    torch.testing.assert_close(sum([first, second]).covariance, whole.covariance)
+    with pytest.raises(ValueError, match="different layers"):
+        first.merge(LayerStatistics.from_module(_conv((3, 3), 1, 1, "zeros", 1, 2)))
+    # Mapping version.
+    merged_map = merge_statistics({"c": first}, {"c": second})
+    torch.testing.assert_close(merged_map["c"].sum, whole.sum)
+    with pytest.raises(ValueError, match="different layer sets"):
+        merge_statistics({"c": first}, {"d": second})
+
+
+def test_save_load_round_trip(tmp_path):
+    conv = _conv((5, 3), 1, "same", "circular", 2, 2)
+    stats = LayerStatistics.from_module(conv)
+    stats.update(patches_for(conv, torch.randn(2, 4, 9, 8, dtype=F64)))
+    path = tmp_path / "layer.pt"
+    stats.save(path)
+    loaded = LayerStatistics.load(path)
+    assert (loaded.kind, loaded.weight_shape, loaded.groups, loaded.count) == (
+        stats.kind, stats.weight_shape, stats.groups, stats.count)
+    assert loaded.hyper_parameters == stats.hyper_parameters
+    assert torch.equal(loaded.sum_outer, stats.sum_outer) and torch.equal(loaded.sum, stats.sum)
+    loaded.merge(stats)  # metadata still compatible after the round trip
+
+    lin = nn.Linear(3, 2)
+    lin_stats = LayerStatistics.from_module(lin)
+    lin_stats.update(torch.randn(5, 3))
+    mapping = {"conv": stats, "fc": lin_stats}
+    save_statistics(mapping, tmp_path / "all.pt")
+    back = load_statistics(tmp_path / "all.pt")
+    assert list(back) == ["conv", "fc"]
+    torch.testing.assert_close(back["fc"].covariance, lin_stats.covariance)
+    with pytest.raises(ValueError, match="save_statistics"):
+        load_statistics(path)
+    with pytest.raises(ValueError, match="LayerStatistics"):
+        LayerStatistics.load(tmp_path / "all.pt")
+
+
+def test_failed_save_leaves_no_partial_file(tmp_path, monkeypatch):
+    stats = LayerStatistics.from_module(nn.Linear(3, 2))
+    stats.update(torch.randn(4, 3))
+    path = tmp_path / "stats.pt"
+    stats.save(path)
+    before = path.read_bytes()
+
+    def broken_save(obj, handle, *args, **kwargs):
+        handle.write(b"partial garbage")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(stats_module.torch, "save", broken_save)
+    stats.update(torch.randn(4, 3))
+    with pytest.raises(OSError, match="disk full"):
+        stats.save(path)
+    with pytest.raises(OSError, match="disk full"):
+        save_statistics({"x": stats}, tmp_path / "new.pt")
+    assert path.read_bytes() == before  # the previous file is intact
+    assert sorted(os.listdir(tmp_path)) == ["stats.pt"]  # no temporary or partial file left
+
+
+def test_update_rejects_bad_input_and_stays_unchanged():
+    stats = LayerStatistics.from_module(_conv((3, 3), 1, 1, "zeros", 1, 2))
+    with pytest.raises(ValueError, match="shape"):
+        stats.update(torch.randn(5, 18))  # groups=2 needs a group axis
+    with pytest.raises(ValueError, match="No data"):
+        stats.covariance
+    p = torch.randn(2, 5, 18, dtype=F64)
+    p[1, 3, 4] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        stats.update(p)
+    assert stats.count == 0 and not stats.sum_outer.any()
+    with pytest.raises(ValueError, match="group"):
+        stats.sigma()
+    stats.update(torch.randn(2, 5, 18))
+    assert stats.sigma(group=1).shape == (18, 18)
+    with pytest.raises(TypeError, match="Linear"):
+        patches_for(nn.ReLU(), torch.randn(2, 3))
+    with pytest.raises(TypeError, match="ConvTranspose2d"):
+        LayerStatistics.from_module(nn.ConvTranspose2d(2, 2, 3))
+
+
+# --------------------------------------------------------------------------------------------
+# collect_covariances
+# --------------------------------------------------------------------------------------------
+
+
+class _Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect")
+        self.act = nn.ReLU()
+        self.conv2 = nn.Conv2d(4, 6, (3, 1), stride=2, groups=2)
+        self.drop = nn.Dropout(0.5)
+        self.pool = nn.AdaptiveAvgPool2d(2)
+        self.fc = nn.Linear(24, 5)
+
+    def forward(self, x):
+        x = self.conv2(self.act(self.conv1(x)))
+        return self.fc(self.drop(self.pool(x)).flatten(1))
+
+
+def _data(n_batches=3, batch=4, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [(torch.randn(batch, 3, 8, 8, generator=gen), torch.zeros(batch)) for _ in range(n_batches)]
+
+
+def _manual(model, data):
+    """Reference statistics computed by running the layers by hand."""
+    ref = {name: LayerStatistics.from_module(getattr(model, name)) for name in ("conv1", "conv2", "fc")}
+    with torch.no_grad():
+        for x, _ in data:
+            h1 = x
+            h2 = model.act(model.conv1(h1))
+            h3 = model.pool(model.conv2(h2)).flatten(1)  # dropout is the identity in eval mode
+            for name, h in (("conv1", h1), ("conv2", h2), ("fc", h3)):
+                ref[name].update(patches_for(getattr(model, name), h.double()))
+    return ref
+
+
+def test_collect_matches_manual_and_cleans_up():
+    torch.manual_seed(0)
+    model = _Net()
+    model.train()
+    model.pool.eval()  # a mixed-mode model: every flag must come back as it was
+    flags = {name: m.training for name, m in model.named_modules()}
+    data = _data()
+    result = collect_covariances(model, data, progress=False)
+    assert list(result) == ["conv1", "conv2", "fc"]
+    ref = _manual(model, data)
+    for name in result:
+        assert result[name].count == ref[name].count
+        torch.testing.assert_close(result[name].sum_outer, ref[name].sum_outer)
+    assert result["conv2"].groups == 2
+    assert {name: m.training for name, m in model.named_modules()} == flags
+    assert all(not m._forward_pre_hooks for m in model.modules())
+    # Selection by name, single string allowed.
+    only = collect_covariances(model, data, ["fc"], progress=False)
+    assert list(only) == ["fc"]
+    assert list(collect_covariances(model, data, "conv2", progress=False)) == ["conv2"]
+
+
+def test_collect_limits_and_generator_input():
+    model = _Net()
+    data = _data(n_batches=4, batch=4)
+    res = collect_covariances(model, data, ["fc"], max_batches=2, progress=False)
+    assert res["fc"].count == 8
+    res = collect_covariances(model, data, ["fc"], max_samples=6, progress=False)
+    assert res["fc"].count == 6
+    ref = _manual(model, [(data[0][0], None), (data[1][0][:2], None)])
+    torch.testing.assert_close(res["fc"].sum_outer, ref["fc"].sum_outer)
+    # A generator (no len) of bare tensors works too.
+    res = collect_covariances(model, (x for x, _ in data), ["conv1"], progress=False, max_positions_per_image=10)
+    assert res["conv1"].count == 16 * 10
+    res2 = collect_covariances(model, (x for x, _ in data), ["conv1"], progress=False, max_positions_per_image=10)
+    torch.testing.assert_close(res["conv1"].sum_outer, res2["conv1"].sum_outer)  # seeded
+
+
+def test_collect_bad_inputs_raise_and_clean_up():
+    model = _Net()
+    model.train()
+    data = _data()
+    with pytest.raises(ValueError, match="conv1") as info:
+        collect_covariances(model, data, ["nope"], progress=False)
+    assert "unknown" in str(info.value)
+    with pytest.raises(ValueError, match="unsupported type"):
+        collect_covariances(model, data, ["act"], progress=False)
+    with pytest.raises(ValueError, match=">= 1"):
+        collect_covariances(model, data, max_batches=0, progress=False)
+    with pytest.raises(ValueError, match="no batch"):
+        collect_covariances(model, [], progress=False)
+    with pytest.raises(TypeError, match="first item"):
+        collect_covariances(model, [{"x": data[0][0]}], progress=False)
+    bad = [(data[0][0].clone(), None), (data[1][0].clone(), None)]
+    bad[1][0][0, 0, 0, 0] = float("inf")
+    with pytest.raises(ValueError, match="Batch 1 contains NaN or Inf"):
+        collect_covariances(model, bad, progress=False)
+    # A non-finite value produced inside the model is caught at the layer.
+    model.conv1.weight.data[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="conv2.*NaN"):
+        collect_covariances(model, data, ["conv2"], progress=False)
+    assert model.training and all(m.training for m in model.modules())
+    assert all(not m._forward_pre_hooks for m in model.modules())
+
+
+def test_collect_float64_model_and_unused_layer_warning():
+    model = _Net().double()
+    model.extra = nn.Linear(2, 2)  # never called in forward
+    data = [x.double() for x, _ in _data(n_batches=1)]
+    with pytest.warns(RuntimeWarning, match="extra"):
+        res = collect_covariances(model, data, progress=False)
+    assert "extra" not in res and res["conv1"].sum.dtype == F64
