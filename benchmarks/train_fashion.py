@@ -7,7 +7,7 @@ SGD (momentum 0.9, Nesterov, weight decay 5e-4) follows a one-cycle learning-rat
 the full 10k test split is evaluated after every epoch. The *last* epoch's weights are kept,
 never the best-on-test ones, so the reported test accuracy is not selected on the test set.
 
-Typical use (both models, final settings, about 2-3 minutes on one H100)::
+Typical use (both models, final settings: 79 s of training on one H200, seed 0)::
 
     python benchmarks/train_fashion.py --all --device cuda
 
@@ -47,7 +47,7 @@ from tensorly_dataaware.data.fashion import FASHION_MEAN, FASHION_STD, load_fash
 from tensorly_dataaware.models import available_models, build_model
 
 #: Per-model defaults, used where the command line leaves a setting out. Chosen so that both
-#: models together train in a few minutes on one GPU; resnet20 reaches about 93% test accuracy.
+#: models together train in under 2 minutes on one GPU (H200, seed 0: resnet20 93.98%, vgg 94.20%).
 DEFAULTS: dict[str, dict[str, Any]] = {
     "resnet20": {"epochs": 20, "batch_size": 256, "lr": 0.2},
     "vgg": {"epochs": 15, "batch_size": 256, "lr": 0.1},
