@@ -26,13 +26,29 @@ F64 = torch.float64
 # nn.Conv2d's own notice about the asymmetric 'same' padding of even kernels (the reference).
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel:UserWarning")
 
+
+@pytest.fixture(autouse=True)
+def _single_thread():
+    """Run these tiny tensors on one thread.
+
+    With several intra-op threads on a busy machine every small parallel kernel (float64
+    depthwise convolutions especially) can wait a whole scheduler slice, which made this file
+    100x slower under load; one thread is also the fastest for tensors this small.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 KERNELS = [(3, 3), (3, 1), (1, 3), (5, 3), (2, 3)]
-CONFIGS = [
-    (kernel, stride, padding, mode, dilation, groups)
-    for kernel, stride, padding, mode, dilation, groups in itertools.product(
-        KERNELS, [1, 2], [0, 1, "same"], ["zeros", "reflect", "circular"], [1, 2], [1, 2]
-    )
-    if not (padding == "same" and stride != 1)
+# (stride, padding, padding_mode, dilation, groups); 'same' needs stride 1.  The kernels are a
+# pytest parameter and the rest a loop inside the test: 300 tiny cases as separate pytest items
+# would cost more in per-item overhead than in computation.
+SETTINGS = [
+    setting
+    for setting in itertools.product([1, 2], [0, 1, "same"], ["zeros", "reflect", "circular"], [1, 2], [1, 2])
+    if not (setting[1] == "same" and setting[0] != 1)
 ]
 
 
@@ -67,27 +83,33 @@ def _centered_cov(p: torch.Tensor) -> torch.Tensor:
     return centered.T @ centered / p.shape[0]
 
 
-@pytest.mark.parametrize("kernel,stride,padding,mode,dilation,groups", CONFIGS)
-def test_conv_patches_and_covariance_match_brute_force(kernel, stride, padding, mode, dilation, groups):
-    conv = _conv(kernel, stride, padding, mode, dilation, groups)
-    x = torch.randn(2, 4, 9, 8, dtype=F64)
-    patches = patches_for(conv, x)
-    # Column order: every group's patches times its weight block reproduce the conv output.
-    y = conv(x)
-    batch, t, ho, wo = y.shape
-    w = conv.weight.reshape(groups, t // groups, -1)
-    expected = y.reshape(batch, groups, t // groups, ho * wo).permute(1, 0, 3, 2)
-    got = torch.bmm(patches, w.transpose(1, 2)).reshape(groups, batch, ho * wo, t // groups)
-    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_conv_patches_and_covariance_match_brute_force(kernel):
+    x = torch.randn(2, 4, 9, 8, dtype=F64, generator=torch.Generator().manual_seed(1))
+    for stride, padding, mode, dilation, groups in SETTINGS:
+        config = f"kernel={kernel} stride={stride} padding={padding!r} mode={mode} dilation={dilation} groups={groups}"
+        conv = _conv(kernel, stride, padding, mode, dilation, groups)
+        patches = patches_for(conv, x)
+        # Column order: every group's patches times its weight block reproduce the conv output.
+        y = conv(x)
+        batch, t, ho, wo = y.shape
+        w = conv.weight.reshape(groups, t // groups, -1)
+        expected = y.reshape(batch, groups, t // groups, ho * wo).permute(1, 0, 3, 2)
+        got = torch.bmm(patches, w.transpose(1, 2)).reshape(groups, batch, ho * wo, t // groups)
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10, msg=lambda m: f"{config}: {m}")
 
-    brute = _brute_force_patches(conv, x)
-    stats = LayerStatistics.from_module(conv)
-    stats.update(patches)
-    assert stats.count == brute.shape[1]
-    for g in range(groups):
-        torch.testing.assert_close(stats.covariance[g], _centered_cov(brute[g]), rtol=1e-10, atol=1e-12)
-        torch.testing.assert_close(stats.second_moment[g], brute[g].T @ brute[g] / brute.shape[1])
-        torch.testing.assert_close(stats.mean[g], brute[g].mean(0))
+        brute = _brute_force_patches(conv, x)
+        stats = LayerStatistics.from_module(conv)
+        stats.update(patches)
+        assert stats.count == brute.shape[1], config
+        for g in range(groups):
+            torch.testing.assert_close(
+                stats.covariance[g], _centered_cov(brute[g]), rtol=1e-10, atol=1e-12, msg=lambda m: f"{config}: {m}"
+            )
+            torch.testing.assert_close(
+                stats.second_moment[g], brute[g].T @ brute[g] / brute.shape[1], msg=lambda m: f"{config}: {m}"
+            )
+            torch.testing.assert_close(stats.mean[g], brute[g].mean(0), msg=lambda m: f"{config}: {m}")
 
 
 def test_conv1d_patches_match_output():
@@ -132,30 +154,33 @@ def test_sigma_matches_uncentered_norm_identity():
 
 
 def test_subsampled_positions_are_a_seeded_subset_and_unbiased():
+    x = torch.randn(2, 4, 9, 8, dtype=F64, generator=torch.Generator().manual_seed(5))
+    for conv in (_conv((3, 3), 1, 1, "reflect", 1, 2), _conv((5, 3), 2, 1, "circular", 2, 1)):
+        full = patches_for(conv, x)
+        groups, per_image = conv.groups, full.shape[1] // 2
+        sub = patches_for(conv, x, max_positions_per_image=4, generator=torch.Generator().manual_seed(3))
+        assert sub.shape == (groups, 8, full.shape[2])
+        for g in range(groups):
+            # Each sampled patch of image b is one of image b's patches, and they are distinct.
+            for b in range(2):
+                rows = full[g, b * per_image:(b + 1) * per_image]
+                dist = (sub[g, b * 4:(b + 1) * 4, None, :] - rows[None]).abs().sum(-1)
+                assert float(dist.min(1).values.max()) == 0.0
+                assert len(set(dist.argmin(1).tolist())) == 4
+        again = patches_for(conv, x, max_positions_per_image=4, generator=torch.Generator().manual_seed(3))
+        torch.testing.assert_close(sub, again)
+        # Asking for at least all positions returns the full patches.
+        torch.testing.assert_close(patches_for(conv, x, max_positions_per_image=per_image), full)
+    # Unbiased: the sub-sampled second moment over many draws approaches the full one.  Copies
+    # of the images get independent draws, so one call makes many draws at once.
     conv = _conv((3, 3), 1, 1, "reflect", 1, 2)
-    x = torch.randn(2, 4, 5, 5, dtype=F64)
-    full = patches_for(conv, x)  # 25 positions per image
-    gen = torch.Generator().manual_seed(3)
-    sub = patches_for(conv, x, max_positions_per_image=4, generator=gen)
-    assert sub.shape == (2, 8, full.shape[2])
-    for g in range(2):
-        # Each sampled patch of image b is one of image b's patches.
-        for b in range(2):
-            rows = full[g, b * 25:(b + 1) * 25]
-            dist = (sub[g, b * 4:(b + 1) * 4, None, :] - rows[None]).abs().sum(-1).min(1).values
-            assert float(dist.max()) == 0.0
-    again = patches_for(conv, x, max_positions_per_image=4, generator=torch.Generator().manual_seed(3))
-    torch.testing.assert_close(sub, again)
-    # Asking for at least all positions returns the full patches.
-    torch.testing.assert_close(patches_for(conv, x, max_positions_per_image=25), full)
-    # Unbiased: averaging the sub-sampled second moment over many draws approaches the full one.
-    # Copies of the images get independent draws, so one call makes many draws at once.
+    x = x[..., :5, :5]
     acc = LayerStatistics.from_module(conv)
-    acc.update(patches_for(conv, x.repeat(500, 1, 1, 1), max_positions_per_image=4, generator=gen))
+    acc.update(patches_for(conv, x.repeat(2000, 1, 1, 1), max_positions_per_image=4, generator=torch.Generator().manual_seed(0)))
     exact = LayerStatistics.from_module(conv)
-    exact.update(full)
+    exact.update(patches_for(conv, x))
     err = (acc.second_moment - exact.second_moment).abs().max() / exact.second_moment.abs().max()
-    assert err < 0.05
+    assert err < 0.03  # 0.014 measured; always drawing the first positions gives 0.71
 
 
 def test_merge_of_two_halves_equals_whole():

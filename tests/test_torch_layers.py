@@ -1,0 +1,194 @@
+"""Tests of the factorized modules (tensorly_dataaware.torch.layers)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import pytest
+
+torch = pytest.importorskip("torch")
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+
+from tensorly_dataaware.torch.layers import (  # noqa: E402
+    CPConv2d,
+    LowRankConv2d,
+    LowRankLinear,
+    Tucker2Conv2d,
+    build_from_spec,
+)
+
+F64 = torch.float64
+S, T = 4, 5
+
+# nn.Conv2d's own notice about the asymmetric 'same' padding of even kernels (the reference).
+pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel:UserWarning")
+
+
+@pytest.fixture(autouse=True)
+def _single_thread():
+    """Run these tiny tensors on one thread.
+
+    With several intra-op threads on a busy machine every small parallel kernel (float64
+    depthwise convolutions especially) can wait a whole scheduler slice, which made this file
+    100x slower under load; one thread is also the fastest for tensors this small.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+KERNELS = [(3, 3), (3, 1), (1, 3), (5, 3), (2, 3)]
+# (stride, padding, padding_mode, dilation), looped inside one test per kernel and module type:
+# as separate pytest items these tiny cases would cost more in overhead than in compute.
+SETTINGS = [
+    setting
+    for setting in itertools.product([1, 2], [0, 1, "same", (2, 1)], ["zeros", "reflect", "replicate", "circular"], [1, 2])
+    if not (setting[1] == "same" and setting[0] != 1)
+]
+
+
+def _randn(*shape, gen):
+    return torch.randn(*shape, dtype=F64, generator=gen)
+
+
+def _make(kind, kernel, stride, padding, mode, dilation, bias, gen):
+    """A factorized module, and the dense weight computed independently from its factors."""
+    kh, kw = kernel
+    hyper = {"stride": stride, "padding": padding, "padding_mode": mode, "dilation": dilation, "bias": bias}
+    if kind == "tucker2":
+        core, first, last = _randn(3, 2, kh, kw, gen=gen), _randn(S, 2, gen=gen), _randn(T, 3, gen=gen)
+        weight = torch.einsum("ta,sb,abij->tsij", last, first, core)
+        return Tucker2Conv2d(core, first, last, **hyper), weight
+    if kind == "cp":
+        w, a, b, c, d = _randn(6, gen=gen), _randn(T, 6, gen=gen), _randn(S, 6, gen=gen), _randn(kh, 6, gen=gen), _randn(kw, 6, gen=gen)
+        weight = torch.einsum("r,tr,sr,ir,jr->tsij", w, a, b, c, d)
+        return CPConv2d(w, [a, b, c, d], **hyper), weight
+    first, last = _randn(3, S * kh * kw, gen=gen), _randn(T, 3, gen=gen)
+    weight = (last @ first).reshape(T, S, kh, kw)
+    return LowRankConv2d(first, last, kernel_size=kernel, **hyper), weight
+
+
+def _reference(x, weight, bias, stride, padding, mode, dilation):
+    """F.conv2d with the weight, padding the way nn.Conv2d does for the padding mode."""
+    if mode == "zeros":
+        return F.conv2d(x, weight, bias, stride=stride, padding=padding, dilation=dilation)
+    kh, kw = weight.shape[-2:]
+    dh, dw = (dilation, dilation) if isinstance(dilation, int) else dilation
+    if padding == "same":
+        th, tw = dh * (kh - 1), dw * (kw - 1)
+        pads = [tw // 2, tw - tw // 2, th // 2, th - th // 2]
+    else:
+        ph, pw = (padding, padding) if isinstance(padding, int) else padding
+        pads = [pw, pw, ph, ph]
+    return F.conv2d(F.pad(x, pads, mode=mode), weight, bias, stride=stride, dilation=dilation)
+
+
+@pytest.mark.parametrize("kind", ["tucker2", "cp", "lowrank"])
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_factorized_conv_is_exact(kind, kernel):
+    gen = torch.Generator().manual_seed(0)
+    x = _randn(2, S, 11, 10, gen=gen)
+    for stride, padding, mode, dilation in SETTINGS:
+        # Alternating the bias this way still gives every (padding, mode) pair both cases.
+        has_bias = (stride + dilation) % 2 == 0
+        config = f"{kind} kernel={kernel} stride={stride} padding={padding!r} mode={mode} dilation={dilation} bias={has_bias}"
+        bias = _randn(T, gen=gen) if has_bias else None
+        module, weight = _make(kind, kernel, stride, padding, mode, dilation, bias, gen)
+        torch.testing.assert_close(module.weight_approx(), weight, msg=lambda m: f"{config}: {m}")
+        expected = _reference(x, weight, bias, stride, padding, mode, dilation)
+        torch.testing.assert_close(module(x), expected, rtol=1e-10, atol=1e-10, msg=lambda m: f"{config}: {m}")
+        assert (module.last.bias is not None) == has_bias, config
+
+
+@pytest.mark.parametrize("kind", ["tucker2", "cp", "lowrank"])
+def test_state_dict_round_trip_via_spec(kind):
+    gen = torch.Generator().manual_seed(1)
+    x = _randn(2, S, 9, 9, gen=gen)
+    for padding, mode, has_bias in [("same", "reflect", True), ((2, 1), "zeros", False), (1, "circular", True)]:
+        module, _ = _make(kind, (3, 2) if padding != "same" else (3, 3), 1, padding, mode, 2,
+                          _randn(T, gen=gen) if has_bias else None, gen)
+        spec = module.spec()
+        assert json.loads(json.dumps(spec)) == spec  # plain python types only
+        rebuilt = build_from_spec(json.loads(json.dumps(spec)))
+        assert type(rebuilt) is type(module) and rebuilt.spec() == spec
+        assert rebuilt.weight_approx().abs().max() == 0  # empty before loading
+        rebuilt.load_state_dict(module.state_dict())
+        torch.testing.assert_close(rebuilt(x), module(x), rtol=0, atol=0)
+        assert str(rebuilt) == str(module)
+
+
+def test_low_rank_linear_exact_and_round_trip():
+    gen = torch.Generator().manual_seed(2)
+    first, last, bias = _randn(3, 7, gen=gen), _randn(4, 3, gen=gen), _randn(4, gen=gen)
+    x = _randn(2, 5, 7, gen=gen)  # extra leading dimensions
+    for b in (bias, None):
+        module = LowRankLinear(first, last, b)
+        torch.testing.assert_close(module(x), F.linear(x, last @ first, b), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(module.weight_approx(), last @ first)
+        rebuilt = build_from_spec(module.spec())
+        rebuilt.load_state_dict(module.state_dict())
+        torch.testing.assert_close(rebuilt(x), module(x), rtol=0, atol=0)
+        assert "rank=3" in repr(module)
+
+
+def test_low_rank_conv_accepts_4d_first_and_dtype_follows_input():
+    gen = torch.Generator().manual_seed(3)
+    first = _randn(2, S, 3, 3, gen=gen).float()
+    module = LowRankConv2d(first, _randn(T, 2, gen=gen), padding=1)
+    assert module.first.weight.dtype == torch.float32 and module.last.weight.dtype == torch.float32
+    assert module.spec()["dtype"] == "float32"
+    assert build_from_spec(module.spec(), dtype=F64).last.weight.dtype == F64
+
+
+def test_bad_arguments_raise():
+    gen = torch.Generator().manual_seed(4)
+    core, first, last = _randn(3, 2, 3, 3, gen=gen), _randn(S, 2, gen=gen), _randn(T, 3, gen=gen)
+    with pytest.raises(ValueError, match="groups"):
+        Tucker2Conv2d(core, first, last, groups=2)
+    with pytest.raises(ValueError, match="groups"):
+        CPConv2d(None, [_randn(T, 2, gen=gen), _randn(S, 2, gen=gen), _randn(3, 2, gen=gen), _randn(3, 2, gen=gen)], groups=2)
+    with pytest.raises(ValueError, match="groups"):
+        LowRankConv2d(_randn(2, S, 3, 3, gen=gen), _randn(T, 2, gen=gen), groups=4)
+    with pytest.raises(ValueError, match="R_in"):
+        Tucker2Conv2d(core, _randn(S, 3, gen=gen), last)
+    with pytest.raises(ValueError, match="R_out"):
+        Tucker2Conv2d(core, first, _randn(T, 2, gen=gen))
+    with pytest.raises(ValueError, match="4-D"):
+        Tucker2Conv2d(core[0], first, last)
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        Tucker2Conv2d(core.numpy(), first, last)
+    with pytest.raises(TypeError, match="floating"):
+        Tucker2Conv2d(core.long(), first, last)
+    with pytest.raises(ValueError, match="NaN"):
+        Tucker2Conv2d(core * float("nan"), first, last)
+    with pytest.raises(ValueError, match="bias"):
+        Tucker2Conv2d(core, first, last, bias=_randn(T + 1, gen=gen))
+    with pytest.raises(ValueError, match="stride 1"):
+        Tucker2Conv2d(core, first, last, stride=2, padding="same")
+    with pytest.raises(ValueError, match="padding_mode"):
+        Tucker2Conv2d(core, first, last, padding_mode="mirror")
+    with pytest.raises(ValueError, match="'same' or 'valid'"):
+        CPConv2d(None, [_randn(T, 2, gen=gen), _randn(S, 2, gen=gen), _randn(3, 2, gen=gen), _randn(3, 2, gen=gen)], padding="full")
+    with pytest.raises(TypeError, match="stride"):
+        Tucker2Conv2d(core, first, last, stride=1.5)
+    with pytest.raises(ValueError, match="columns"):
+        CPConv2d(None, [_randn(T, 2, gen=gen), _randn(S, 3, gen=gen), _randn(3, 2, gen=gen), _randn(3, 2, gen=gen)])
+    with pytest.raises(TypeError, match="4 tensors"):
+        CPConv2d(None, [_randn(T, 2, gen=gen)])
+    with pytest.raises(ValueError, match="weights"):
+        CPConv2d(_randn(3, gen=gen), [_randn(T, 2, gen=gen), _randn(S, 2, gen=gen), _randn(3, 2, gen=gen), _randn(3, 2, gen=gen)])
+    with pytest.raises(ValueError, match="kernel_size"):
+        LowRankConv2d(_randn(2, S * 9, gen=gen), _randn(T, 2, gen=gen))
+    with pytest.raises(ValueError, match="multiple"):
+        LowRankConv2d(_randn(2, 10, gen=gen), _randn(T, 2, gen=gen), kernel_size=3)
+    with pytest.raises(ValueError, match="does not match"):
+        LowRankConv2d(_randn(2, S, 3, 3, gen=gen), _randn(T, 2, gen=gen), kernel_size=(3, 1))
+    with pytest.raises(ValueError, match="out_features"):
+        LowRankLinear(_randn(2, 7, gen=gen), _randn(4, 3, gen=gen))
+    with pytest.raises(ValueError, match="Unknown"):
+        build_from_spec({"class": "Conv2d"})
+    with pytest.raises(ValueError, match="lacks"):
+        build_from_spec({"class": "LowRankLinear", "rank": 2})
