@@ -1,0 +1,40 @@
+"""PyTorch adapter: collect input statistics from a model, swap layers for factorized ones.
+
+This sub-package is the only place that imports ``torch``; the decompositions it calls live
+in :mod:`tensorly_dataaware.decomposition` and run on TensorLy's ``pytorch`` backend.
+"""
+
+from .compress import LayerReport, compress, compression_spec, format_report, load_compressed, save_compressed
+from .layers import CPConv2d, LowRankConv2d, LowRankLinear, Tucker2Conv2d, build_from_spec
+from .ranks import allocate_budget, ranks_for_energy, ranks_for_ratio
+from .statistics import (
+    LayerStatistics,
+    collect_covariances,
+    load_statistics,
+    merge_statistics,
+    patches_for,
+    save_statistics,
+)
+
+__all__ = [
+    "collect_covariances",
+    "compress",
+    "LayerStatistics",
+    "patches_for",
+    "save_statistics",
+    "load_statistics",
+    "merge_statistics",
+    "LayerReport",
+    "format_report",
+    "save_compressed",
+    "load_compressed",
+    "compression_spec",
+    "Tucker2Conv2d",
+    "CPConv2d",
+    "LowRankConv2d",
+    "LowRankLinear",
+    "build_from_spec",
+    "ranks_for_ratio",
+    "ranks_for_energy",
+    "allocate_budget",
+]

@@ -1,0 +1,423 @@
+"""Walk a model, decompose the selected layers, swap in their factorized forms.
+
+The mathematics lives in :mod:`tensorly_dataaware.decomposition` and
+:mod:`tensorly_dataaware.norms`; this module only moves weights between PyTorch modules and
+the TensorLy solvers (run on the ``pytorch`` backend, so on the layer's device).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterable, Mapping
+
+import tensorly as tl
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..decomposition import parafac_sigma, tucker2_sigma
+from ..norms import relative_sigma_error, whitened_svd
+from . import ranks as rk
+from .layers import CPConv2d, LowRankConv2d, LowRankLinear, Tucker2Conv2d, build_from_spec
+from .statistics import LayerStatistics
+
+__all__ = ["compress", "LayerReport", "format_report", "save_compressed", "load_compressed", "compression_spec"]
+
+METHODS = ("tucker2", "cp", "svd")
+NORMS = ("sigma", "frobenius")
+_FACTORIZED = (Tucker2Conv2d, CPConv2d, LowRankConv2d, LowRankLinear)
+
+
+@dataclass
+class LayerReport:
+    """One row of the compression report."""
+
+    name: str
+    kind: str
+    shape: tuple
+    method: str
+    norm: str
+    rank: Any
+    params_before: int
+    params_after: int
+    macs_before: int
+    macs_after: int
+    sigma_error: float
+    seconds: float
+    sweeps: int = 0
+    notes: list = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def format_report(report: Iterable[LayerReport]) -> str:
+    """A plain-text table of a compression report, with a total line."""
+    rows = list(report)
+    header = f"{'layer':<24} {'shape':<18} {'method':<8} {'norm':<9} {'rank':<12} {'params':>17} {'MACs/pos':>17} {'sigma-err':>9} {'time':>7}"
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        lines.append(
+            f"{r.name:<24} {'x'.join(map(str, r.shape)):<18} {r.method:<8} {r.norm:<9} {str(r.rank):<12} "
+            f"{r.params_before:>8}->{r.params_after:<8} {r.macs_before:>8}->{r.macs_after:<8} "
+            f"{r.sigma_error:>9.4f} {r.seconds:>6.2f}s"
+        )
+    if rows:
+        before = sum(r.params_before for r in rows)
+        after = sum(r.params_after for r in rows)
+        lines.append("-" * len(header))
+        lines.append(f"{'total':<24} {'':<18} {'':<8} {'':<9} {'':<12} {before:>8}->{after:<8} ({after / before:.1%} kept)")
+    return "\n".join(lines)
+
+
+def _check_choice(value, name, choices):
+    if value not in choices:
+        raise ValueError(f"`{name}` must be one of {choices}, got {value!r}.")
+
+
+def _resolve_layers(model: nn.Module, stats: Mapping[str, LayerStatistics], layers) -> list[str]:
+    modules = dict(model.named_modules())
+    if layers is None:
+        names = []
+        for name in stats:
+            module = modules.get(name)
+            if module is None:
+                raise ValueError(f"Statistics name {name!r} is not a module of the model.")
+            reason = _unsupported_reason(module)
+            if reason:
+                warnings.warn(f"Skipping layer {name!r}: {reason}", stacklevel=3)
+                continue
+            names.append(name)
+        return names
+    if isinstance(layers, str):
+        layers = [layers]
+    names = list(layers)
+    for name in names:
+        if name not in modules:
+            raise ValueError(f"{name!r} is not a module of the model; modules with statistics: {sorted(stats)}.")
+        if name not in stats:
+            raise ValueError(f"No statistics for layer {name!r}; collect them first (collect_covariances).")
+        reason = _unsupported_reason(modules[name])
+        if reason:
+            raise ValueError(f"Cannot compress layer {name!r}: {reason}")
+    return names
+
+
+def _unsupported_reason(module: nn.Module) -> str | None:
+    if isinstance(module, nn.Linear):
+        return None
+    if type(module) is nn.Conv2d:
+        if module.groups != 1:
+            return f"grouped convolutions (groups={module.groups}) are not supported."
+        if module.transposed:
+            return "transposed convolutions are not supported."
+        return None
+    return f"{type(module).__name__} layers are not supported (only nn.Conv2d and nn.Linear)."
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def _layer_method(module: nn.Module, method: str) -> str:
+    # Linear layers and 1x1 convolutions have no spatial mode to factorize: their exact
+    # optimum in the same norm is the (whitened) truncated SVD.
+    if isinstance(module, nn.Linear) or tuple(module.kernel_size) == (1, 1):
+        return "svd"
+    return method
+
+
+def _resolve_rank(name, module, method, ranks, ratio, energy, weight, sigma):
+    shape = tuple(weight.shape)
+    if ranks is not None and name in ranks:
+        rank = ranks[name]
+        if method == "svd" and isinstance(rank, (tuple, list)):
+            rank = min(rank)
+        if method == "tucker2" and isinstance(rank, int):
+            rank = (min(rank, shape[0]), min(rank, shape[1]))
+        return tuple(rank) if isinstance(rank, list) else rank
+    if ratio is not None:
+        return rk.ranks_for_ratio(method, shape, ratio)
+    if energy is not None:
+        return rk.ranks_for_energy(method, weight, sigma, energy)
+    raise ValueError(f"No rank for layer {name!r}: give `ranks` for it, `ratio`, `energy` or `budget`.")
+
+
+def _decompose(method, norm, weight, sigma, rank, solver_options):
+    """Return (factorized tensors, approximation W~, sweeps)."""
+    if method == "svd":
+        mat = weight.reshape(weight.shape[0], -1)
+        eye = torch.eye(mat.shape[1], dtype=mat.dtype, device=mat.device)
+        last, first = whitened_svd(mat, rank, sigma if norm == "sigma" else eye, check_psd=False)
+        return (first, last), last @ first, 1
+    if method == "tucker2":
+        if norm == "sigma":
+            tucker, errors = tucker2_sigma(weight, rank, sigma, return_errors=True, **solver_options)
+            sweeps = len(errors)
+        else:
+            from tensorly.decomposition import partial_tucker
+
+            (core, factors), errors = partial_tucker(weight, rank=list(rank), modes=[0, 1], tol=1e-8)
+            tucker = tl.tucker_tensor.TuckerTensor((core, list(factors) + [torch.eye(d, dtype=weight.dtype, device=weight.device) for d in weight.shape[2:]]))
+            sweeps = len(errors)
+        core, factors = tucker
+        return (core, factors[1], factors[0]), tl.tucker_to_tensor(tucker), sweeps
+    if norm == "sigma":
+        cp, errors = parafac_sigma(weight, rank, sigma, return_errors=True, **solver_options)
+    else:
+        from tensorly.decomposition import parafac
+
+        cp, errors = parafac(weight, rank, tol=1e-8, return_errors=True, random_state=solver_options.get("random_state"))
+    return (cp.weights, cp.factors), tl.cp_to_tensor(cp), len(errors)
+
+
+def _build_module(method, module, tensors, bias):
+    if isinstance(module, nn.Linear):
+        first, last = tensors
+        return LowRankLinear(first, last, bias=bias)
+    conv = dict(
+        stride=module.stride, padding=module.padding, dilation=module.dilation,
+        padding_mode=module.padding_mode, bias=bias,
+    )
+    if method == "svd":
+        first, last = tensors
+        return LowRankConv2d(first, last, kernel_size=tuple(module.kernel_size), **conv)
+    if method == "tucker2":
+        core, first, last = tensors
+        return Tucker2Conv2d(core, first, last, **conv)
+    weights, factors = tensors
+    return CPConv2d(weights, factors, **conv)
+
+
+def compress(
+    model: nn.Module,
+    stats: Mapping[str, LayerStatistics],
+    method: str = "tucker2",
+    *,
+    ranks: Mapping[str, Any] | None = None,
+    ratio: float | None = None,
+    energy: float | None = None,
+    budget: float | None = None,
+    norm: str = "sigma",
+    centered: bool = True,
+    bias_correction: bool | None = None,
+    layers: Iterable[str] | None = None,
+    inplace: bool = False,
+    damping: float = 1e-6,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    return_report: bool = False,
+    **solver_options,
+):
+    """Replace conv and linear layers by factorized modules fitted to the data.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The trained network. It is deep-copied unless ``inplace=True``.
+    stats : mapping name -> LayerStatistics
+        Input statistics of the layers (from :func:`collect_covariances`).
+    method : {'tucker2', 'cp', 'svd'}, default is 'tucker2'
+        Factorization of ``k x k`` convolutions. Linear layers and ``1 x 1`` convolutions
+        always use the (whitened) truncated SVD, the exact optimum of the same norm.
+    ranks : mapping name -> rank, optional
+        Explicit ranks: an int for CP and SVD, a pair ``(R_out, R_in)`` (or an int for
+        both) for Tucker-2. Layers not listed fall back to ``ratio``/``energy``.
+    ratio : float in (0, 1], optional
+        Fraction of each layer's weights kept (see :func:`ranks.ranks_for_ratio`).
+    energy : float in (0, 1], optional
+        Keep this fraction of each layer's whitened output energy
+        (:func:`ranks.ranks_for_energy`).
+    budget : float in (0, 1], optional
+        Whole-model mode: keep this fraction of the selected layers' total weights, spent
+        where the whitened spectra say it lowers the sigma-error most
+        (:func:`ranks.allocate_budget`).
+    norm : {'sigma', 'frobenius'}, default is 'sigma'
+        Data-aware decomposition, or the classical Frobenius one (TensorLy's
+        ``partial_tucker`` / ``parafac`` / plain SVD) as a baseline.
+    centered : bool, default is True
+        Weight with the covariance (True) or with the uncentred second moment (False).
+    bias_correction : bool, optional
+        Add ``(W - W~) E[x]`` to the bias, which makes the centred objective exactly the
+        layer's mean squared output error. Default: True for ``norm='sigma'`` with
+        ``centered=True``, False otherwise (the classical Frobenius pipeline has none).
+    layers : iterable of str, optional
+        Module names to compress; default: every layer with statistics (unsupported ones,
+        e.g. grouped convolutions, are skipped with a warning; named ones raise).
+    inplace : bool, default is False
+        Modify ``model`` itself instead of a copy.
+    damping : float, default is 1e-6
+        Relative ridge added to each covariance (see :func:`tensorly_dataaware.norms.damp_sigma`).
+    device : str or torch.device, optional
+        Where the decompositions run (default: the layer's device).
+    progress : bool, default is True
+        Show a ``tqdm`` progress bar over the layers.
+    return_report : bool, default is False
+        Also return the list of :class:`LayerReport` (see :func:`format_report`).
+    **solver_options
+        Passed to :func:`tucker2_sigma` / :func:`parafac_sigma` (``n_iter_max``, ``tol``,
+        ``init``, ``random_state``, ...).
+
+    Returns
+    -------
+    nn.Module or (nn.Module, list of LayerReport)
+    """
+    _check_choice(method, "method", METHODS)
+    _check_choice(norm, "norm", NORMS)
+    given = [x is not None for x in (ratio, energy, budget)]
+    if sum(given) > 1:
+        raise ValueError("Give at most one of `ratio`, `energy` and `budget`.")
+    if ranks is None and not any(given):
+        raise ValueError("Give `ranks`, `ratio`, `energy` or `budget` to choose the ranks.")
+    for value, label in ((ratio, "ratio"), (energy, "energy"), (budget, "budget")):
+        if value is not None and not (0.0 < float(value) <= 1.0):
+            raise ValueError(f"`{label}` must be in (0, 1], got {value}.")
+    if not isinstance(stats, Mapping):
+        raise TypeError("`stats` must be a mapping name -> LayerStatistics (from collect_covariances).")
+    if bias_correction is None:
+        bias_correction = norm == "sigma" and centered
+    names = _resolve_layers(model, stats, layers)
+    target = model if inplace else copy.deepcopy(model)
+    modules = dict(target.named_modules())
+
+    prepared = []
+    for name in names:
+        module = modules[name]
+        st = stats[name]
+        if tuple(st.weight_shape) != tuple(module.weight.shape):
+            raise ValueError(
+                f"Statistics of {name!r} are for a weight of shape {tuple(st.weight_shape)}, "
+                f"but the layer has {tuple(module.weight.shape)}."
+            )
+        dev = torch.device(device) if device is not None else module.weight.device
+        weight = module.weight.detach().to(device=dev, dtype=torch.float64)
+        sigma = st.sigma(centered).to(dev)
+        prepared.append((name, module, _layer_method(module, method), weight, sigma))
+
+    if budget is not None:
+        ranks = dict(ranks or {})
+        ranks.update(_budget_ranks(prepared, budget))
+
+    report = []
+    bar = tqdm(prepared, desc=f"compress ({method}, {norm})", disable=not progress, leave=False)
+    with tl.backend_context("pytorch"):
+        for name, module, layer_method, weight, sigma in bar:
+            bar.set_postfix_str(name)
+            start = time.perf_counter()
+            rank = _resolve_rank(name, module, layer_method, ranks, ratio, energy, weight, sigma)
+            options = {"damping": damping, **solver_options} if norm == "sigma" else solver_options
+            tensors, approx, sweeps = _decompose(layer_method, norm, weight, sigma, rank, options)
+            bias = module.bias.detach().to(torch.float64) if module.bias is not None else None
+            notes = []
+            if bias_correction:
+                delta = (weight - approx).reshape(weight.shape[0], -1) @ stats[name].mean[0].to(weight)
+                bias = (bias.to(delta) if bias is not None else torch.zeros_like(delta)) + delta
+                notes.append("bias corrected")
+            dtype, dev = module.weight.dtype, module.weight.device
+            cast = _cast_tensors(tensors, dtype, dev)
+            new = _build_module(layer_method, module, cast, None if bias is None else bias.to(dtype=dtype, device=dev))
+            new.train(module.training)
+            _set_module(target, name, new)
+            err = relative_sigma_error(weight, approx, sigma, check_psd=False)
+            report.append(
+                LayerReport(
+                    name=name,
+                    kind=type(module).__name__,
+                    shape=tuple(weight.shape),
+                    method=layer_method,
+                    norm=norm,
+                    rank=rank,
+                    params_before=rk.dense_params(weight.shape),
+                    params_after=rk.factorized_params(layer_method, weight.shape, rank),
+                    macs_before=rk.macs_per_position(layer_method, weight.shape),
+                    macs_after=rk.macs_per_position(layer_method, weight.shape, rank, getattr(module, "stride", (1, 1))),
+                    sigma_error=err,
+                    seconds=time.perf_counter() - start,
+                    sweeps=sweeps,
+                    notes=notes,
+                )
+            )
+    if return_report:
+        return target, report
+    return target
+
+
+def _cast_tensors(tensors, dtype, device):
+    out = []
+    for t in tensors:
+        if isinstance(t, (list, tuple)):
+            out.append([x.to(dtype=dtype, device=device) for x in t])
+        else:
+            out.append(t.to(dtype=dtype, device=device))
+    return out
+
+
+def _budget_ranks(prepared, budget: float) -> dict[str, Any]:
+    """Ranks from a global budget, using each layer's whitened output spectrum as its curve."""
+    curves = {}
+    total = 0
+    for name, _module, method, weight, sigma in prepared:
+        shape = tuple(weight.shape)
+        total += rk.dense_params(shape)
+        mat = weight.reshape(shape[0], -1)
+        gram = mat @ sigma @ mat.T
+        eig = torch.clamp(torch.linalg.eigvalsh((gram + gram.T) / 2).flip(0), min=0)
+        tail = 1 - torch.cumsum(eig, 0) / max(float(eig.sum()), 1e-300)
+        curve = []
+        for frac in [0.02 * i for i in range(1, 51)]:
+            rank = rk.ranks_for_ratio(method, shape, frac)
+            # Proxy error: the whitened output tail at the output rank the factorization
+            # affords (a lower bound of the layer's sigma-error at that size).
+            r_out = rank[0] if isinstance(rank, tuple) else min(rank, shape[0])
+            err = float(tail[min(r_out, shape[0]) - 1]) if r_out >= 1 else 1.0
+            params = rk.factorized_params(method, shape, rank)
+            if not curve or params > curve[-1][0]:
+                curve.append((params, err, rank))
+        curves[name] = curve
+    return rk.allocate_budget(curves, int(budget * total))
+
+
+def compression_spec(model: nn.Module) -> dict[str, dict]:
+    """Structure of every factorized module of ``model``: name -> ``module.spec()``."""
+    return {name: m.spec() for name, m in model.named_modules() if isinstance(m, _FACTORIZED)}
+
+
+def save_compressed(model: nn.Module, path: str | os.PathLike) -> None:
+    """Save the factorized structure and the ``state_dict``, atomically.
+
+    Load with :func:`load_compressed` into a freshly built instance of the original
+    architecture.
+    """
+    payload = {"spec": compression_spec(model), "state_dict": model.state_dict()}
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
+    os.close(fd)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def load_compressed(model: nn.Module, path: str | os.PathLike, map_location: Any = "cpu") -> nn.Module:
+    """Rebuild the factorized modules in ``model`` (the original architecture) and load weights.
+
+    ``model`` is modified in place and returned.
+    """
+    payload = torch.load(path, map_location=map_location, weights_only=True)
+    if not isinstance(payload, dict) or "spec" not in payload or "state_dict" not in payload:
+        raise ValueError(f"{os.fspath(path)!r} is not a file written by save_compressed.")
+    for name, spec in payload["spec"].items():
+        _set_module(model, name, build_from_spec(spec))
+    model.load_state_dict(payload["state_dict"])
+    return model

@@ -1,0 +1,182 @@
+"""Rank selection for factorized layers: parameter ratios, spectral energy, a global budget.
+
+All functions work on shapes and spectra only; they never touch a model.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping, Sequence
+
+import torch
+
+__all__ = [
+    "dense_params",
+    "factorized_params",
+    "macs_per_position",
+    "ranks_for_ratio",
+    "ranks_for_energy",
+    "allocate_budget",
+]
+
+METHODS = ("tucker2", "cp", "svd")
+
+
+def dense_params(shape: Sequence[int]) -> int:
+    """Weights of the dense layer, ``prod(shape)``."""
+    return math.prod(shape)
+
+
+def factorized_params(method: str, shape: Sequence[int], rank) -> int:
+    """Weights of the factorized form (biases excluded).
+
+    * ``tucker2``: ``S R_in + R_out R_in P + T R_out``;
+    * ``cp``: ``R (T + S + sum(spatial))``;
+    * ``svd``: ``r (T + S P)``.
+    """
+    T, S, spatial = shape[0], shape[1], tuple(shape[2:])
+    P = math.prod(spatial) if spatial else 1
+    if method == "tucker2":
+        r_out, r_in = rank
+        return S * r_in + r_out * r_in * P + T * r_out
+    if method == "cp":
+        return rank * (T + S + sum(spatial))
+    if method == "svd":
+        return rank * (T + S * P)
+    raise ValueError(f"Unknown method {method!r}; use one of {METHODS}.")
+
+
+def macs_per_position(method: str, shape: Sequence[int], rank=None, stride: Sequence[int] = (1, 1)) -> int:
+    """Multiply-accumulates per *output* position of the layer (dense if ``rank`` is None).
+
+    The first 1x1 convolution of a Tucker-2 or CP layer runs at the input resolution,
+    ``prod(stride)`` positions per output position.
+    """
+    T, S, spatial = shape[0], shape[1], tuple(shape[2:])
+    P = math.prod(spatial) if spatial else 1
+    if rank is None:
+        return T * S * P
+    up = math.prod(stride) if stride else 1
+    if method == "tucker2":
+        r_out, r_in = rank
+        return up * S * r_in + r_in * r_out * P + r_out * T
+    if method == "cp":
+        # 1x1 in, one depthwise conv per spatial mode, 1x1 out.
+        return up * S * rank + rank * sum(spatial) + rank * T
+    if method == "svd":
+        return rank * S * P + rank * T
+    raise ValueError(f"Unknown method {method!r}; use one of {METHODS}.")
+
+
+def _max_rank(method: str, shape: Sequence[int]):
+    T, S = shape[0], shape[1]
+    P = math.prod(shape[2:]) if len(shape) > 2 else 1
+    if method == "tucker2":
+        return (T, S)
+    if method == "cp":
+        return math.prod(shape) // max(shape)
+    return min(T, S * P)
+
+
+def ranks_for_ratio(method: str, shape: Sequence[int], ratio: float):
+    """Largest rank whose factorized form keeps at most ``ratio`` of the layer's weights.
+
+    Tucker-2 keeps ``R_out / T = R_in / S`` (the same fraction of each channel mode), the
+    rule of TensorLy's float ranks. At least rank 1 is returned even if it exceeds the ratio.
+    """
+    if not (0.0 < ratio <= 1.0):
+        raise ValueError(f"`ratio` must be in (0, 1], got {ratio}.")
+    T, S = shape[0], shape[1]
+    P = math.prod(shape[2:]) if len(shape) > 2 else 1
+    budget = ratio * dense_params(shape)
+    if method == "tucker2":
+        # Solve c^2 T S P + c (T^2 + S^2) = budget for the channel fraction c.
+        a, b = T * S * P, T * T + S * S
+        c = (-b + math.sqrt(b * b + 4 * a * budget)) / (2 * a)
+        r_out, r_in = max(1, min(T, int(c * T))), max(1, min(S, int(c * S)))
+        return (r_out, r_in)
+    per_rank = factorized_params(method, shape, 1)
+    return max(1, min(int(budget // per_rank), _max_rank(method, shape)))
+
+
+def _energy_rank(eigvals: torch.Tensor, energy: float) -> int:
+    vals = torch.clamp(torch.sort(eigvals, descending=True).values, min=0)
+    total = float(vals.sum())
+    if total <= 0:
+        return 1
+    cum = torch.cumsum(vals, 0) / total
+    return int(torch.searchsorted(cum, torch.tensor(energy, dtype=cum.dtype, device=cum.device)).item()) + 1
+
+
+def ranks_for_energy(method: str, weight: torch.Tensor, sigma: torch.Tensor, energy: float):
+    """Smallest rank keeping ``energy`` of the whitened spectrum (the output energy).
+
+    The eigenvalues of ``W Sigma W^T`` are the squared singular values of the whitened
+    weight ``W Sigma^{1/2}``: keeping the top ``r`` of them is exactly what the whitened SVD
+    does, with relative sigma-error ``sqrt(1 - energy)``. For Tucker-2 this gives ``R_out``,
+    and ``R_in`` takes the same fraction of the input channels; for CP the rank is the
+    whitened SVD rank times the number of kernel positions, capped by the ratio-1 rank.
+    """
+    if not (0.0 < energy <= 1.0):
+        raise ValueError(f"`energy` must be in (0, 1], got {energy}.")
+    shape = tuple(weight.shape)
+    mat = weight.reshape(shape[0], -1).to(torch.float64)
+    gram = mat @ sigma.to(mat) @ mat.T
+    r = min(_energy_rank(torch.linalg.eigvalsh((gram + gram.T) / 2), energy), shape[0])
+    if method == "svd":
+        return min(r, _max_rank("svd", shape))
+    if method == "tucker2":
+        frac = r / shape[0]
+        return (r, max(1, min(shape[1], math.ceil(frac * shape[1]))))
+    if method == "cp":
+        P = math.prod(shape[2:]) if len(shape) > 2 else 1
+        return max(1, min(r * P, ranks_for_ratio("cp", shape, 1.0)))
+    raise ValueError(f"Unknown method {method!r}; use one of {METHODS}.")
+
+
+def allocate_budget(
+    curves: Mapping[str, Sequence[tuple[int, float, object]]],
+    budget: int,
+) -> dict[str, object]:
+    """Spend a total parameter budget where it lowers the summed squared error the most.
+
+    Parameters
+    ----------
+    curves : mapping name -> list of (params, relative squared error, rank)
+        For each layer, candidate ranks in increasing size with their parameter count and
+        (estimated) relative squared sigma-error; errors should be non-increasing.
+    budget : int
+        Total number of weights allowed over all layers.
+
+    Returns
+    -------
+    dict name -> rank
+        Greedy marginal allocation: start every layer at its smallest candidate and
+        repeatedly upgrade the layer with the largest error decrease per added parameter
+        while the budget allows. Raises ``ValueError`` if even the smallest candidates do
+        not fit.
+    """
+    choice = {name: 0 for name in curves}
+    used = sum(c[0][0] for c in curves.values())
+    if used > budget:
+        raise ValueError(
+            f"The parameter budget {budget} is below the smallest factorization ({used} weights)."
+        )
+    while True:
+        best, best_gain = None, 0.0
+        for name, curve in curves.items():
+            i = choice[name]
+            if i + 1 >= len(curve):
+                continue
+            extra = curve[i + 1][0] - curve[i][0]
+            if extra <= 0 or used + extra > budget:
+                continue
+            gain = (curve[i][1] - curve[i + 1][1]) / extra
+            if gain > best_gain:
+                best, best_gain = name, gain
+        if best is None:
+            break
+        i = choice[best]
+        used += curves[best][i + 1][0] - curves[best][i][0]
+        choice[best] = i + 1
+    return {name: curves[name][i][2] for name, i in choice.items()}
