@@ -156,7 +156,7 @@ def _decompose(method, norm, weight, sigma, rank, solver_options):
         mat = weight.reshape(weight.shape[0], -1)
         eye = torch.eye(mat.shape[1], dtype=mat.dtype, device=mat.device)
         last, first = whitened_svd(mat, rank, sigma if norm == "sigma" else eye, check_psd=False)
-        return (first, last), last @ first, 1
+        return (first, last), (last @ first).reshape(weight.shape), 1
     if method == "tucker2":
         if norm == "sigma":
             tucker, errors = tucker2_sigma(weight, rank, sigma, return_errors=True, **solver_options)

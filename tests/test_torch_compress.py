@@ -1,0 +1,242 @@
+"""The PyTorch adapter end to end: statistics -> decomposition -> factorized modules."""
+
+import warnings
+
+import numpy as np
+import pytest
+import tensorly as tl
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tensorly_dataaware import relative_sigma_error
+from tensorly_dataaware.torch import (
+    CPConv2d,
+    LowRankConv2d,
+    LowRankLinear,
+    Tucker2Conv2d,
+    collect_covariances,
+    compress,
+    format_report,
+    load_compressed,
+    ranks_for_ratio,
+    save_compressed,
+)
+from tensorly_dataaware.torch.ranks import allocate_budget, factorized_params
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    # Tiny float64 convolutions are very slow when torch oversubscribes a busy 2-core box.
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+class ConvZoo(nn.Module):
+    """Conv layers in many configurations, each fed by the previous one."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1, bias=True)
+        self.b = nn.Conv2d(8, 10, 3, stride=2, padding=1, padding_mode="reflect", bias=False)
+        self.c = nn.Conv2d(10, 12, (3, 1), padding=(2, 0), dilation=(2, 1), padding_mode="circular")
+        self.d = nn.Conv2d(12, 12, (1, 3), padding="same", padding_mode="replicate")
+        self.e = nn.Conv2d(12, 9, 1)
+        self.g = nn.Conv2d(9, 9, 3, padding=1, groups=3)
+        self.fc = nn.Linear(9, 5)
+
+    def forward(self, x):
+        for layer in (self.a, self.b, self.c, self.d, self.e, self.g):
+            x = torch.relu(layer(x))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+def _batches(n=6, size=10, seed=0, channels=3):
+    gen = torch.Generator().manual_seed(seed)
+    # Smooth, correlated, non-centred inputs, like images.
+    out = []
+    for _ in range(n):
+        x = torch.randn(8, channels, size, size, generator=gen, dtype=torch.float64)
+        x = F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, stride=1) + 0.5
+        out.append(x)
+    return out
+
+
+@pytest.fixture(scope="module")
+def zoo():
+    torch.manual_seed(0)
+    model = ConvZoo().double().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        stats = collect_covariances(model, _batches(), progress=False)
+    return model, stats
+
+
+SUPPORTED = ["a", "b", "c", "d", "e", "fc"]
+
+
+@pytest.mark.parametrize("method", ["tucker2", "cp", "svd"])
+@pytest.mark.parametrize("norm", ["sigma", "frobenius"])
+def test_replaced_layers_compute_their_approximation(zoo, method, norm):
+    model, stats = zoo
+    small, report = compress(
+        model, stats, method, ratio=0.5, norm=norm, layers=SUPPORTED, progress=False,
+        return_report=True, n_iter_max=15, random_state=0,
+    )
+    x = _batches(1, seed=5)[0]
+    names = dict(small.named_modules())
+    expected = {
+        "tucker2": Tucker2Conv2d, "cp": CPConv2d, "svd": LowRankConv2d,
+    }[method]
+    for name in ["a", "b", "c", "d"]:
+        assert isinstance(names[name], expected if tuple(getattr(model, name).kernel_size) != (1, 1) else LowRankConv2d)
+    assert isinstance(names["e"], LowRankConv2d) and isinstance(names["fc"], LowRankLinear)
+    # Every factorized module equals the dense op with its approximated weight, for the
+    # layer's own stride / padding / padding_mode / dilation.
+    inputs = {}
+    hooks = [getattr(model, n).register_forward_pre_hook(lambda m, a, n=n: inputs.__setitem__(n, a[0])) for n in SUPPORTED]
+    model(x)
+    for h in hooks:
+        h.remove()
+    for name in SUPPORTED:
+        orig, new = getattr(model, name), names[name]
+        w = new.weight_approx()
+        bias = new.last.bias
+        if isinstance(orig, nn.Linear):
+            ref = F.linear(inputs[name], w.reshape(orig.weight.shape), bias)
+        else:
+            ref = getattr(orig, "_conv_forward")(inputs[name], w.reshape(orig.weight.shape), bias)
+        torch.testing.assert_close(new(inputs[name]), ref, rtol=1e-9, atol=1e-9)
+    rows = {r.name: r for r in report}
+    assert set(rows) == set(SUPPORTED)
+    for r in report:
+        assert r.params_after <= 0.5 * r.params_before or r.rank in (1, (1, 1))
+        assert 0 <= r.sigma_error < 1.0
+    assert "total" in format_report(report)
+
+
+def test_original_untouched_unless_inplace(zoo):
+    model, stats = zoo
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    small = compress(model, stats, "tucker2", ratio=0.4, layers=["a", "b"], progress=False, n_iter_max=3)
+    assert small is not model
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])
+    assert type(model.a) is nn.Conv2d
+    clone = ConvZoo().double()
+    clone.load_state_dict(model.state_dict())
+    same = compress(clone, stats, "tucker2", ratio=0.4, layers=["a"], progress=False, inplace=True, n_iter_max=3)
+    assert same is clone and isinstance(clone.a, Tucker2Conv2d)
+
+
+def test_bias_correction_makes_centred_objective_exact(zoo):
+    """With the centred covariance and corrected bias, the layer's mean squared output change
+    on the calibration data equals the sigma-norm of W - W~, and the mean output is kept."""
+    model, stats = zoo
+    small = compress(model, stats, "tucker2", ranks={"b": (3, 2)}, layers=["b"], damping=0.0, progress=False)
+    xs = []
+    hook = model.b.register_forward_pre_hook(lambda m, a: xs.append(a[0]))
+    for x in _batches():
+        model(x)
+    hook.remove()
+    x = torch.cat(xs)
+    y, y_new = model.b(x), small.b(x)
+    torch.testing.assert_close(y.mean(dim=(0, 2, 3)), y_new.mean(dim=(0, 2, 3)), rtol=1e-8, atol=1e-10)
+    mse = ((y - y_new) ** 2).sum(dim=1).mean()
+    W = model.b.weight.detach()
+    D = (W - small.b.weight_approx()).reshape(W.shape[0], -1)
+    sigma = stats["b"].sigma(True)
+    assert float(mse) == pytest.approx(float(torch.sum(D * (D @ sigma)).detach()), rel=1e-8)
+    # Without the correction the mean output shifts.
+    raw = compress(model, stats, "tucker2", ranks={"b": (3, 2)}, layers=["b"], bias_correction=False, progress=False)
+    assert not torch.allclose(y.mean(dim=(0, 2, 3)), raw.b(x).mean(dim=(0, 2, 3)), atol=1e-6)
+
+
+def test_white_noise_covariance_gives_frobenius_solution():
+    torch.manual_seed(1)
+    conv = nn.Sequential(nn.Conv2d(6, 8, 3, padding=0, bias=False)).double()
+    gen = torch.Generator().manual_seed(2)
+    noise = [torch.randn(64, 6, 12, 12, generator=gen, dtype=torch.float64) for _ in range(8)]
+    stats = collect_covariances(conv, noise, progress=False)
+    W = conv[0].weight.detach()
+    for method, rank in (("svd", 3), ("tucker2", (4, 3))):
+        a = compress(conv, stats, method, ranks={"0": rank}, progress=False, centered=False, bias_correction=False)
+        b = compress(conv, stats, method, ranks={"0": rank}, norm="frobenius", progress=False)
+        ea = torch.linalg.norm(W - a[0].weight_approx()) / torch.linalg.norm(W)
+        eb = torch.linalg.norm(W - b[0].weight_approx()) / torch.linalg.norm(W)
+        # The sample covariance of white noise is I up to O(1/sqrt(samples)) fluctuations.
+        assert float(ea) == pytest.approx(float(eb), rel=2e-2)
+
+
+def test_sigma_beats_frobenius_on_real_statistics(zoo):
+    model, stats = zoo
+    _, rep_s = compress(model, stats, "tucker2", ratio=0.3, layers=["b", "c"], progress=False, return_report=True)
+    _, rep_f = compress(model, stats, "tucker2", ratio=0.3, layers=["b", "c"], norm="frobenius", progress=False, return_report=True)
+    for s, f in zip(rep_s, rep_f):
+        assert s.sigma_error < f.sigma_error
+
+
+def test_save_load_round_trip(zoo, tmp_path):
+    model, stats = zoo
+    small = compress(model, stats, "cp", ratio=0.5, layers=SUPPORTED, progress=False, n_iter_max=5)
+    path = tmp_path / "small.pt"
+    save_compressed(small, path)
+    fresh = load_compressed(ConvZoo().double(), path)
+    x = _batches(1, seed=9)[0]
+    torch.testing.assert_close(fresh(x), small(x))
+    assert not list(tmp_path.glob(".tmp-*"))
+
+
+def test_unsupported_and_bad_arguments(zoo):
+    model, stats = zoo
+    with pytest.warns(UserWarning, match="grouped"):
+        compress(model, stats, "svd", ratio=0.9, progress=False)
+    with pytest.raises(ValueError, match="grouped"):
+        compress(model, stats, "tucker2", ratio=0.5, layers=["g"], progress=False)
+    with pytest.raises(ValueError, match="method"):
+        compress(model, stats, "qr", ratio=0.5, layers=["a"])
+    with pytest.raises(ValueError, match="norm"):
+        compress(model, stats, ratio=0.5, layers=["a"], norm="l1")
+    with pytest.raises(ValueError, match="ratio"):
+        compress(model, stats, ratio=1.5, layers=["a"])
+    with pytest.raises(ValueError, match="at most one"):
+        compress(model, stats, ratio=0.5, energy=0.9, layers=["a"])
+    with pytest.raises(ValueError, match="ranks"):
+        compress(model, stats, layers=["a"])
+    with pytest.raises(ValueError, match="not a module"):
+        compress(model, stats, ratio=0.5, layers=["nope"])
+    other = {"a": stats["b"]}
+    with pytest.raises(ValueError, match="shape"):
+        compress(model, other, ratio=0.5, layers=["a"])
+    with pytest.raises(ValueError):
+        compress(model, stats, ranks={"a": (9, 2)}, layers=["a"], progress=False)
+
+
+def test_rank_rules(zoo):
+    model, stats = zoo
+    for method, shape in (("tucker2", (64, 32, 3, 3)), ("cp", (64, 32, 3, 3)), ("svd", (10, 40))):
+        for ratio in (0.05, 0.2, 0.5):
+            rank = ranks_for_ratio(method, shape, ratio)
+            # Rank 1 is the floor even when it exceeds the ratio (documented).
+            assert factorized_params(method, shape, rank) <= ratio * np.prod(shape) or rank in (1, (1, 1))
+            bigger = (rank[0] + 1, rank[1] + 1) if isinstance(rank, tuple) else rank + 1
+            assert factorized_params(method, shape, bigger) > ratio * np.prod(shape)
+    small, rep = compress(model, stats, "tucker2", budget=0.3, layers=SUPPORTED, progress=False, return_report=True, n_iter_max=3)
+    assert sum(r.params_after for r in rep) <= 0.3 * sum(r.params_before for r in rep)
+    _, rep = compress(model, stats, "svd", energy=1.0, layers=["fc"], progress=False, return_report=True)
+    assert rep[0].sigma_error < 1e-6
+    curves = {"x": [(1, 1.0, 1), (3, 0.2, 2)], "y": [(1, 1.0, 1), (3, 0.9, 2)]}
+    assert allocate_budget(curves, 4) == {"x": 2, "y": 1}
+    with pytest.raises(ValueError, match="budget"):
+        allocate_budget(curves, 1)
+
+
+def test_decomposition_error_matches_report(zoo):
+    model, stats = zoo
+    small, rep = compress(model, stats, "tucker2", ratio=0.3, layers=["c"], progress=False, return_report=True, damping=0.0)
+    W = model.c.weight.detach()
+    with tl.backend_context("pytorch"):
+        err = relative_sigma_error(W, small.c.weight_approx(), stats["c"].sigma(True))
+    assert err == pytest.approx(rep[0].sigma_error, rel=1e-6)
