@@ -4,7 +4,17 @@ This sub-package is the only place that imports ``torch``; the decompositions it
 in :mod:`tensorly_dataaware.decomposition` and run on TensorLy's ``pytorch`` backend.
 """
 
-from .compress import LayerReport, compress, compression_spec, format_report, load_compressed, save_compressed
+from .compress import (
+    LayerJob,
+    LayerReport,
+    compress,
+    compression_spec,
+    decompose_layer,
+    format_report,
+    load_compressed,
+    plan_compression,
+    save_compressed,
+)
 from .layers import CPConv2d, LowRankConv2d, LowRankLinear, Tucker2Conv2d, build_from_spec
 from .ranks import allocate_budget, ranks_for_energy, ranks_for_ratio
 from .statistics import (
@@ -19,6 +29,9 @@ from .statistics import (
 __all__ = [
     "collect_covariances",
     "compress",
+    "plan_compression",
+    "decompose_layer",
+    "LayerJob",
     "LayerStatistics",
     "patches_for",
     "save_statistics",

@@ -26,7 +26,7 @@ from . import ranks as rk
 from .layers import CPConv2d, LowRankConv2d, LowRankLinear, Tucker2Conv2d, build_from_spec
 from .statistics import LayerStatistics
 
-__all__ = ["compress", "LayerReport", "format_report", "save_compressed", "load_compressed", "compression_spec"]
+__all__ = ["compress", "plan_compression", "decompose_layer", "LayerJob", "LayerReport", "format_report", "save_compressed", "load_compressed", "compression_spec"]
 
 METHODS = ("tucker2", "cp", "svd")
 NORMS = ("sigma", "frobenius")
@@ -196,6 +196,127 @@ def _build_module(method, module, tensors, bias):
     return CPConv2d(weights, factors, **conv)
 
 
+@dataclass
+class LayerJob:
+    """One layer to factorize: everything :func:`decompose_layer` needs, ranks resolved."""
+
+    name: str
+    module: nn.Module
+    method: str
+    weight: torch.Tensor  # float64, on the device where the decomposition runs
+    sigma: torch.Tensor  # float64 (n, n)
+    mean: torch.Tensor  # float64 (n,), the mean input patch
+    rank: Any
+
+    @property
+    def cost(self) -> float:
+        """Rough flop count of the decomposition, to balance work across processes."""
+        n = self.sigma.shape[0]
+        r = max(self.rank) if isinstance(self.rank, tuple) else self.rank
+        return float(n) * n * (r + self.weight.shape[0])
+
+
+def plan_compression(
+    model: nn.Module,
+    stats: Mapping[str, LayerStatistics],
+    method: str = "tucker2",
+    *,
+    ranks: Mapping[str, Any] | None = None,
+    ratio: float | None = None,
+    energy: float | None = None,
+    budget: float | None = None,
+    centered: bool = True,
+    layers: Iterable[str] | None = None,
+    device: str | torch.device | None = None,
+) -> list[LayerJob]:
+    """Select the layers of ``model`` to compress and resolve their ranks (no decomposition).
+
+    Arguments as in :func:`compress`. The jobs are deterministic for a given model and
+    statistics, so several processes can plan the same work and split it.
+    """
+    _check_choice(method, "method", METHODS)
+    given = [x is not None for x in (ratio, energy, budget)]
+    if sum(given) > 1:
+        raise ValueError("Give at most one of `ratio`, `energy` and `budget`.")
+    if ranks is None and not any(given):
+        raise ValueError("Give `ranks`, `ratio`, `energy` or `budget` to choose the ranks.")
+    for value, label in ((ratio, "ratio"), (energy, "energy"), (budget, "budget")):
+        if value is not None and not (0.0 < float(value) <= 1.0):
+            raise ValueError(f"`{label}` must be in (0, 1], got {value}.")
+    if not isinstance(stats, Mapping):
+        raise TypeError("`stats` must be a mapping name -> LayerStatistics (from collect_covariances).")
+    names = _resolve_layers(model, stats, layers)
+    modules = dict(model.named_modules())
+    prepared = []
+    for name in names:
+        module = modules[name]
+        st = stats[name]
+        if tuple(st.weight_shape) != tuple(module.weight.shape):
+            raise ValueError(
+                f"Statistics of {name!r} are for a weight of shape {tuple(st.weight_shape)}, "
+                f"but the layer has {tuple(module.weight.shape)}."
+            )
+        dev = torch.device(device) if device is not None else module.weight.device
+        weight = module.weight.detach().to(device=dev, dtype=torch.float64)
+        sigma = st.sigma(centered).to(dev)
+        mean = st.mean[0].to(dev)
+        prepared.append((name, module, _layer_method(module, method), weight, sigma, mean))
+    if budget is not None:
+        ranks = dict(ranks or {})
+        ranks.update(_budget_ranks([p[:5] for p in prepared], budget))
+    return [
+        LayerJob(name, module, layer_method, weight, sigma, mean,
+                 _resolve_rank(name, module, layer_method, ranks, ratio, energy, weight, sigma))
+        for name, module, layer_method, weight, sigma, mean in prepared
+    ]
+
+
+def decompose_layer(
+    job: LayerJob,
+    *,
+    norm: str = "sigma",
+    bias_correction: bool = True,
+    damping: float = 1e-6,
+    **solver_options,
+) -> tuple[nn.Module, LayerReport]:
+    """Factorize one planned layer; return the new module and its report row."""
+    _check_choice(norm, "norm", NORMS)
+    start = time.perf_counter()
+    module, weight, sigma = job.module, job.weight, job.sigma
+    options = {"damping": damping, **solver_options} if norm == "sigma" else solver_options
+    with tl.backend_context("pytorch"):
+        tensors, approx, sweeps = _decompose(job.method, norm, weight, sigma, job.rank, options)
+        err = relative_sigma_error(weight, approx, sigma, check_psd=False)
+    bias = module.bias.detach().to(weight) if module.bias is not None else None
+    notes = []
+    if bias_correction:
+        delta = (weight - approx).reshape(weight.shape[0], -1) @ job.mean.to(weight)
+        bias = (bias if bias is not None else torch.zeros_like(delta)) + delta
+        notes.append("bias corrected")
+    dtype, dev = module.weight.dtype, module.weight.device
+    new = _build_module(
+        job.method, module, _cast_tensors(tensors, dtype, dev), None if bias is None else bias.to(dtype=dtype, device=dev)
+    )
+    new.train(module.training)
+    row = LayerReport(
+        name=job.name,
+        kind=type(module).__name__,
+        shape=tuple(weight.shape),
+        method=job.method,
+        norm=norm,
+        rank=job.rank,
+        params_before=rk.dense_params(weight.shape),
+        params_after=rk.factorized_params(job.method, weight.shape, job.rank),
+        macs_before=rk.macs_per_position(job.method, weight.shape),
+        macs_after=rk.macs_per_position(job.method, weight.shape, job.rank, getattr(module, "stride", (1, 1))),
+        sigma_error=err,
+        seconds=time.perf_counter() - start,
+        sweeps=sweeps,
+        notes=notes,
+    )
+    return new, row
+
+
 def compress(
     model: nn.Module,
     stats: Mapping[str, LayerStatistics],
@@ -269,81 +390,21 @@ def compress(
     -------
     nn.Module or (nn.Module, list of LayerReport)
     """
-    _check_choice(method, "method", METHODS)
     _check_choice(norm, "norm", NORMS)
-    given = [x is not None for x in (ratio, energy, budget)]
-    if sum(given) > 1:
-        raise ValueError("Give at most one of `ratio`, `energy` and `budget`.")
-    if ranks is None and not any(given):
-        raise ValueError("Give `ranks`, `ratio`, `energy` or `budget` to choose the ranks.")
-    for value, label in ((ratio, "ratio"), (energy, "energy"), (budget, "budget")):
-        if value is not None and not (0.0 < float(value) <= 1.0):
-            raise ValueError(f"`{label}` must be in (0, 1], got {value}.")
-    if not isinstance(stats, Mapping):
-        raise TypeError("`stats` must be a mapping name -> LayerStatistics (from collect_covariances).")
     if bias_correction is None:
         bias_correction = norm == "sigma" and centered
-    names = _resolve_layers(model, stats, layers)
     target = model if inplace else copy.deepcopy(model)
-    modules = dict(target.named_modules())
-
-    prepared = []
-    for name in names:
-        module = modules[name]
-        st = stats[name]
-        if tuple(st.weight_shape) != tuple(module.weight.shape):
-            raise ValueError(
-                f"Statistics of {name!r} are for a weight of shape {tuple(st.weight_shape)}, "
-                f"but the layer has {tuple(module.weight.shape)}."
-            )
-        dev = torch.device(device) if device is not None else module.weight.device
-        weight = module.weight.detach().to(device=dev, dtype=torch.float64)
-        sigma = st.sigma(centered).to(dev)
-        prepared.append((name, module, _layer_method(module, method), weight, sigma))
-
-    if budget is not None:
-        ranks = dict(ranks or {})
-        ranks.update(_budget_ranks(prepared, budget))
-
+    jobs = plan_compression(
+        target, stats, method, ranks=ranks, ratio=ratio, energy=energy, budget=budget,
+        centered=centered, layers=layers, device=device,
+    )
     report = []
-    bar = tqdm(prepared, desc=f"compress ({method}, {norm})", disable=not progress, leave=False)
-    with tl.backend_context("pytorch"):
-        for name, module, layer_method, weight, sigma in bar:
-            bar.set_postfix_str(name)
-            start = time.perf_counter()
-            rank = _resolve_rank(name, module, layer_method, ranks, ratio, energy, weight, sigma)
-            options = {"damping": damping, **solver_options} if norm == "sigma" else solver_options
-            tensors, approx, sweeps = _decompose(layer_method, norm, weight, sigma, rank, options)
-            bias = module.bias.detach().to(torch.float64) if module.bias is not None else None
-            notes = []
-            if bias_correction:
-                delta = (weight - approx).reshape(weight.shape[0], -1) @ stats[name].mean[0].to(weight)
-                bias = (bias.to(delta) if bias is not None else torch.zeros_like(delta)) + delta
-                notes.append("bias corrected")
-            dtype, dev = module.weight.dtype, module.weight.device
-            cast = _cast_tensors(tensors, dtype, dev)
-            new = _build_module(layer_method, module, cast, None if bias is None else bias.to(dtype=dtype, device=dev))
-            new.train(module.training)
-            _set_module(target, name, new)
-            err = relative_sigma_error(weight, approx, sigma, check_psd=False)
-            report.append(
-                LayerReport(
-                    name=name,
-                    kind=type(module).__name__,
-                    shape=tuple(weight.shape),
-                    method=layer_method,
-                    norm=norm,
-                    rank=rank,
-                    params_before=rk.dense_params(weight.shape),
-                    params_after=rk.factorized_params(layer_method, weight.shape, rank),
-                    macs_before=rk.macs_per_position(layer_method, weight.shape),
-                    macs_after=rk.macs_per_position(layer_method, weight.shape, rank, getattr(module, "stride", (1, 1))),
-                    sigma_error=err,
-                    seconds=time.perf_counter() - start,
-                    sweeps=sweeps,
-                    notes=notes,
-                )
-            )
+    bar = tqdm(jobs, desc=f"compress ({method}, {norm})", disable=not progress, leave=False)
+    for job in bar:
+        bar.set_postfix_str(job.name)
+        new, row = decompose_layer(job, norm=norm, bias_correction=bias_correction, damping=damping, **solver_options)
+        _set_module(target, job.name, new)
+        report.append(row)
     if return_report:
         return target, report
     return target
