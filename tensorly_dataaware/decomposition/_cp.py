@@ -110,7 +110,7 @@ def _spatial_step(prob: SigmaProblem, A, inputs, k: int):
     return tl.reshape(sol, (dims[k], rank))
 
 
-def _channel_step(prob: SigmaProblem, system: InputFactorSystem, A, inputs, method, cg_tol, cg_maxiter):
+def _channel_step(prob: SigmaProblem, system: InputFactorSystem, A, inputs, method, cg_tol, cg_maxiter, reduction):
     """Exact (CG: to ``cg_tol``) update of the input-channel factor ``B = inputs[0]``."""
     context = tl.context(A)
     c = _spatial_products(inputs, context)  # P x R
@@ -121,7 +121,7 @@ def _channel_step(prob: SigmaProblem, system: InputFactorSystem, A, inputs, meth
     G = A_small[:, :, None] * tl.transpose(c)[None, :, :]
     wsig = tl.reshape(prob.Wsig, (T, prob.n_in, prob.n_pos))
     rhs = contract("tr,pr,tsp->sr", A, c, wsig)
-    return system.solve(G, rhs, inputs[0], method=method, tol=cg_tol, maxiter=cg_maxiter)
+    return system.solve(G, rhs, inputs[0], method=method, tol=cg_tol, maxiter=cg_maxiter, reduction=reduction)
 
 
 def _initial_inputs(tensor, prob: SigmaProblem, rank: int, init, random_state):
@@ -202,7 +202,7 @@ def _parafac_sigma(
         if stop:
             break
         A, inputs = state.A, list(state.inputs)
-        B, info = _channel_step(prob, system, A, inputs, solver, cg_tol, cg_maxiter)
+        B, info = _channel_step(prob, system, A, inputs, solver, cg_tol, cg_maxiter, monitor.forcing())
         solves.append(info)
         A, inputs[0] = _normalize_into(A, B)
         for k in range(1, len(inputs)):

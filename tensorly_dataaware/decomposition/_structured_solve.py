@@ -120,7 +120,7 @@ class InputFactorSystem:
 
         return apply
 
-    def solve(self, G, rhs, x0, *, method: str = "cg", tol: float = 1e-8, maxiter: int = 500):
+    def solve(self, G, rhs, x0, *, method: str = "cg", tol: float = 1e-8, maxiter: int = 500, reduction: float = 0.0):
         """Solve for ``V`` given the core-like ``G`` (``a x R x P``) and ``rhs`` (``S x R``).
 
         Parameters
@@ -131,9 +131,12 @@ class InputFactorSystem:
             Starting point for CG (the current factor).
         method : {'cg', 'direct'}
         tol : float
-            CG stops when ``||residual||_F <= tol * ||rhs||_F``.
+            CG stops when ``||residual||_F <= tol * ||rhs||_F``...
         maxiter : int
             Most CG iterations.
+        reduction : float
+            ... or when the residual is ``reduction`` times the starting one (the forcing
+            term of an inexact ALS: the warm start is already good in most directions).
 
         Returns
         -------
@@ -149,9 +152,9 @@ class InputFactorSystem:
             return V, SolveInfo("direct", 1, rel)
         if method != "cg":
             raise ValueError(f"Unknown input-factor solver {method!r}; use 'cg' or 'direct'.")
-        return self._pcg(G, rhs, x0, tol=tol, maxiter=maxiter)
+        return self._pcg(G, rhs, x0, tol=tol, maxiter=maxiter, reduction=reduction)
 
-    def _pcg(self, G, rhs, x0, *, tol: float, maxiter: int):
+    def _pcg(self, G, rhs, x0, *, tol: float, maxiter: int, reduction: float):
         precond = self._preconditioner(G)
         rhs_norm = float(tl.norm(rhs))
         if rhs_norm == 0.0:
@@ -165,6 +168,7 @@ class InputFactorSystem:
         it = 0
         if res <= tol:
             return x, SolveInfo("cg", 0, res)
+        tol = max(tol, reduction * res)
         z = precond(r)
         p = z
         rz = tl.sum(r * z)

@@ -165,7 +165,9 @@ def _tucker2_sigma(
         # Input-factor step: only U^T W matters because U is orthonormal.
         x_sig = contract("ta,tsp->asp", state.U, Wsig3)
         rhs = contract("asp,abp->sb", x_sig, state.G)
-        V_new, info = system.solve(state.G, rhs, state.V, method=solver, tol=cg_tol, maxiter=cg_maxiter)
+        V_new, info = system.solve(
+            state.G, rhs, state.V, method=solver, tol=cg_tol, maxiter=cg_maxiter, reduction=monitor.forcing()
+        )
         solves.append(info)
         # The joint step depends on span(V) only: orthonormalizing keeps it well scaled.
         state = _joint_step(prob, _orthonormalize(V_new), r_out)
