@@ -164,7 +164,10 @@ def _decompose(method, norm, weight, sigma, rank, solver_options):
         else:
             from tensorly.decomposition import partial_tucker
 
-            (core, factors), errors = partial_tucker(weight, rank=list(rank), modes=[0, 1], tol=1e-8)
+            (core, factors), errors = partial_tucker(
+                weight, rank=list(rank), modes=[0, 1],
+                n_iter_max=solver_options.get("n_iter_max", 100), tol=solver_options.get("tol", 1e-8),
+            )
             tucker = tl.tucker_tensor.TuckerTensor((core, list(factors) + [torch.eye(d, dtype=weight.dtype, device=weight.device) for d in weight.shape[2:]]))
             sweeps = len(errors)
         core, factors = tucker
@@ -174,7 +177,10 @@ def _decompose(method, norm, weight, sigma, rank, solver_options):
     else:
         from tensorly.decomposition import parafac
 
-        cp, errors = parafac(weight, rank, tol=1e-8, return_errors=True, random_state=solver_options.get("random_state"))
+        cp, errors = parafac(
+            weight, rank, return_errors=True, n_iter_max=solver_options.get("n_iter_max", 100),
+            tol=solver_options.get("tol", 1e-8), random_state=solver_options.get("random_state"),
+        )
     return (cp.weights, cp.factors), tl.cp_to_tensor(cp), len(errors)
 
 
