@@ -124,9 +124,11 @@ def run_shape(shape, args, dtype_name):
     rows = []
 
     def err(approx):
-        # Evaluate every result with the same float64 numpy code.
+        # Evaluate every result with the same float64 numpy code (to_numpy of the current
+        # backend first: it knows how to bring a CUDA tensor to the host).
+        host = np.asarray(tl.to_numpy(approx), dtype=np.float64)
         with tl.backend_context("numpy"):
-            return relative_sigma_error(W_np, np.asarray(tl.to_numpy(approx), dtype=np.float64), sigma_np)
+            return relative_sigma_error(W_np, host, sigma_np)
 
     def row(name, seconds, sweeps, approx, peak, extra=None, error=None):
         rec = {

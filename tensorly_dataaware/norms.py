@@ -155,8 +155,15 @@ def psd_solve(matrix, rhs, rcond: float | None = None):
 
     A Cholesky solve (about 30 times cheaper than the eigendecomposition) is tried first;
     the eigendecomposition is used only when the matrix is singular or too ill-conditioned
-    for it in the working precision.
+    for it. Single-precision systems are solved in double precision: they are small next
+    to the products that build them, and float32 normal equations of real covariances are
+    too ill-conditioned to keep the ALS monotone.
     """
+    if _itemsize(matrix) < 8:
+        wide = _as_float64(matrix)
+        # JAX without x64 mode cannot promote: then solve in single precision.
+        if _itemsize(wide) == 8:
+            return tl.tensor(psd_solve(wide, _as_float64(rhs), rcond=rcond), **tl.context(matrix))
     out = cholesky_solve(matrix, rhs)
     if out is not None:
         return out
@@ -171,6 +178,17 @@ def psd_solve(matrix, rhs, rcond: float | None = None):
     if tl.ndim(rhs) == 1:
         return tl.dot(eigvecs, inv * proj)
     return tl.dot(eigvecs, inv[:, None] * proj)
+
+
+def _itemsize(tensor) -> int:
+    return np.dtype(tl.to_numpy(tl.reshape(tensor, (-1,))[:1]).dtype).itemsize
+
+
+def _as_float64(tensor):
+    """Same backend and device, float64."""
+    context = dict(tl.context(tensor))
+    context["dtype"] = getattr(tl.backend, "float64")
+    return tl.tensor(tensor, **context)
 
 
 def top_eigvecs(matrix, k: int):

@@ -44,6 +44,10 @@ def test_collect_and_compress_on_cuda():
     from tensorly_dataaware.models import load_pretrained
     from tensorly_dataaware.torch import collect_covariances, compress
 
+    # The GPU forward pass uses TF32 convolutions by default (about 1e-3 relative error):
+    # turn that off so the statistics can be compared with the CPU ones at 1e-4.
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
     data = load_embedded_subset()
     loader = make_loader(data["calib_images"][:256], data["calib_labels"][:256], batch_size=64)
     cpu_model = load_pretrained("resnet20")
@@ -57,7 +61,11 @@ def test_collect_and_compress_on_cuda():
     small_gpu = compress(gpu_model, s_gpu, "tucker2", ratio=0.3, layers=layers, progress=False, n_iter_max=10)
     small_cpu = compress(cpu_model, s_cpu, "tucker2", ratio=0.3, layers=layers, progress=False, n_iter_max=10)
     x = next(iter(loader))[0]
-    out_gpu = small_gpu.eval()(x.cuda()).cpu()
-    out_cpu = small_cpu.eval()(x)
+    with torch.no_grad():
+        ref = cpu_model.eval()(x)
+        dev_gpu = torch.linalg.norm(small_gpu.eval()(x.cuda()).cpu() - ref) / torch.linalg.norm(ref)
+        dev_cpu = torch.linalg.norm(small_cpu.eval()(x) - ref) / torch.linalg.norm(ref)
     assert next(small_gpu.parameters()).device.type == "cuda"
-    torch.testing.assert_close(out_gpu, out_cpu, rtol=1e-2, atol=1e-2)
+    # The ALS is not unique to round-off, so compare what matters: how far each compressed
+    # model's logits move from the original's.
+    assert abs(float(dev_gpu) - float(dev_cpu)) < 0.1 * float(dev_cpu) + 1e-3
