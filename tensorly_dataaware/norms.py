@@ -128,6 +128,16 @@ def damp_sigma(sigma, damping: float):
     adding a little isotropic noise to the inputs: it makes every normal equation well posed
     and pulls the minimizer, in directions the data never excites, toward the Frobenius one,
     while changing the objective by a relative ``O(damping)`` only.
+
+    Parameters
+    ----------
+    sigma : tensor of shape ``(n, n)``
+    damping : float
+        Relative ridge, ``>= 0``; 0 returns ``sigma`` itself.
+
+    Returns
+    -------
+    tensor of shape ``(n, n)``
     """
     if damping < 0 or not np.isfinite(damping):
         raise ValueError(f"`damping` must be a finite number >= 0, got {damping}.")
@@ -158,6 +168,20 @@ def psd_solve(matrix, rhs, rcond: float | None = None):
     for it. Single-precision systems are solved in double precision: they are small next
     to the products that build them, and float32 normal equations of real covariances are
     too ill-conditioned to keep the ALS monotone.
+
+    Parameters
+    ----------
+    matrix : tensor of shape ``(m, m)``
+        Symmetric positive semi-definite.
+    rhs : tensor of shape ``(m,)`` or ``(m, k)``
+    rcond : float, optional
+        Eigenvalues below ``rcond * max(eigenvalues)`` are treated as zero (default
+        ``10 m eps``).
+
+    Returns
+    -------
+    tensor
+        Same shape as ``rhs``.
     """
     if _itemsize(matrix) < 8:
         wide = _as_float64(matrix)
@@ -216,7 +240,7 @@ def whitened_svd(matrix, rank: int, sigma, *, damping: float = 0.0, check_psd: b
         Target rank, ``1 <= rank <= min(T, n)``.
     sigma : tensor of shape ``(n, n)``
     damping : float, default is 0
-        Relative ridge added to ``sigma`` (see :func:`damp_sigma`).
+        Relative ridge added to ``sigma`` (see :func:`~tensorly_dataaware.norms.damp_sigma`).
     check_psd : bool, default is True
 
     Returns

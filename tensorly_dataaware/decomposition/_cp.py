@@ -340,8 +340,7 @@ class ParafacSigma(SigmaDecomposition):
 
     Parameters
     ----------
-    rank, sigma, init, n_iter_max, tol, damping, solver, cg_tol, cg_maxiter, check_psd,
-    random_state, verbose, callback
+    rank, sigma, init, n_iter_max, tol, damping, solver, cg_tol, cg_maxiter, check_psd, random_state, verbose, callback
         As in :func:`parafac_sigma`.
 
     Attributes

@@ -326,8 +326,7 @@ class Tucker2Sigma(SigmaDecomposition):
 
     Parameters
     ----------
-    rank, sigma, init, n_iter_max, tol, damping, solver, cg_tol, cg_maxiter, check_psd,
-    random_state, verbose, callback
+    rank, sigma, init, n_iter_max, tol, damping, solver, cg_tol, cg_maxiter, check_psd, random_state, verbose, callback
         As in :func:`tucker2_sigma`.
 
     Attributes

@@ -1,7 +1,7 @@
 """PyTorch adapter: collect input statistics from a model, swap layers for factorized ones.
 
 This sub-package is the only place that imports ``torch``; the decompositions it calls live
-in :mod:`tensorly_dataaware.decomposition` and run on TensorLy's ``pytorch`` backend.
+in ``tensorly_dataaware.decomposition`` and run on TensorLy's ``pytorch`` backend.
 """
 
 from .compress import (

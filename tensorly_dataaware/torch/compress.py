@@ -57,7 +57,16 @@ class LayerReport:
 
 
 def format_report(report: Iterable[LayerReport]) -> str:
-    """A plain-text table of a compression report, with a total line."""
+    """A plain-text table of a compression report, with a total line.
+
+    Parameters
+    ----------
+    report : iterable of LayerReport
+
+    Returns
+    -------
+    str
+    """
     rows = list(report)
     header = f"{'layer':<24} {'shape':<18} {'method':<8} {'norm':<9} {'rank':<12} {'params':>17} {'MACs/pos':>17} {'sigma-err':>9} {'time':>7}"
     lines = [header, "-" * len(header)]
@@ -237,8 +246,17 @@ def plan_compression(
 ) -> list[LayerJob]:
     """Select the layers of ``model`` to compress and resolve their ranks (no decomposition).
 
-    Arguments as in :func:`compress`. The jobs are deterministic for a given model and
-    statistics, so several processes can plan the same work and split it.
+    The jobs are deterministic for a given model and statistics, so several processes can
+    plan the same work and split it.
+
+    Parameters
+    ----------
+    model, stats, method, ranks, ratio, energy, budget, centered, layers, device
+        As in :func:`compress`.
+
+    Returns
+    -------
+    list of LayerJob
     """
     _check_choice(method, "method", METHODS)
     given = [x is not None for x in (ratio, energy, budget)]
@@ -285,7 +303,20 @@ def decompose_layer(
     damping: float = 1e-6,
     **solver_options,
 ) -> tuple[nn.Module, LayerReport]:
-    """Factorize one planned layer; return the new module and its report row."""
+    """Factorize one planned layer.
+
+    Parameters
+    ----------
+    job : LayerJob
+        From :func:`plan_compression`.
+    norm, bias_correction, damping, **solver_options
+        As in :func:`compress`.
+
+    Returns
+    -------
+    (nn.Module, LayerReport)
+        The factorized module (on the layer's device and dtype) and its report row.
+    """
     _check_choice(norm, "norm", NORMS)
     start = time.perf_counter()
     module, weight, sigma = job.module, job.weight, job.sigma
@@ -358,14 +389,14 @@ def compress(
         Explicit ranks: an int for CP and SVD, a pair ``(R_out, R_in)`` (or an int for
         both) for Tucker-2. Layers not listed fall back to ``ratio``/``energy``.
     ratio : float in (0, 1], optional
-        Fraction of each layer's weights kept (see :func:`ranks.ranks_for_ratio`).
+        Fraction of each layer's weights kept (see :func:`~tensorly_dataaware.torch.ranks_for_ratio`).
     energy : float in (0, 1], optional
         Keep this fraction of each layer's whitened output energy
-        (:func:`ranks.ranks_for_energy`).
+        (:func:`~tensorly_dataaware.torch.ranks_for_energy`).
     budget : float in (0, 1], optional
         Whole-model mode: keep this fraction of the selected layers' total weights, spent
         where the whitened spectra say it lowers the sigma-error most
-        (:func:`ranks.allocate_budget`).
+        (:func:`~tensorly_dataaware.torch.allocate_budget`).
     norm : {'sigma', 'frobenius'}, default is 'sigma'
         Data-aware decomposition, or the classical Frobenius one (TensorLy's
         ``partial_tucker`` / ``parafac`` / plain SVD) as a baseline.
@@ -389,7 +420,7 @@ def compress(
     return_report : bool, default is False
         Also return the list of :class:`LayerReport` (see :func:`format_report`).
     **solver_options
-        Passed to :func:`tucker2_sigma` / :func:`parafac_sigma` (``n_iter_max``, ``tol``,
+        Passed to :func:`~tensorly_dataaware.tucker2_sigma` / :func:`~tensorly_dataaware.parafac_sigma` (``n_iter_max``, ``tol``,
         ``init``, ``random_state``, ...).
 
     Returns
@@ -452,7 +483,17 @@ def _budget_ranks(prepared, budget: float) -> dict[str, Any]:
 
 
 def compression_spec(model: nn.Module) -> dict[str, dict]:
-    """Structure of every factorized module of ``model``: name -> ``module.spec()``."""
+    """Structure of every factorized module of ``model``.
+
+    Parameters
+    ----------
+    model : nn.Module
+
+    Returns
+    -------
+    dict
+        Module name -> ``module.spec()``.
+    """
     return {name: m.spec() for name, m in model.named_modules() if isinstance(m, _FACTORIZED)}
 
 
@@ -461,6 +502,13 @@ def save_compressed(model: nn.Module, path: str | os.PathLike) -> None:
 
     Load with :func:`load_compressed` into a freshly built instance of the original
     architecture.
+
+    Parameters
+    ----------
+    model : nn.Module
+        A model returned by :func:`compress`.
+    path : str or os.PathLike
+        Destination; written to a temporary file in the same folder, then renamed.
     """
     payload = {"spec": compression_spec(model), "state_dict": model.state_dict()}
     path = os.fspath(path)
@@ -483,7 +531,19 @@ def save_compressed(model: nn.Module, path: str | os.PathLike) -> None:
 def load_compressed(model: nn.Module, path: str | os.PathLike, map_location: Any = "cpu") -> nn.Module:
     """Rebuild the factorized modules in ``model`` (the original architecture) and load weights.
 
-    ``model`` is modified in place and returned.
+    Parameters
+    ----------
+    model : nn.Module
+        A fresh instance of the original architecture; modified in place.
+    path : str or os.PathLike
+        A file written by :func:`save_compressed`.
+    map_location : optional
+        As in :func:`torch.load`.
+
+    Returns
+    -------
+    nn.Module
+        ``model``, with the factorized modules and the saved weights.
     """
     payload = torch.load(path, map_location=map_location, weights_only=True)
     if not isinstance(payload, dict) or "spec" not in payload or "state_dict" not in payload:

@@ -637,7 +637,7 @@ def _conv_kwargs(spec: dict[str, Any]) -> dict[str, Any]:
 def build_from_spec(
     spec: dict[str, Any], *, dtype: torch.dtype | None = None, device: torch.device | str | None = None
 ) -> nn.Module:
-    """Build an uninitialized factorized module from its :meth:`spec`.
+    """Build an uninitialized factorized module from its ``spec()`` (e.g. :meth:`Tucker2Conv2d.spec`).
 
     The parameters are zero; load them with ``load_state_dict``, e.g.
     ``build_from_spec(m.spec()).load_state_dict(m.state_dict())``.

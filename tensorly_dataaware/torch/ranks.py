@@ -83,6 +83,17 @@ def ranks_for_ratio(method: str, shape: Sequence[int], ratio: float):
 
     Tucker-2 keeps ``R_out / T = R_in / S`` (the same fraction of each channel mode), the
     rule of TensorLy's float ranks. At least rank 1 is returned even if it exceeds the ratio.
+
+    Parameters
+    ----------
+    method : {'tucker2', 'cp', 'svd'}
+    shape : sequence of int
+        Weight shape ``(T, S, *spatial)``.
+    ratio : float in (0, 1]
+
+    Returns
+    -------
+    int or (int, int)
     """
     if not (0.0 < ratio <= 1.0):
         raise ValueError(f"`ratio` must be in (0, 1], got {ratio}.")
@@ -116,6 +127,17 @@ def ranks_for_energy(method: str, weight: torch.Tensor, sigma: torch.Tensor, ene
     does, with relative sigma-error ``sqrt(1 - energy)``. For Tucker-2 this gives ``R_out``,
     and ``R_in`` takes the same fraction of the input channels; for CP the rank is the
     whitened SVD rank times the number of kernel positions, capped by the ratio-1 rank.
+
+    Parameters
+    ----------
+    method : {'tucker2', 'cp', 'svd'}
+    weight : torch.Tensor of shape ``(T, S, *spatial)``
+    sigma : torch.Tensor of shape ``(n, n)``
+    energy : float in (0, 1]
+
+    Returns
+    -------
+    int or (int, int)
     """
     if not (0.0 < energy <= 1.0):
         raise ValueError(f"`energy` must be in (0, 1], got {energy}.")
