@@ -51,11 +51,19 @@ def _orthonormalize(matrix):
     return q
 
 
-def _joint_output_core(prob: SigmaProblem, V):
-    """Exact minimizer over ``(U, G)`` for a fixed input factor ``V`` (orthonormal).
+class _Tucker2State:
+    """One iterate: the factors and its relative sigma-error."""
 
-    Returns ``U, G, error`` with ``G`` of shape ``(R_out, R_in, P)`` and the explicit
-    relative sigma-error of the resulting model.
+    def __init__(self, U, V, G, error):
+        self.U, self.V, self.G, self.error = U, V, G, error
+
+
+def _joint_step(prob: SigmaProblem, V, r_out: int) -> _Tucker2State:
+    """Exact minimizer over ``(U, G)`` together for a fixed orthonormal input factor ``V``.
+
+    With ``Z = V kron I_P``, ``C = Z^T Sigma Z`` and ``F = W Sigma Z``, the best ``U`` is made
+    of the leading eigenvectors of ``F C^+ F^T`` and then ``G = U^T F C^+``. The error of the
+    resulting model is computed explicitly.
     """
     S, P = prob.n_in, prob.n_pos
     r_in = tl.shape(V)[1]
@@ -66,21 +74,7 @@ def _joint_output_core(prob: SigmaProblem, V):
     F = tl.reshape(contract("tsp,sb->tbp", tl.reshape(prob.Wsig, (prob.n_out, S, P)), V), (prob.n_out, r_in * P))
     H = psd_solve((C + tl.transpose(C)) / 2, tl.transpose(F))  # C^+ F^T, (R_in P) x T
     B = tl.dot(F, H)
-    return sig_z, H, (B + tl.transpose(B)) / 2
-
-
-class _Tucker2State:
-    """One iterate: factors and the pieces of the last joint step reused by the V-step."""
-
-    def __init__(self, U, V, G, error):
-        self.U, self.V, self.G, self.error = U, V, G, error
-
-
-def _joint_step(prob: SigmaProblem, V, r_out: int) -> _Tucker2State:
-    S, P, T = prob.n_in, prob.n_pos, prob.n_out
-    r_in = tl.shape(V)[1]
-    sig_z, H, BBt = _joint_output_core(prob, V)
-    U, _ = top_eigvecs(BBt, r_out)
+    U, _ = top_eigvecs((B + tl.transpose(B)) / 2, r_out)
     G_mat = tl.transpose(tl.dot(H, U))  # R_out x (R_in P)
     G = tl.reshape(G_mat, (r_out, r_in, P))
     # W~ = U G (V kron I)^T and W~ Sigma = U G (Sigma Z)^T, both T x n.
