@@ -22,6 +22,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402,F401
 
 HERE = Path(__file__).resolve().parent
 
@@ -59,6 +60,9 @@ def accuracy_plot(results: Path, out: Path):
                 ax.plot(*zip(*pts), color=color, ls=ls, marker=marker, label=f"{method} {variant}")
         ax.axhline(data["info"]["original_accuracy"], color="k", lw=0.8, label="original")
         ax.set_xscale("log")
+        ticks = [0.02, 0.03, 0.05, 0.1, 0.2, 0.33, 0.5]
+        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("fraction of conv weights kept")
         ax.set_ylabel("test accuracy, no fine-tuning")
         ax.set_title(f"{data['info']['model']} on Fashion-MNIST ({data['info']['eval_images']} test images)")
