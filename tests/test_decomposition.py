@@ -387,13 +387,24 @@ class TestMonitor:
         assert monitor.best == "b" and monitor.errors == [0.5, 0.4]
         assert monitor.stop_reason == "objective increased"
 
-    def test_round_off_increase_is_silent(self):
-        monitor = ALSMonitor(0.0, 1e-16, False, None, "test")
+    def test_round_off_increase_is_silent_and_tolerated(self):
+        monitor = ALSMonitor(0.0, 1e-16, False, None, "test", patience=2)
         monitor.record(0.4, "a", lambda s: s)
         with warnings.catch_warnings():
             warnings.simplefilter("error")
-            assert monitor.record(0.4 + 1e-16, "b", lambda s: s)
-        assert monitor.best == "a"
+            # Within round-off: not recorded, the run goes on, the best iterate is kept...
+            assert not monitor.record(0.4 + 1e-16, "b", lambda s: s)
+            assert monitor.best == "a" and monitor.errors == [0.4]
+            # ...and an improvement resets the count.
+            assert not monitor.record(0.39, "c", lambda s: s)
+            assert not monitor.record(0.39 + 1e-16, "d", lambda s: s)
+            assert monitor.record(0.39 + 2e-16, "e", lambda s: s)
+        assert monitor.best == "c" and monitor.stop_reason == "round-off floor"
+
+    def test_noise_scales_with_conditioning(self):
+        calm = ALSMonitor(0.0, 1e-7, False, None, "test", noise_scale=1.0)
+        rough = ALSMonitor(0.0, 1e-7, False, None, "test", noise_scale=50.0)
+        assert rough.noise(0.1) == pytest.approx(50 * calm.noise(0.1))
 
     def test_verbose_prints(self, rng, capsys):
         tucker2_sigma(rng.standard_normal(SHAPE), 3, np.eye(N), n_iter_max=3, verbose=True, tol=0)

@@ -152,7 +152,7 @@ def _initial_inputs(tensor, prob: SigmaProblem, rank: int, init, random_state):
     raise ValueError(f"Unknown init {init!r}: use 'svd', 'frobenius', 'random' or a CPTensor.")
 
 
-def _to_cp_tensor(state: _CPState) -> CPTensor:
+def _to_cp_tensor(state: _CPState, prob: SigmaProblem) -> CPTensor:
     # Weights carry the scale: every factor gets unit-norm columns, as TensorLy's
     # normalize_factors=True would return them.
     A = state.A
@@ -161,9 +161,9 @@ def _to_cp_tensor(state: _CPState) -> CPTensor:
     for f in [A] + list(state.inputs):
         norms = tl.norm(f, axis=0)
         safe = tl.where(norms > 0, norms, tl.ones(tl.shape(norms), **tl.context(norms)))
-        factors.append(f / safe[None, :])
+        factors.append(prob.to_output(f / safe[None, :]))
         weights = norms if weights is None else weights * norms
-    return CPTensor((weights, factors))
+    return CPTensor((prob.to_output(weights), factors))
 
 
 def _parafac_sigma(
@@ -191,13 +191,14 @@ def _parafac_sigma(
         solver = "direct" if prob.n_in * rank <= DIRECT_SOLVE_MAX_UNKNOWNS else "cg"
     if solver not in ("direct", "cg"):
         raise ValueError(f"Unknown `solver` {solver!r}: use 'auto', 'direct' or 'cg'.")
-    monitor = ALSMonitor(tol, prob.eps, verbose, callback, "parafac_sigma")
+    monitor = ALSMonitor(tol, prob.eps, verbose, callback, "parafac_sigma", noise_scale=prob.noise_scale)
     system = InputFactorSystem(prob.sigma, prob.n_in, prob.n_pos)
 
-    inputs = _initial_inputs(tensor, prob, rank, init, random_state)
+    make = lambda state: _to_cp_tensor(state, prob)  # noqa: E731
+    inputs = _initial_inputs(prob.tensor, prob, rank, init, random_state)
     state = _output_step(prob, inputs)
     solves = []
-    stop = monitor.record(state.error, state, _to_cp_tensor)
+    stop = monitor.record(state.error, state, make)
     for _ in range(1, n_iter_max):
         if stop:
             break
@@ -211,7 +212,7 @@ def _parafac_sigma(
         stop = monitor.record(
             state.error,
             state,
-            _to_cp_tensor,
+            make,
             extra=f" ({info.method}: {info.iterations} it, residual {info.relative_residual:.2e})",
         )
     details = {
@@ -221,7 +222,7 @@ def _parafac_sigma(
         "rank": rank,
         "solver": solver,
     }
-    return _to_cp_tensor(monitor.best), monitor.errors, details
+    return make(monitor.best), monitor.errors, details
 
 
 def parafac_sigma(

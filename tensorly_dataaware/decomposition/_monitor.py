@@ -36,15 +36,32 @@ class ALSMonitor:
         ``callback(decomposition, error)``; returning ``True`` stops the run.
     name : str
         Shown in messages.
+    noise_scale : float
+        ``||W||_F ||W Sigma||_F / ||W||_Sigma^2 >= 1``: how much round-off in the error
+        evaluation is amplified by the conditioning of the problem.
+    patience : int
+        Round-off-level increases in a row tolerated before stopping.
     """
 
-    def __init__(self, tol: float, eps: float, verbose: bool | int, callback: Callable | None, name: str):
+    def __init__(
+        self,
+        tol: float,
+        eps: float,
+        verbose: bool | int,
+        callback: Callable | None,
+        name: str,
+        noise_scale: float = 1.0,
+        patience: int = 3,
+    ):
         if tol < 0 or not np.isfinite(tol):
             raise ValueError(f"`tol` must be a finite number >= 0, got {tol}.")
         if callback is not None and not callable(callback):
             raise TypeError("`callback` must be callable or None.")
         self.tol = tol
-        self.noise = 100.0 * eps
+        self.eps = eps
+        self.noise_scale = max(1.0, float(noise_scale))
+        self.patience = patience
+        self.stalls = 0
         self.verbose = verbose
         self.callback = callback
         self.name = name
@@ -52,6 +69,10 @@ class ALSMonitor:
         self.best: Any = None
         self.stop_reason = "n_iter_max"
         self.non_monotone_steps: list[tuple[int, float, float]] = []
+
+    def noise(self, error: float) -> float:
+        """Largest increase of the relative error that round-off can explain near ``error``."""
+        return 100.0 * self.eps * self.noise_scale / (2.0 * max(error, 1e-6))
 
     def forcing(self, ceiling: float = 0.1, floor: float = 1e-10) -> float:
         """Residual reduction to ask of the next warm-started inner (CG) solve.
@@ -83,8 +104,8 @@ class ALSMonitor:
         iteration = len(self.errors)
         if self.errors and error > self.errors[-1]:
             prev = self.errors[-1]
-            self.stop_reason = "objective increased"
-            if error - prev > self.noise:
+            if error - prev > self.noise(prev):
+                self.stop_reason = "objective increased"
                 self.non_monotone_steps.append((iteration, prev, error))
                 warnings.warn(
                     f"{self.name}: iteration {iteration} increased the relative error from "
@@ -92,7 +113,13 @@ class ALSMonitor:
                     NonMonotoneWarning,
                     stacklevel=3,
                 )
-            return True
+                return True
+            self.stalls += 1
+            if self.stalls >= self.patience:
+                self.stop_reason = "round-off floor"
+                return True
+            return False
+        self.stalls = 0
         self.errors.append(float(error))
         self.best = state
         if self.verbose:

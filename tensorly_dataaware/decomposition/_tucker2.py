@@ -111,11 +111,11 @@ def _initial_input_factor(tensor, prob: SigmaProblem, ranks, init, random_state)
     )
 
 
-def _to_tucker_tensor(state: _Tucker2State, shape, context) -> TuckerTensor:
-    spatial = tuple(shape[2:])
+def _to_tucker_tensor(state: _Tucker2State, prob: SigmaProblem) -> TuckerTensor:
+    spatial = prob.spatial
     core = tl.reshape(state.G, (tl.shape(state.G)[0], tl.shape(state.G)[1]) + spatial)
-    factors = [state.U, state.V] + [tl.eye(d, **context) for d in spatial]
-    return TuckerTensor((core, factors))
+    factors = [state.U, state.V] + [tl.eye(d, **tl.context(core)) for d in spatial]
+    return TuckerTensor((prob.to_output(core), [prob.to_output(f) for f in factors]))
 
 
 def _tucker2_sigma(
@@ -143,13 +143,12 @@ def _tucker2_sigma(
         solver = "direct" if prob.n_in * r_in <= DIRECT_SOLVE_MAX_UNKNOWNS else "cg"
     if solver not in ("direct", "cg"):
         raise ValueError(f"Unknown `solver` {solver!r}: use 'auto', 'direct' or 'cg'.")
-    context = tl.context(tensor)
-    make = lambda state: _to_tucker_tensor(state, prob.shape, context)  # noqa: E731
-    monitor = ALSMonitor(tol, prob.eps, verbose, callback, "tucker2_sigma")
+    make = lambda state: _to_tucker_tensor(state, prob)  # noqa: E731
+    monitor = ALSMonitor(tol, prob.eps, verbose, callback, "tucker2_sigma", noise_scale=prob.noise_scale)
     system = InputFactorSystem(prob.sigma, prob.n_in, prob.n_pos)
     Wsig3 = tl.reshape(prob.Wsig, (prob.n_out, prob.n_in, prob.n_pos))
 
-    V = _initial_input_factor(tensor, prob, (r_out, r_in), init, random_state)
+    V = _initial_input_factor(prob.tensor, prob, (r_out, r_in), init, random_state)
     state = _joint_step(prob, V, r_out)
     solves = []
     stop = monitor.record(state.error, state, make)
