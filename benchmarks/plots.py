@@ -92,10 +92,10 @@ def layer_error_plot(results: Path, out: Path, ratio: float):
 
 
 def solver_time_plot(results: Path, out: Path):
-    files = sorted(results.glob("speed_*.json"))
-    if not files:
+    path = results / "speed_h200_pytorch_cuda.json"
+    if not path.exists():
         return
-    data = json.loads(files[0].read_text())
+    data = json.loads(path.read_text())
     rows = [r for r in data["rows"] if r["dtype"] == "float64"]
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for method, style in (
