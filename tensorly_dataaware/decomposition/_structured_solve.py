@@ -131,12 +131,14 @@ class InputFactorSystem:
             Starting point for CG (the current factor).
         method : {'cg', 'direct'}
         tol : float
-            CG stops when ``||residual||_F <= tol * ||rhs||_F``...
+            CG stops when ``||residual||_F <= tol * ||rhs||_F``, or (see ``reduction``)
+            earlier.
         maxiter : int
             Most CG iterations.
         reduction : float
-            ... or when the residual is ``reduction`` times the starting one (the forcing
-            term of an inexact ALS: the warm start is already good in most directions).
+            CG also stops when the residual is ``reduction`` times the starting one (the
+            forcing term of an inexact ALS: the warm start is already good in most
+            directions).
 
         Returns
         -------
