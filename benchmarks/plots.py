@@ -36,12 +36,16 @@ def _save(fig, path: Path):
 
 
 def accuracy_plot(results: Path, out: Path):
-    files = sorted(results.glob("accuracy_*.json"))
-    if not files:
-        return
-    fig, axes = plt.subplots(1, len(files), figsize=(6 * len(files), 4.2), squeeze=False)
-    for ax, path in zip(axes[0], files):
+    # Several sweeps of one model (e.g. two ratio ranges) share a panel.
+    by_model = {}
+    for path in sorted(results.glob("accuracy_*.json")):
         data = json.loads(path.read_text())
+        merged = by_model.setdefault(data["info"]["model"], {"info": data["info"], "rows": []})
+        merged["rows"].extend(data["rows"])
+    if not by_model:
+        return
+    fig, axes = plt.subplots(1, len(by_model), figsize=(6 * len(by_model), 4.2), squeeze=False)
+    for ax, data in zip(axes[0], by_model.values()):
         rows = data["rows"]
         styles = {
             ("tucker2", "sigma"): ("tab:blue", "-", "o"),
