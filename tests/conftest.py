@@ -42,6 +42,22 @@ def backend(request):
 
 
 @pytest.fixture
+def torch_single_thread():
+    """Run tiny torch tensors on one intra-op thread, restoring the setting afterwards.
+
+    With several threads on a busy machine every small parallel kernel (float64 depthwise
+    convolutions especially) can wait a whole scheduler slice, which made the adapter tests
+    100x slower under load; one thread is also the fastest for tensors this small.
+    """
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture
 def rng():
     return np.random.default_rng(1234)
 

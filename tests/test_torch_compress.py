@@ -25,13 +25,8 @@ from tensorly_dataaware.torch import (
 from tensorly_dataaware.torch.ranks import allocate_budget, factorized_params
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    # Tiny float64 convolutions are very slow when torch oversubscribes a busy 2-core box.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+# Tiny float64 tensors: one thread (see the fixture in conftest.py).
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
 
 class ConvZoo(nn.Module):

@@ -24,21 +24,11 @@ from tensorly_dataaware.torch.statistics import (  # noqa: E402
 F64 = torch.float64
 
 # nn.Conv2d's own notice about the asymmetric 'same' padding of even kernels (the reference).
-pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel:UserWarning")
+_FILTER = pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel:UserWarning")
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Run these tiny tensors on one thread.
-
-    With several intra-op threads on a busy machine every small parallel kernel (float64
-    depthwise convolutions especially) can wait a whole scheduler slice, which made this file
-    100x slower under load; one thread is also the fastest for tensors this small.
-    """
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+# Tiny tensors: one thread (see the fixture in conftest.py).
+pytestmark = [_FILTER, pytest.mark.usefixtures("torch_single_thread")]
 
 
 KERNELS = [(3, 3), (3, 1), (1, 3), (5, 3), (2, 3)]
