@@ -12,7 +12,12 @@ from __future__ import annotations
 import numpy as np
 import tensorly as tl
 
-__all__ = ["cholesky_solve"]
+__all__ = ["cholesky_solve", "host_dtype"]
+
+
+def host_dtype(tensor) -> np.dtype:
+    """NumPy dtype of a tensor of any backend (reads one element, so it is cheap on a GPU)."""
+    return np.dtype(tl.to_numpy(tl.reshape(tensor, (-1,))[:1]).dtype)
 
 
 def _well_conditioned(diagonal, max_cond: float) -> bool:
@@ -71,7 +76,7 @@ def cholesky_solve(matrix, rhs, max_cond: float | None = None):
     if solver is None:
         return None
     if max_cond is None:
-        max_cond = 1e-3 / float(np.finfo(tl.to_numpy(tl.reshape(matrix, (-1,))[:1]).dtype).eps)
+        max_cond = 1e-3 / float(np.finfo(host_dtype(matrix)).eps)
     out = solver(matrix, rhs, max_cond)
     if out is None:
         return None

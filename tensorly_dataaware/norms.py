@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 import tensorly as tl
 
-from ._backend_ops import cholesky_solve
+from ._backend_ops import cholesky_solve, host_dtype
 from ._validation import validate_sigma, validate_tensor
 
 __all__ = [
@@ -151,7 +151,7 @@ def damp_sigma(sigma, damping: float):
 def _pinv_rcond(matrix) -> float:
     # Relative eigenvalue cut-off in the spirit of numpy.linalg.pinv / lstsq: below
     # n * eps * lambda_max an eigen-direction is numerical noise.
-    eps = float(np.finfo(tl.to_numpy(matrix[:1, :1]).dtype).eps)
+    eps = float(np.finfo(host_dtype(matrix)).eps)
     return max(tl.shape(matrix)[0], 1) * eps * 10
 
 
@@ -183,10 +183,10 @@ def psd_solve(matrix, rhs, rcond: float | None = None):
     tensor
         Same shape as ``rhs``.
     """
-    if _itemsize(matrix) < 8:
+    if host_dtype(matrix).itemsize < 8:
         wide = _as_float64(matrix)
         # JAX without x64 mode cannot promote: then solve in single precision.
-        if _itemsize(wide) == 8:
+        if host_dtype(wide).itemsize == 8:
             return tl.tensor(psd_solve(wide, _as_float64(rhs), rcond=rcond), **tl.context(matrix))
     out = cholesky_solve(matrix, rhs)
     if out is not None:
@@ -202,10 +202,6 @@ def psd_solve(matrix, rhs, rcond: float | None = None):
     if tl.ndim(rhs) == 1:
         return tl.dot(eigvecs, inv * proj)
     return tl.dot(eigvecs, inv[:, None] * proj)
-
-
-def _itemsize(tensor) -> int:
-    return np.dtype(tl.to_numpy(tl.reshape(tensor, (-1,))[:1]).dtype).itemsize
 
 
 def _as_float64(tensor):

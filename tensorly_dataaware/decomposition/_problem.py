@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import tensorly as tl
 
+from .._backend_ops import host_dtype
 from .._validation import validate_sigma, validate_tensor
 from ..norms import _as_float64, damp_sigma, matricize
 
@@ -73,7 +74,7 @@ class SigmaProblem:
     @classmethod
     def build(cls, tensor, sigma, *, damping: float, check_psd: bool) -> "SigmaProblem":
         validate_tensor(tensor)
-        dtype = np.dtype(tl.to_numpy(tl.reshape(tensor, (-1,))[:1]).dtype)
+        dtype = host_dtype(tensor)
         if dtype.kind != "f":
             raise TypeError(
                 f"`tensor` must have a floating-point dtype (float32 or float64), got {dtype}."
@@ -85,7 +86,7 @@ class SigmaProblem:
             # (cond ~ 1e6-1e10): a float32 CP sweep was measured to *increase* the objective
             # by 3%. Work in float64 on the same backend and device, return the input dtype.
             wide = _as_float64(tensor)
-            if np.dtype(tl.to_numpy(tl.reshape(wide, (-1,))[:1]).dtype).itemsize == 8:
+            if host_dtype(wide).itemsize == 8:
                 tensor, dtype = wide, np.dtype(np.float64)
         W = matricize(tensor)
         n = tl.shape(W)[1]

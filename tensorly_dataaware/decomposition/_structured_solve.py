@@ -46,6 +46,7 @@ import numpy as np
 import tensorly as tl
 from opt_einsum import contract
 
+from .._backend_ops import host_dtype
 from ..norms import psd_solve
 
 __all__ = ["InputFactorSystem", "SolveInfo"]
@@ -61,7 +62,7 @@ class SolveInfo:
 
 
 def _eps(tensor) -> float:
-    return float(np.finfo(tl.to_numpy(tl.reshape(tensor, (-1,))[:1]).dtype).eps)
+    return float(np.finfo(host_dtype(tensor)).eps)
 
 
 class InputFactorSystem:
