@@ -8,6 +8,8 @@ the TensorLy solvers (run on the ``pytorch`` backend, so on the layer's device).
 from __future__ import annotations
 
 import copy
+import inspect
+import numbers
 import os
 import tempfile
 import time
@@ -20,6 +22,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .._validation import validate_cp_rank, validate_tucker2_rank
 from ..decomposition import parafac_sigma, tucker2_sigma
 from ..norms import relative_sigma_error, whitened_svd
 from . import ranks as rk
@@ -106,6 +109,8 @@ def _resolve_layers(model: nn.Module, stats: Mapping[str, LayerStatistics], laye
     if isinstance(layers, str):
         layers = [layers]
     names = list(layers)
+    if not names:
+        raise ValueError("`layers` is empty: name at least one layer, or leave it None for all layers with statistics.")
     for name in names:
         if name not in modules:
             raise ValueError(f"{name!r} is not a module of the model; modules with statistics: {sorted(stats)}.")
@@ -143,20 +148,129 @@ def _layer_method(module: nn.Module, method: str) -> str:
     return method
 
 
+def _check_rank_value(name, method, shape, rank):
+    """Validate an explicit rank for one layer before any decomposition runs."""
+    where = f"ranks[{name!r}]"
+    if isinstance(rank, bool) or isinstance(rank, float) or not isinstance(rank, (numbers.Integral, tuple, list)):
+        raise TypeError(
+            f"{where} must be an int{' or a pair (R_out, R_in)' if method == 'tucker2' else ''}; got {rank!r}."
+        )
+    try:
+        if method == "tucker2":
+            return validate_tucker2_rank(shape, rank)
+        if isinstance(rank, (tuple, list)):
+            if method == "cp":
+                raise TypeError(f"a CP rank is one int, not a pair; got {rank!r}.")
+            # Linear layers and 1x1 convolutions (SVD) accept a Tucker-style pair: the
+            # smaller entry is the matrix rank.
+            if len(rank) != 2:
+                raise ValueError(f"expected an int or a pair, got {rank!r}.")
+            rank = min(_as_positive_int(r, where) for r in rank)
+        rank = _as_positive_int(rank, where)
+        if method == "cp":
+            return validate_cp_rank(shape, rank)
+        limit = min(shape[0], rk.dense_params(shape) // shape[0])
+        if rank > limit:
+            raise ValueError(f"the matrix rank must be in [1, {limit}] for a weight of shape {tuple(shape)}; got {rank}.")
+        return rank
+    except (TypeError, ValueError) as exc:
+        text = str(exc)
+        raise type(exc)(text if text.startswith(where) else f"{where} (layer shape {tuple(shape)}, method {method!r}): {text}") from None
+
+
+def _as_positive_int(value, where):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{where} must hold ints; got {value!r}.")
+    if value < 1:
+        raise ValueError(f"{where} must be >= 1; got {value}.")
+    return int(value)
+
+
 def _resolve_rank(name, module, method, ranks, ratio, energy, weight, sigma):
     shape = tuple(weight.shape)
     if ranks is not None and name in ranks:
-        rank = ranks[name]
-        if method == "svd" and isinstance(rank, (tuple, list)):
-            rank = min(rank)
-        if method == "tucker2" and isinstance(rank, int):
-            rank = (min(rank, shape[0]), min(rank, shape[1]))
-        return tuple(rank) if isinstance(rank, list) else rank
+        return _check_rank_value(name, method, shape, ranks[name])
     if ratio is not None:
         return rk.ranks_for_ratio(method, shape, ratio)
     if energy is not None:
         return rk.ranks_for_energy(method, weight, sigma, energy)
     raise ValueError(f"No rank for layer {name!r}: give `ranks` for it, `ratio`, `energy` or `budget`.")
+
+
+def check_rank_options(ranks, ratio, energy, budget) -> None:
+    """Validate the rank arguments shared by :func:`compress` and :func:`compress_sequential`.
+
+    Raises
+    ------
+    TypeError, ValueError
+        With a message naming the argument.
+    """
+    given = [x is not None for x in (ratio, energy, budget)]
+    if sum(given) > 1:
+        raise ValueError("Give at most one of `ratio`, `energy` and `budget`.")
+    if ranks is None and not any(given):
+        raise ValueError("Give `ranks`, `ratio`, `energy` or `budget` to choose the ranks.")
+    for value, label in ((ratio, "ratio"), (energy, "energy"), (budget, "budget")):
+        if value is None:
+            continue
+        # bool is an int subclass: `ratio=True` would silently mean "keep everything".
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"`{label}` must be a number in (0, 1], got {value!r}.")
+        if not (0.0 < float(value) <= 1.0):
+            raise ValueError(f"`{label}` must be in (0, 1], got {value}.")
+    if ranks is not None:
+        if not isinstance(ranks, Mapping):
+            raise TypeError(f"`ranks` must be a mapping layer name -> rank, got {type(ranks).__name__}.")
+        for key in ranks:
+            if not isinstance(key, str):
+                raise TypeError(f"`ranks` keys must be layer names (str), got {key!r}.")
+
+
+def check_unknown_ranks(ranks, names) -> None:
+    """Refuse ``ranks`` entries for layers that are not compressed (typos)."""
+    if ranks is None:
+        return
+    unknown = sorted(set(ranks) - set(names))
+    if unknown:
+        raise ValueError(
+            f"`ranks` names layers that are not compressed: {unknown}; compressed layers: {list(names)}."
+        )
+
+
+def check_device(device):
+    """``torch.device(device)`` with a clear error for invalid or unavailable devices."""
+    if device is None:
+        return None
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"`device` {device!r} is not a valid torch device: {exc}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"`device` {device!r}: CUDA is not available in this torch build/machine (torch {torch.__version__}).")
+    return dev
+
+
+_FROBENIUS_OPTIONS = frozenset({"n_iter_max", "tol", "random_state"})
+_ADAPTER_OWNED = frozenset({"tensor", "rank", "sigma", "return_errors", "damping"})
+
+
+def check_solver_options(method: str, norm: str, options: Mapping[str, Any]) -> None:
+    """Refuse solver options the chosen method/norm would silently ignore."""
+    if not options:
+        return
+    if norm == "frobenius" or method == "svd":
+        # The SVD is exact: iteration options are accepted (so one call can loop over
+        # methods) but have no effect; anything else would be silently ignored.
+        allowed = set(_FROBENIUS_OPTIONS)
+    else:
+        solver = tucker2_sigma if method == "tucker2" else parafac_sigma
+        allowed = set(inspect.signature(solver).parameters) - _ADAPTER_OWNED
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        raise TypeError(
+            f"Unknown solver option(s) {unknown} for method={method!r}, norm={norm!r}; "
+            f"accepted: {sorted(allowed) or 'none'}."
+        )
 
 
 def _decompose(method, norm, weight, sigma, rank, solver_options):
@@ -222,6 +336,11 @@ class LayerJob:
     sigma: torch.Tensor  # float64 (n, n)
     mean: torch.Tensor  # float64 (n,), the mean input patch
     rank: Any
+    #: Sequential calibration (:func:`compress_sequential`): ``weight`` is then the target
+    #: ``W'`` and ``sigma``/``mean`` describe the compressed network's inputs; the optimal
+    #: bias needs the original weight and the original inputs' mean as well.
+    reference_weight: torch.Tensor | None = None
+    reference_mean: torch.Tensor | None = None
 
     @property
     def cost(self) -> float:
@@ -259,17 +378,17 @@ def plan_compression(
     list of LayerJob
     """
     _check_choice(method, "method", METHODS)
-    given = [x is not None for x in (ratio, energy, budget)]
-    if sum(given) > 1:
-        raise ValueError("Give at most one of `ratio`, `energy` and `budget`.")
-    if ranks is None and not any(given):
-        raise ValueError("Give `ranks`, `ratio`, `energy` or `budget` to choose the ranks.")
-    for value, label in ((ratio, "ratio"), (energy, "energy"), (budget, "budget")):
-        if value is not None and not (0.0 < float(value) <= 1.0):
-            raise ValueError(f"`{label}` must be in (0, 1], got {value}.")
+    check_rank_options(ranks, ratio, energy, budget)
+    device = check_device(device)
     if not isinstance(stats, Mapping):
         raise TypeError("`stats` must be a mapping name -> LayerStatistics (from collect_covariances).")
+    for name, value in stats.items():
+        if not isinstance(value, LayerStatistics):
+            raise TypeError(
+                f"`stats[{name!r}]` must be a LayerStatistics (from collect_covariances), got {type(value).__name__}."
+            )
     names = _resolve_layers(model, stats, layers)
+    check_unknown_ranks(ranks, names)
     modules = dict(model.named_modules())
     prepared = []
     for name in names:
@@ -280,7 +399,9 @@ def plan_compression(
                 f"Statistics of {name!r} are for a weight of shape {tuple(st.weight_shape)}, "
                 f"but the layer has {tuple(module.weight.shape)}."
             )
-        dev = torch.device(device) if device is not None else module.weight.device
+        if st.groups != 1:
+            raise ValueError(f"Statistics of {name!r} have groups={st.groups}; grouped layers cannot be compressed.")
+        dev = device if device is not None else module.weight.device
         weight = module.weight.detach().to(device=dev, dtype=torch.float64)
         sigma = st.sigma(centered).to(dev)
         mean = st.mean[0].to(dev)
@@ -327,7 +448,12 @@ def decompose_layer(
     bias = module.bias.detach().to(weight) if module.bias is not None else None
     notes = []
     if bias_correction:
-        delta = (weight - approx).reshape(weight.shape[0], -1) @ job.mean.to(weight)
+        # The output error's best constant for this W~: b + W_ref E[x_ref] - W~ E[x]. In the
+        # one-shot fit the reference is the layer itself and it is b + (W - W~) E[x].
+        approx_mat = approx.reshape(weight.shape[0], -1)
+        ref_weight = job.reference_weight if job.reference_weight is not None else weight
+        ref_mean = job.reference_mean if job.reference_mean is not None else job.mean
+        delta = ref_weight.reshape(weight.shape[0], -1).to(weight) @ ref_mean.to(weight) - approx_mat @ job.mean.to(weight)
         bias = (bias if bias is not None else torch.zeros_like(delta)) + delta
         notes.append("bias corrected")
     dtype, dev = module.weight.dtype, module.weight.device
@@ -428,6 +554,8 @@ def compress(
     nn.Module or (nn.Module, list of LayerReport)
     """
     _check_choice(norm, "norm", NORMS)
+    _check_choice(method, "method", METHODS)
+    check_solver_options(method, norm, solver_options)
     if bias_correction is None:
         bias_correction = norm == "sigma" and centered
     target = model if inplace else copy.deepcopy(model)
