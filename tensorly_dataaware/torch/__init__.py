@@ -15,6 +15,7 @@ from .compress import (
     plan_compression,
     save_compressed,
 )
+from .sequential import CrossMoments, compress_sequential, layer_call_order
 from .layers import CPConv2d, LowRankConv2d, LowRankLinear, Tucker2Conv2d, build_from_spec
 from .ranks import allocate_budget, ranks_for_energy, ranks_for_ratio
 from .statistics import (
@@ -29,6 +30,9 @@ from .statistics import (
 __all__ = [
     "collect_covariances",
     "compress",
+    "compress_sequential",
+    "CrossMoments",
+    "layer_call_order",
     "plan_compression",
     "decompose_layer",
     "LayerJob",

@@ -278,7 +278,9 @@ def _decompose(method, norm, weight, sigma, rank, solver_options):
     if method == "svd":
         mat = weight.reshape(weight.shape[0], -1)
         eye = torch.eye(mat.shape[1], dtype=mat.dtype, device=mat.device)
-        last, first = whitened_svd(mat, rank, sigma if norm == "sigma" else eye, check_psd=False)
+        # The same relative ridge as the ALS solvers get, so every method fits the same objective.
+        damping = solver_options.get("damping", 0.0) if norm == "sigma" else 0.0
+        last, first = whitened_svd(mat, rank, sigma if norm == "sigma" else eye, damping=damping, check_psd=False)
         return (first, last), (last @ first).reshape(weight.shape), 1
     if method == "tucker2":
         if norm == "sigma":

@@ -1,0 +1,560 @@
+r"""Sequential calibration: fit each layer to the original output from the compressed inputs.
+
+The one-shot :func:`~tensorly_dataaware.torch.compress` fits every layer to the inputs it
+sees in the *original* network. When several layers are compressed their errors compound:
+layer ``l`` of the compressed network does not receive the inputs ``x`` it was fitted on, but
+``x~``, the output of the already-compressed layers before it. :func:`compress_sequential`
+compresses the selected layers in forward order and fits layer ``l`` so that, fed the inputs
+``x~`` it actually receives, it reproduces the *original* network's output at that layer:
+
+.. math:: \min_{\tilde W, \tilde b}\; \mathbb E\,\|W x + b - \tilde W \tilde x - \tilde b\|^2 .
+
+With :math:`\mu = \mathbb E x`, :math:`\tilde\mu = \mathbb E \tilde x`,
+:math:`\tilde C = \operatorname{Cov}(\tilde x)` and
+:math:`C_{x\tilde x} = \operatorname{Cov}(x, \tilde x)`, the best bias for any
+:math:`\tilde W` is :math:`\tilde b = b + W\mu - \tilde W\tilde\mu`, and the remaining error is
+
+.. math:: \|(W' - \tilde W)\,\tilde C^{1/2}\|_F^2 + \text{const}, \qquad
+          W' = W C_{x\tilde x} \tilde C^{+},
+
+so each layer is the usual weighted problem with target ``W'`` (the best *linear predictor*
+of the original output from the compressed inputs) and weight ``C~``: the same solvers apply.
+For the first compressed layer ``x~ = x`` and the fit is exactly the one-shot one.
+
+``damping`` keeps the meaning it has in :func:`compress`: with
+:math:`\delta = \mathrm{damping}\cdot\overline{\operatorname{diag}\tilde C}`, the objective
+gains :math:`\delta\|W - \tilde W\|_F^2`, which pulls :math:`\tilde W` toward the original
+weight in directions the calibration data does not excite. The target becomes
+:math:`W' = W (C_{x\tilde x} + \delta I)(\tilde C + \delta I)^{-1}` and the weight
+:math:`\tilde C + \delta I`; with ``x~ = x`` this is again ``W' = W``. Without damping a
+singular :math:`\tilde C` is handled by the pseudo-inverse (the rows of
+:math:`C_{x\tilde x}` lie in its range, so it is exact).
+
+Cost: the statistics of layer ``l`` need both networks' inputs at that layer, and those
+change every time a layer is replaced, so both networks run over the calibration batches
+once per compressed layer. Each forward pass stops at the layer (a pre-hook interrupts it),
+so a layer halfway through the network costs about half a forward pass per network. Patch
+moments are streamed in float64 (count, the sums of ``x`` and ``x~``, of ``x~ x~^T`` and of
+``x x~^T``): memory does not grow with the number of batches.
+"""
+
+from __future__ import annotations
+
+import copy
+import numbers
+import time
+import warnings
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import tensorly as tl
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..norms import psd_solve
+from .compress import (
+    METHODS,
+    NORMS,
+    LayerJob,
+    LayerReport,
+    _check_choice,
+    _layer_method,
+    _resolve_rank,
+    _set_module,
+    _unsupported_reason,
+    check_device,
+    check_rank_options,
+    check_solver_options,
+    check_unknown_ranks,
+    decompose_layer,
+    plan_compression,
+)
+from .statistics import _batch_input, collect_covariances, patches_for
+
+__all__ = ["compress_sequential", "CrossMoments", "layer_call_order"]
+
+
+class _StopForward(BaseException):
+    """Raised by a pre-hook to end a forward pass once the layer's input is captured.
+
+    A ``BaseException`` (like ``KeyboardInterrupt``) so that a model's own ``except
+    Exception`` blocks do not swallow it.
+    """
+
+
+class CrossMoments:
+    """Streaming float64 moments of paired patches ``(x, y)`` seen at the same positions.
+
+    ``x`` is the patch of the original network and ``y`` the patch of the partly compressed
+    network, at the same image and output position. Only sums are kept: ``count``,
+    ``sum_x``, ``sum_y``, ``sum_yy = sum y y^T`` and ``sum_xy = sum x y^T``; they add up
+    across batches and data shards (:attr:`tensors` lists them for an all-reduce).
+
+    Parameters
+    ----------
+    n : int
+        Patch length.
+    device : torch.device, optional
+        Where the sums live (default: the CPU).
+    """
+
+    def __init__(self, n: int, device: torch.device | None = None) -> None:
+        device = torch.device("cpu") if device is None else device
+        self.count = torch.zeros((), dtype=torch.float64, device=device)
+        self.sum_x = torch.zeros(n, dtype=torch.float64, device=device)
+        self.sum_y = torch.zeros(n, dtype=torch.float64, device=device)
+        self.sum_yy = torch.zeros(n, n, dtype=torch.float64, device=device)
+        self.sum_xy = torch.zeros(n, n, dtype=torch.float64, device=device)
+
+    @property
+    def tensors(self) -> list[torch.Tensor]:
+        """The raw sums, e.g. for ``torch.distributed.all_reduce``."""
+        return [self.count, self.sum_x, self.sum_y, self.sum_yy, self.sum_xy]
+
+    def update(self, x: torch.Tensor, y: torch.Tensor | None = None) -> None:
+        """Add a batch of paired patches, both ``(m, n)``; ``y=None`` means ``y = x``."""
+        x = x.to(torch.float64)
+        y = x if y is None else y.to(torch.float64)
+        if x.shape != y.shape or x.dim() != 2 or x.shape[1] != self.sum_x.shape[0]:
+            raise ValueError(f"Paired patches must both be (m, {self.sum_x.shape[0]}); got {tuple(x.shape)} and {tuple(y.shape)}.")
+        if x.shape[0] == 0:
+            return
+        yy = y.T @ y
+        xy = yy if y is x else x.T @ y
+        sums = (x.sum(0), y.sum(0))
+        # NaN/Inf anywhere in the batch shows in the column sums or on the Gram diagonal.
+        if not all(bool(torch.isfinite(t).all()) for t in (*sums, yy.diagonal())):
+            raise ValueError("The layer inputs contain NaN or Inf values (or overflow float64).")
+        dev = self.sum_x.device
+        self.count += x.shape[0]
+        self.sum_x += sums[0].to(dev)
+        self.sum_y += sums[1].to(dev)
+        self.sum_yy += yy.to(dev)
+        self.sum_xy += xy.to(dev)
+
+    def _n(self) -> float:
+        count = float(self.count)
+        if count <= 0:
+            raise ValueError("No patches accumulated (count == 0).")
+        return count
+
+    @property
+    def mean_x(self) -> torch.Tensor:
+        return self.sum_x / self._n()
+
+    @property
+    def mean_y(self) -> torch.Tensor:
+        return self.sum_y / self._n()
+
+    def moments(self, centered: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(C_yy, C_xy)``: covariances if ``centered``, else uncentred second moments.
+
+        ``C_yy`` is symmetrized; ``C_xy[i, j]`` pairs ``x_i`` with ``y_j``.
+        """
+        count = self._n()
+        yy = self.sum_yy / count
+        xy = self.sum_xy / count
+        if centered:
+            mx, my = self.mean_x, self.mean_y
+            yy = yy - torch.outer(my, my)
+            xy = xy - torch.outer(mx, my)
+        return 0.5 * (yy + yy.T), xy
+
+
+def _is_one_shot_iterator(batches: Any) -> bool:
+    try:
+        return iter(batches) is batches
+    except TypeError:
+        raise TypeError(
+            f"`batches` must be an iterable of batches (a DataLoader, a list, ...); got {type(batches).__name__}."
+        ) from None
+
+
+def _iterate(batches: Iterable[Any], max_batches: int | None):
+    for index, batch in enumerate(batches):
+        if max_batches is not None and index >= max_batches:
+            return
+        yield index, batch
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for tensor in model.parameters():
+        return tensor.device
+    for tensor in model.buffers():
+        return tensor.device
+    return torch.device("cpu")
+
+
+def _prepare(batch: Any, index: int, device: torch.device) -> torch.Tensor:
+    x = _batch_input(batch, index).to(device)
+    if x.is_floating_point() and not torch.isfinite(x).all():
+        raise ValueError(f"Batch {index} contains NaN or Inf values.")
+    return x
+
+
+def _capture_input(model: nn.Module, module: nn.Module, x: torch.Tensor, name: str) -> torch.Tensor:
+    """The input of ``module`` when ``model`` runs on ``x``; the pass stops at the module."""
+    captured: list[torch.Tensor] = []
+
+    def hook(_module, args, kwargs):
+        value = args[0] if args else kwargs.get("input")
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"Layer {name!r} received a {type(value).__name__} instead of a tensor.")
+        captured.append(value)
+        raise _StopForward
+
+    handle = module.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        model(x)
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()
+    if not captured:
+        raise ValueError(f"Layer {name!r} was not called by the forward pass.")
+    return captured[0].detach()
+
+
+def layer_call_order(model: nn.Module, x: torch.Tensor, names: Iterable[str]) -> tuple[list[str], dict[str, int]]:
+    """Run ``model`` once on ``x`` and return the named layers in the order they are called.
+
+    Parameters
+    ----------
+    model : nn.Module
+    x : torch.Tensor
+        One input batch.
+    names : iterable of str
+        Candidate module names.
+
+    Returns
+    -------
+    (list of str, dict of str to int)
+        The names in order of their first call, and how many times each was called
+        (names never called are absent from the list and have count 0).
+    """
+    counts = {name: 0 for name in names}
+    order: list[str] = []
+    handles = []
+
+    def make_hook(name):
+        def hook(_module, _args):
+            if counts[name] == 0:
+                order.append(name)
+            counts[name] += 1
+
+        return hook
+
+    try:
+        for name in counts:
+            handles.append(model.get_submodule(name).register_forward_pre_hook(make_hook(name)))
+        model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return order, counts
+
+
+def _candidates(model: nn.Module, layers) -> tuple[list[str], bool]:
+    """Names to consider and whether the user named them (named ones must all work)."""
+    modules = dict(model.named_modules())
+    if layers is None:
+        names = []
+        for name, module in modules.items():
+            if not isinstance(module, (nn.Conv2d, nn.Linear)):
+                continue
+            reason = _unsupported_reason(module)
+            if reason:
+                warnings.warn(f"Skipping layer {name!r}: {reason}", stacklevel=3)
+                continue
+            names.append(name)
+        if not names:
+            raise ValueError("The model has no nn.Conv2d or nn.Linear layer to compress.")
+        return names, False
+    if isinstance(layers, str):
+        layers = [layers]
+    names = list(layers)
+    if not names:
+        raise ValueError("`layers` is empty: name at least one layer, or leave it None for every supported layer.")
+    for name in names:
+        if not isinstance(name, str) or name not in modules:
+            raise ValueError(f"`layers`: {name!r} is not a module of the model.")
+        reason = _unsupported_reason(modules[name])
+        if reason:
+            raise ValueError(f"Cannot compress layer {name!r}: {reason}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"`layers` names a layer twice: {names}.")
+    return names, True
+
+
+def _sequential_target(weight: torch.Tensor, c_yy: torch.Tensor, c_xy: torch.Tensor, damping: float) -> torch.Tensor:
+    """``W' = W (C_xy + d I)(C_yy + d I)^+`` (``d = damping * mean(diag(C_yy))``), matricized."""
+    mat = weight.reshape(weight.shape[0], -1)
+    n = c_yy.shape[0]
+    delta = damping * float(torch.diagonal(c_yy).sum()) / n
+    eye = torch.eye(n, dtype=c_yy.dtype, device=c_yy.device)
+    with tl.backend_context("pytorch"):
+        # (C_yy + dI) W'^T = (C_xy + dI)^T W^T, solved by Cholesky or the pseudo-inverse.
+        solved = psd_solve(c_yy + delta * eye, (c_xy + delta * eye).T @ mat.T)
+    return solved.T.reshape(weight.shape)
+
+
+def _restore_modes(model: nn.Module, flags: Mapping[str, bool]) -> None:
+    # Parents first (named_modules order), so that every module ends with its own flag and
+    # the submodules of a new factorized layer inherit the flag of the layer it replaced.
+    for name, module in model.named_modules():
+        if name in flags:
+            module.train(flags[name])
+
+
+def compress_sequential(
+    model: nn.Module,
+    batches: Iterable[Any],
+    method: str = "tucker2",
+    *,
+    ranks: Mapping[str, Any] | None = None,
+    ratio: float | None = None,
+    energy: float | None = None,
+    budget: float | None = None,
+    norm: str = "sigma",
+    layers: Iterable[str] | None = None,
+    centered: bool = True,
+    bias_correction: bool = True,
+    inplace: bool = False,
+    return_report: bool = False,
+    progress: bool = True,
+    max_batches: int | None = None,
+    device: str | torch.device | None = None,
+    damping: float = 1e-6,
+    **solver_options,
+):
+    """Compress layer by layer, fitting each to the original output from the compressed inputs.
+
+    The selected layers are compressed in the order the forward pass calls them. Layer
+    ``l`` is fitted, on the calibration batches, to reproduce the *original* network's
+    output at ``l`` from the inputs the *partly compressed* network feeds it, which stops
+    the errors of earlier layers from compounding (see the module documentation for the
+    mathematics). It costs one pass of both networks over ``batches`` per compressed layer,
+    each pass stopping at the layer.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The trained network. It is deep-copied unless ``inplace=True`` (a reference copy
+        of the original is then kept during the run).
+    batches : re-iterable of batches
+        Calibration inputs: tensors, or tuples/lists whose first item is the input (a
+        ``DataLoader``, a list, ...). They are iterated once per compressed layer, so a
+        one-shot iterator or generator is refused (wrap it in ``list(...)``).
+    method : {'tucker2', 'cp', 'svd'}, default is 'tucker2'
+        As in :func:`~tensorly_dataaware.torch.compress` (Linear layers and ``1 x 1``
+        convolutions use the whitened SVD).
+    ranks, ratio, energy, budget
+        As in :func:`~tensorly_dataaware.torch.compress`. ``energy`` is measured on each
+        layer's sequential target and weight; ``budget`` is allocated with one-shot
+        statistics of the original network (one extra pass over ``batches``).
+    norm : {'sigma', 'frobenius'}, default is 'sigma'
+        ``'frobenius'`` fits the sequential target ``W'`` in the Frobenius norm (a baseline).
+    layers : iterable of str, optional
+        Layers to compress; default every ``nn.Conv2d`` and ``nn.Linear`` the forward pass
+        calls once (grouped convolutions and layers called several times per pass are
+        skipped with a warning; naming them raises).
+    centered : bool, default is True
+        Covariances (True) or uncentred second moments (False).
+    bias_correction : bool, default is True
+        Set the bias to ``b + W E[x] - W~ E[x~]``, the best constant for the fitted ``W~``.
+    inplace : bool, default is False
+        Modify ``model`` itself.
+    return_report : bool, default is False
+        Also return the per-layer :class:`~tensorly_dataaware.torch.LayerReport` list; its
+        ``sigma_error`` is measured against the sequential target ``W'``.
+    progress : bool, default is True
+        A ``tqdm`` bar over the layers.
+    max_batches : int, optional
+        Use only the first ``max_batches`` batches of every pass.
+    device : str or torch.device, optional
+        Where the decompositions run (default: the layer's device). The forward passes run
+        where the model is.
+    damping : float, default is 1e-6
+        Relative ridge toward the original weight (see the module documentation).
+    **solver_options
+        Passed to the solvers, as in :func:`~tensorly_dataaware.torch.compress`.
+
+    Returns
+    -------
+    nn.Module or (nn.Module, list of LayerReport)
+
+    Raises
+    ------
+    TypeError
+        For a one-shot iterator, badly formed batches or unknown solver options.
+    ValueError
+        For bad rank options, unknown or unsupported layers, empty ``batches``, NaN/Inf.
+
+    Notes
+    -----
+    Both networks run in eval mode under ``torch.no_grad()``; every module's training flag
+    is restored afterwards and every hook removed, even on error.
+
+    Examples
+    --------
+    >>> from tensorly_dataaware.models import load_pretrained
+    >>> from tensorly_dataaware.data import load_embedded_subset, make_loader
+    >>> data = load_embedded_subset()
+    >>> calib = make_loader(data["calib_images"][:64], data["calib_labels"][:64], batch_size=32)
+    >>> net = load_pretrained("resnet20")
+    >>> small = compress_sequential(net, calib, "tucker2", ratio=0.2, layers=["layer3.1.conv1", "layer3.1.conv2"],
+    ...                             n_iter_max=5, progress=False)
+    >>> type(small.layer3[1].conv2).__name__
+    'Tucker2Conv2d'
+    """
+    return _run_sequential(
+        model, batches, method, ranks=ranks, ratio=ratio, energy=energy, budget=budget, norm=norm,
+        layers=layers, centered=centered, bias_correction=bias_correction, inplace=inplace,
+        return_report=return_report, progress=progress, max_batches=max_batches, device=device,
+        damping=damping, solver_options=solver_options,
+    )
+
+
+def _run_sequential(
+    model, batches, method, *, ranks, ratio, energy, budget, norm, layers, centered, bias_correction,
+    inplace, return_report, progress, max_batches, device, damping, solver_options,
+    reduce_sums: Callable[[list[torch.Tensor]], None] | None = None,
+    sync_layer: Callable[[nn.Module, LayerReport], tuple[nn.Module, LayerReport]] | None = None,
+    agree: Callable[[BaseException | None, str], None] | None = None,
+):
+    """The work of :func:`compress_sequential`; the hooks let the distributed version
+    all-reduce the sums (``reduce_sums``), make every rank install rank 0's module
+    (``sync_layer``) and agree on failures (``agree``)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"`model` must be a torch.nn.Module; got {type(model).__name__}.")
+    _check_choice(method, "method", METHODS)
+    _check_choice(norm, "norm", NORMS)
+    check_rank_options(ranks, ratio, energy, budget)
+    check_solver_options(method, norm, solver_options)
+    device = check_device(device)
+    if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, numbers.Integral) or max_batches < 1):
+        raise ValueError(f"`max_batches` must be a positive int or None; got {max_batches!r}.")
+    if not isinstance(damping, numbers.Real) or isinstance(damping, bool) or not (damping >= 0) or damping == float("inf"):
+        raise ValueError(f"`damping` must be a finite number >= 0; got {damping!r}.")
+    if _is_one_shot_iterator(batches):
+        raise TypeError(
+            "`batches` is a one-shot iterator (e.g. a generator), but sequential calibration reads the "
+            "batches once per compressed layer: pass a re-iterable (a DataLoader or a list, e.g. list(batches))."
+        )
+    names, named = _candidates(model, layers)
+
+    flags = {name: m.training for name, m in model.named_modules()}
+    reference = copy.deepcopy(model) if inplace else model
+    target = model if inplace else copy.deepcopy(model)
+    run_device = _model_device(model)
+    report: list[LayerReport] = []
+    try:
+        reference.eval()
+        target.eval()
+        with torch.no_grad():
+            first = None
+            for index, batch in _iterate(batches, max_batches):
+                first = _prepare(batch, index, run_device)
+                break
+            if first is None:
+                raise ValueError("`batches` yielded no batch: nothing to calibrate on.")
+            order, counts = layer_call_order(reference, first, names)
+            bad = {name: c for name, c in counts.items() if c != 1}
+            if bad:
+                text = ", ".join(f"{n!r} ({'never called' if c == 0 else f'called {c} times'})" for n, c in bad.items())
+                if named:
+                    raise ValueError(f"Sequential calibration needs every layer called exactly once per forward pass: {text}.")
+                warnings.warn(f"Skipping layers not called exactly once per forward pass: {text}.", stacklevel=3)
+            order = [name for name in order if counts[name] == 1]
+            if not order:
+                raise ValueError("No layer to compress: none of the selected layers is called once per forward pass.")
+            check_unknown_ranks(ranks, order)
+            if budget is not None:
+                ranks = _budget_ranks(reference, batches, method, ranks, budget, centered, order, max_batches, device)
+
+            bar = tqdm(order, desc=f"sequential ({method}, {norm})", disable=not progress, leave=False)
+            for position, name in enumerate(bar):
+                bar.set_postfix_str(name)
+                new, row = _compress_one(
+                    reference, target, batches, name, first_layer=position == 0, method=method, ranks=ranks,
+                    ratio=ratio, energy=energy, norm=norm, centered=centered, bias_correction=bias_correction,
+                    max_batches=max_batches, run_device=run_device, device=device, damping=damping,
+                    solver_options=solver_options, reduce_sums=reduce_sums, agree=agree,
+                )
+                if sync_layer is not None:
+                    new, row = sync_layer(new, row)
+                _set_module(target, name, new)
+                report.append(row)
+    finally:
+        _restore_modes(reference, flags)
+        _restore_modes(target, flags)
+    if return_report:
+        return target, report
+    return target
+
+
+def _compress_one(
+    reference, target, batches, name, *, first_layer, method, ranks, ratio, energy, norm, centered,
+    bias_correction, max_batches, run_device, device, damping, solver_options, reduce_sums, agree,
+):
+    start = time.perf_counter()
+    ref_module = reference.get_submodule(name)
+    module = target.get_submodule(name)  # still the dense layer: it is replaced after the fit
+    n = ref_module.weight[0].numel()
+    moments = None
+    error = None
+    try:
+        for index, batch in _iterate(batches, max_batches):
+            x = _prepare(batch, index, run_device)
+            x_ref = _capture_input(reference, ref_module, x, name)
+            # Before the first replacement both networks are the same: x~ = x.
+            x_new = None if first_layer else _capture_input(target, module, x, name)
+            p_ref = patches_for(ref_module, x_ref.to(torch.float64))[0]
+            p_new = None if x_new is None else patches_for(ref_module, x_new.to(torch.float64))[0]
+            if moments is None:
+                moments = CrossMoments(n, device=p_ref.device)
+            try:
+                moments.update(p_ref, p_new)
+            except ValueError as exc:
+                raise ValueError(f"Layer {name!r}, batch {index}: {exc}") from None
+        if moments is None:
+            raise ValueError("`batches` yielded no batch on this pass (is it really re-iterable?).")
+    except Exception as exc:  # noqa: BLE001 - re-raised below, after the ranks agree
+        error = exc
+    if agree is not None:
+        agree(error, name)
+    if error is not None:
+        raise error
+    if reduce_sums is not None:
+        reduce_sums(moments.tensors)
+    if float(moments.count) == 0:
+        raise ValueError(f"Layer {name!r}: the calibration batches gave no input patch.")
+
+    dev = device if device is not None else module.weight.device
+    weight = module.weight.detach().to(device=dev, dtype=torch.float64)
+    c_yy, c_xy = (t.to(dev) for t in moments.moments(centered))
+    mean_x, mean_y = moments.mean_x.to(dev), moments.mean_y.to(dev)
+    if first_layer:
+        goal = weight  # x~ = x, and then W' = W exactly (no round-off from the solve)
+    else:
+        goal = _sequential_target(weight, c_yy, c_xy, damping)
+    layer_method = _layer_method(module, method)
+    rank = _resolve_rank(name, module, layer_method, ranks, ratio, energy, goal, c_yy)
+    job = LayerJob(
+        name, module, layer_method, goal, c_yy, mean_y, rank,
+        reference_weight=weight, reference_mean=mean_x,
+    )
+    new, row = decompose_layer(job, norm=norm, bias_correction=bias_correction, damping=damping, **solver_options)
+    row.notes.append("sequential")
+    row.seconds = time.perf_counter() - start
+    return new, row
+
+
+def _budget_ranks(reference, batches, method, ranks, budget, centered, order, max_batches, device):
+    """Whole-model ranks from one-shot statistics of the original network."""
+    stats = collect_covariances(reference, batches, order, max_batches=max_batches, progress=False)
+    jobs = plan_compression(
+        reference, stats, method, ranks=ranks, budget=budget, centered=centered, layers=order, device=device,
+    )
+    return {job.name: job.rank for job in jobs}
