@@ -1,0 +1,331 @@
+"""Sequential calibration (compress_sequential): equations, equivalences and contracts."""
+
+import copy
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+from torch import nn  # noqa: E402
+
+from tensorly_dataaware.torch import (  # noqa: E402
+    CrossMoments,
+    collect_covariances,
+    compress,
+    compress_sequential,
+    layer_call_order,
+)
+
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+
+
+def _conv_net(seed=0):
+    torch.manual_seed(seed)
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 10, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(10, 6, 3, stride=2),
+        nn.Flatten(),
+        nn.Linear(6 * 3 * 3, 5),
+    )
+    with torch.no_grad():
+        net[1].running_mean.uniform_(-0.5, 0.5)
+        net[1].running_var.uniform_(0.5, 2.0)
+    return net.double().eval()
+
+
+def _batches(n_batches=3, size=16, seed=1, shape=(3, 8, 8)):
+    g = torch.Generator().manual_seed(seed)
+    # Correlated channels, a non-zero mean: a covariance far from the identity.
+    mix = torch.randn(shape[0], shape[0], generator=g, dtype=torch.float64)
+    out = []
+    for _ in range(n_batches):
+        z = torch.randn(size, *shape, generator=g, dtype=torch.float64)
+        out.append((torch.einsum("ij,bjhw->bihw", mix, z) + 0.5, torch.zeros(size)))
+    return out
+
+
+def _layer_output(model, name, x):
+    """Output of submodule ``name`` when ``model`` runs on ``x``."""
+    seen = []
+    handle = model.get_submodule(name).register_forward_hook(lambda m, a, out: seen.append(out.detach()))
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        handle.remove()
+    return seen[0]
+
+
+def _output_mse(original, compressed, name, batches):
+    total, count = 0.0, 0
+    for x, _ in batches:
+        a = _layer_output(original, name, x)
+        b = _layer_output(compressed, name, x)
+        total += float(((a - b) ** 2).sum())
+        count += a.numel()
+    return total / count
+
+
+# --------------------------------------------------------------------------------------------
+# Cross moments
+# --------------------------------------------------------------------------------------------
+
+
+def test_cross_moments_match_numpy_and_stream():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((200, 5)) + 1.0
+    y = x @ rng.standard_normal((5, 5)) + 0.1 * rng.standard_normal((200, 5)) - 2.0
+    whole = CrossMoments(5)
+    whole.update(torch.from_numpy(x), torch.from_numpy(y))
+    parts = CrossMoments(5)
+    for sl in (slice(0, 7), slice(7, 120), slice(120, 200)):
+        parts.update(torch.from_numpy(x[sl]), torch.from_numpy(y[sl]))
+    c_yy, c_xy = parts.moments(centered=True)
+    xc, yc = x - x.mean(0), y - y.mean(0)
+    np.testing.assert_allclose(c_yy.numpy(), yc.T @ yc / 200, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(c_xy.numpy(), xc.T @ yc / 200, rtol=1e-10, atol=1e-12)
+    m_yy, m_xy = parts.moments(centered=False)
+    np.testing.assert_allclose(m_xy.numpy(), x.T @ y / 200, rtol=1e-10)
+    for a, b in zip(whole.tensors, parts.tensors):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-10)
+
+
+def test_cross_moments_reject_bad_input():
+    m = CrossMoments(3)
+    with pytest.raises(ValueError, match="No patches"):
+        m.moments()
+    with pytest.raises(ValueError, match=r"\(m, 3\)"):
+        m.update(torch.zeros(4, 3), torch.zeros(4, 2))
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        m.update(torch.full((2, 3), float("nan")))
+    assert float(m.count) == 0
+
+
+# --------------------------------------------------------------------------------------------
+# Equivalences and optimality
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["tucker2", "cp", "svd"])
+def test_one_layer_equals_compress(method):
+    net = _conv_net()
+    batches = _batches()
+    rank = {"tucker2": (4, 3), "cp": 5, "svd": 3}[method]
+    kwargs = dict(ranks={"3": rank}, layers=["3"], progress=False, n_iter_max=15, random_state=0)
+    seq = compress_sequential(net, batches, method, **kwargs)
+    stats = collect_covariances(net, batches, ["3"], progress=False)
+    one = compress(net, stats, method, **kwargs)
+    for (k, a), (k2, b) in zip(seq.state_dict().items(), one.state_dict().items()):
+        assert k == k2
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
+def test_streaming_equals_one_big_batch():
+    net = _conv_net()
+    batches = _batches(n_batches=4, size=8)
+    big = [(torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches]))]
+    kwargs = dict(ranks={"0": (4, 2), "3": (5, 4), "5": (3, 4)}, layers=["0", "3", "5"], progress=False, n_iter_max=10)
+    a = compress_sequential(net, batches, "tucker2", **kwargs)
+    b = compress_sequential(net, big, "tucker2", **kwargs)
+    for (k, ta), tb in zip(a.state_dict().items(), b.state_dict().values()):
+        torch.testing.assert_close(ta, tb, rtol=1e-7, atol=1e-9, msg=k)
+
+
+@pytest.mark.parametrize("method,rank", [("svd", 3), ("tucker2", (5, 4))])
+def test_sequential_fit_beats_one_shot_on_its_objective(method, rank):
+    """Given the same compressed first layer, the second layer's output error on the
+    calibration data is smallest for the sequential fit (exact for the SVD)."""
+    net = _conv_net()
+    batches = _batches()
+    ranks = {"0": (3, 2), "3": rank} if method == "tucker2" else {"0": 2, "3": rank}
+    common = dict(ranks=ranks, layers=["0", "3"], progress=False, n_iter_max=50, damping=0.0)
+    seq = compress_sequential(net, batches, method, **common)
+    stats = collect_covariances(net, batches, ["0", "3"], progress=False)
+    one = compress(net, stats, method, **common)
+    # Same first layer in both (x~ = x there).
+    torch.testing.assert_close(seq[0].state_dict(), one[0].state_dict())
+    mse_seq = _output_mse(net, seq, "3", batches)
+    mse_one = _output_mse(net, one, "3", batches)
+    assert mse_seq < 0.9 * mse_one
+    # Any perturbation of the fitted layer (same structure) does worse.
+    worse = copy.deepcopy(seq)
+    with torch.no_grad():
+        for p in worse[3].parameters():
+            p.add_(1e-3 * torch.randn_like(p))
+    assert _output_mse(net, worse, "3", batches) > mse_seq
+
+
+def test_full_rank_gives_best_linear_predictor():
+    """A full-rank second layer reproduces the least-squares affine predictor of the
+    original output from the compressed network's own inputs."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 4)).double().eval()
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(300, 6, generator=g, dtype=torch.float64) @ torch.randn(6, 6, generator=g, dtype=torch.float64) + 1
+    batches = [x[:100], x[100:]]
+    small = compress_sequential(
+        net, batches, "svd", ranks={"0": 2, "2": 4}, progress=False, damping=0.0
+    )
+    with torch.no_grad():
+        target = net(x).numpy()
+        inputs = small[1](small[0](x)).numpy()  # what the compressed network feeds layer 2
+        got = small(x).numpy()
+    design = np.hstack([inputs, np.ones((len(inputs), 1))])
+    coef, *_ = np.linalg.lstsq(design, target, rcond=None)
+    np.testing.assert_allclose(got, design @ coef, rtol=1e-7, atol=1e-9)
+
+
+def test_uncentred_variant_runs_and_differs():
+    net = _conv_net()
+    batches = _batches()
+    kwargs = dict(ranks={"0": (3, 2), "3": (4, 3)}, layers=["0", "3"], progress=False, n_iter_max=10)
+    a = compress_sequential(net, batches, **kwargs)
+    b = compress_sequential(net, batches, centered=False, bias_correction=False, **kwargs)
+    sa, sb = a[3].state_dict(), b[3].state_dict()
+    assert any(not torch.allclose(sa[k], sb[k]) for k in sa)
+    # Without bias correction the bias is the layer's own.
+    torch.testing.assert_close(b[3].last.bias, net[3].bias)
+
+
+# --------------------------------------------------------------------------------------------
+# Contracts: the user's model, batches, options
+# --------------------------------------------------------------------------------------------
+
+
+def test_model_left_exactly_as_it_was():
+    net = _conv_net().train()  # BatchNorm in train mode would update its running stats
+    net[2].training = False  # mixed flags must come back as they were
+    before = copy.deepcopy(net.state_dict())
+    flags = {n: m.training for n, m in net.named_modules()}
+    small, report = compress_sequential(
+        net, _batches(), ratio=0.5, progress=False, n_iter_max=5, return_report=True
+    )
+    for k, v in net.state_dict().items():
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0)
+    assert {n: m.training for n, m in net.named_modules()} == flags
+    assert all(not m._forward_pre_hooks and not m._forward_hooks for m in net.modules())
+    assert all(not m._forward_pre_hooks for m in small.modules())
+    assert type(net[3]) is nn.Conv2d
+    # The compressed copy keeps the original flags, its new modules too.
+    assert small.training and not small[2].training and small[3].training
+    assert [r.name for r in report] == ["0", "3", "5", "7"]
+    assert all("sequential" in r.notes for r in report)
+    assert report[-1].method == "svd"  # the Linear layer
+
+
+def test_inplace_modifies_the_model():
+    net = _conv_net()
+    out = compress_sequential(net, _batches(), ratio=0.5, layers=["3"], inplace=True, progress=False, n_iter_max=5)
+    assert out is net and type(net[3]).__name__ == "Tucker2Conv2d"
+
+
+def test_layers_compressed_in_call_order():
+    class Reordered(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.late = nn.Linear(4, 3)
+            self.early = nn.Linear(5, 4)
+
+        def forward(self, x):
+            return self.late(torch.relu(self.early(x)))
+
+    net = Reordered().double()
+    order, counts = layer_call_order(net, torch.zeros(2, 5, dtype=torch.float64), ["late", "early"])
+    assert order == ["early", "late"] and counts == {"late": 1, "early": 1}
+    x = torch.randn(50, 5, dtype=torch.float64)
+    _, report = compress_sequential(net, [x], "svd", ranks={"early": 2, "late": 2}, progress=False, return_report=True)
+    assert [r.name for r in report] == ["early", "late"]
+
+
+def test_layer_called_twice():
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(4, 4)
+            self.b = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.b(self.a(torch.tanh(self.a(x))))
+
+    net = Shared().double()
+    x = [torch.randn(20, 4, dtype=torch.float64)]
+    with pytest.raises(ValueError, match="called 2 times"):
+        compress_sequential(net, x, "svd", ranks={"a": 2}, layers=["a"], progress=False)
+    with pytest.warns(UserWarning, match="called 2 times"):
+        small = compress_sequential(net, x, "svd", ratio=0.5, progress=False)
+    assert type(small.a) is nn.Linear and type(small.b).__name__ == "LowRankLinear"
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        (dict(ratio=0.5, layers=[]), ValueError, "empty"),
+        (dict(ratio=0.5, layers=["nope"]), ValueError, "not a module"),
+        (dict(ratio=0.5, layers=["1"]), ValueError, "BatchNorm2d"),
+        (dict(ratio=True), TypeError, "ratio"),
+        (dict(ratio=0.5, energy=0.5), ValueError, "at most one"),
+        (dict(), ValueError, "Give `ranks`"),
+        (dict(ratio=0.5, ranks={"typo": 2}), ValueError, "typo"),
+        (dict(ranks={"3": 0.5}, layers=["3"]), TypeError, r"ranks\['3'\]"),
+        (dict(ranks={"3": (2, 2)}, layers=["3"], method="cp"), TypeError, "pair"),
+        (dict(ratio=0.5, method="qr"), ValueError, "method"),
+        (dict(ratio=0.5, norm="l1"), ValueError, "norm"),
+        (dict(ratio=0.5, max_batches=0), ValueError, "max_batches"),
+        (dict(ratio=0.5, bogus_option=1), TypeError, "bogus_option"),
+        (dict(ratio=0.5, norm="frobenius", cg_tol=1e-3), TypeError, "cg_tol"),
+        (dict(ratio=0.5, damping=-1.0), ValueError, "damping"),
+    ],
+)
+def test_bad_arguments(kwargs, error, match):
+    net = _conv_net()
+    before = copy.deepcopy(net.state_dict())
+    method = kwargs.pop("method", "tucker2")
+    with pytest.raises(error, match=match):
+        compress_sequential(net, _batches(1), method, progress=False, **kwargs)
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, before[k])
+
+
+def test_bad_batches():
+    net = _conv_net()
+    with pytest.raises(TypeError, match="one-shot iterator"):
+        compress_sequential(net, (b for b in _batches()), ratio=0.5, progress=False)
+    with pytest.raises(TypeError, match="iterable"):
+        compress_sequential(net, 3, ratio=0.5, progress=False)
+    with pytest.raises(ValueError, match="no batch"):
+        compress_sequential(net, [], ratio=0.5, progress=False)
+    bad = _batches(2)
+    bad[1][0][0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        compress_sequential(net, bad, ratio=0.5, progress=False)
+
+
+def test_unavailable_device():
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA")
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        compress_sequential(_conv_net(), _batches(1), ratio=0.5, device="cuda", progress=False)
+
+
+def test_budget_and_energy():
+    net = _conv_net()
+    batches = _batches()
+    small, report = compress_sequential(net, batches, budget=0.4, progress=False, n_iter_max=5, return_report=True)
+    kept = sum(r.params_after for r in report) / sum(r.params_before for r in report)
+    assert kept <= 0.4 + 1e-9
+    small, report = compress_sequential(net, batches, energy=0.9, progress=False, n_iter_max=5, return_report=True)
+    assert len(report) == 4
+
+
+def test_float32_model_and_max_batches():
+    net = _conv_net().float()
+    batches = [(x.float(), y) for x, y in _batches(3)]
+    small, report = compress_sequential(net, batches, "cp", ratio=0.5, max_batches=2, progress=False, n_iter_max=5, return_report=True)
+    assert next(small.parameters()).dtype == torch.float32
+    with torch.no_grad():
+        out = small(batches[0][0])
+    assert torch.isfinite(out).all()
