@@ -292,3 +292,79 @@ def test_check_memory_refuses_with_a_clear_message():
     with pytest.raises(ValueError):
         tdd.parse_bytes("lots")
     assert tdd.available_memory("cpu") > 0
+
+
+# ------------------------------------------------------------------------------------------
+# Sequential calibration over shards
+# ------------------------------------------------------------------------------------------
+
+SEQ_KW = dict(ratio=0.5, n_iter_max=4, random_state=0, progress=False, return_report=True)
+
+
+def _sequential_worker(rank, world, port, outdir, fail):
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo" if sys.platform.startswith("linux") else os.environ.get("GLOO_SOCKET_IFNAME", "lo0")
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+        timeout=datetime.timedelta(seconds=60),
+    )
+    result = {}
+    try:
+        batches = tdd.shard(make_batches(), rank, world)
+        if fail and rank == 1:
+            batches[0] = batches[0].clone()
+            batches[0][0, 0, 0, 0] = float("nan")
+        try:
+            small, report = tdd.compress_sequential_distributed(make_model(), batches, "tucker2", **SEQ_KW)
+            result["state"] = {k: v.clone() for k, v in small.state_dict().items()}
+            result["report"] = [(r.name, r.rank, r.params_after) for r in report]
+        except tdd.DistributedCompressionError as exc:
+            result["error"] = str(exc)
+    finally:
+        torch.save(result, os.path.join(outdir, f"rank{rank}.pt"))
+        dist.destroy_process_group()
+
+
+def _run_sequential_workers(world, outdir, fail=False):
+    import torch.multiprocessing as tmp
+
+    ctx = tmp.start_processes(
+        _sequential_worker, args=(world, _free_port(), str(outdir), fail), nprocs=world, join=False, start_method="spawn",
+    )
+    deadline = time.monotonic() + DEADLINE_S
+    try:
+        while not ctx.join(timeout=1):
+            if time.monotonic() > deadline:
+                pytest.fail(f"{world} workers did not finish within {DEADLINE_S} s")
+    finally:
+        for proc in ctx.processes:
+            if proc.is_alive():
+                proc.kill()
+            proc.join(5)
+    assert all(p.exitcode == 0 for p in ctx.processes)
+    return [torch.load(outdir / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+def test_sequential_distributed_matches_one_process(tmp_path):
+    from tensorly_dataaware.torch import compress_sequential
+
+    results = _run_sequential_workers(2, tmp_path)
+    with _one_thread():
+        small, report = compress_sequential(make_model(), make_batches(), "tucker2", **SEQ_KW)
+    expected = small.state_dict()
+    for res in results:
+        assert "error" not in res, res.get("error")
+        assert res["report"] == [(r.name, r.rank, r.params_after) for r in report]
+        for key, value in expected.items():
+            # Sums over shards round differently from one sum: equal up to that round-off.
+            torch.testing.assert_close(res["state"][key], value, rtol=1e-4, atol=1e-6, msg=key)
+    # ... and every rank holds exactly the same model.
+    for key in expected:
+        assert torch.equal(results[0]["state"][key], results[1]["state"][key])
+
+
+def test_sequential_distributed_failure_reaches_every_rank(tmp_path):
+    results = _run_sequential_workers(2, tmp_path, fail=True)
+    for res in results:
+        assert "state" not in res
+        assert "rank 1" in res["error"] and "NaN" in res["error"]

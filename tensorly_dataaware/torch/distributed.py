@@ -111,6 +111,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .compress import NORMS, LayerJob, LayerReport, _check_choice, _set_module, decompose_layer, plan_compression, save_compressed
+from .sequential import _Local, _run_sequential
 from .statistics import LayerStatistics, collect_covariances
 
 __all__ = [
@@ -121,6 +122,7 @@ __all__ = [
     "shard",
     "assign_layers",
     "compress_distributed",
+    "compress_sequential_distributed",
     "save_on_root",
     "estimate_memory",
     "check_memory",
@@ -889,3 +891,122 @@ def save_on_root(model: nn.Module | None, path: str | os.PathLike, *, group=None
 def default_timeout() -> datetime.timedelta:
     """Process-group timeout from ``TDA_DIST_TIMEOUT`` seconds (default 30 minutes)."""
     return datetime.timedelta(seconds=float(os.environ.get("TDA_DIST_TIMEOUT", "1800")))
+
+
+# --------------------------------------------------------------------------------------------
+# Sequential calibration
+# --------------------------------------------------------------------------------------------
+
+
+class _Collectives(_Local):
+    """The collective steps of :func:`compress_sequential_distributed` (see ``_Local``)."""
+
+    def __init__(self, group, chunk_bytes: int):
+        self.group = group
+        self.rank, self.world = _rank_world(group)
+        self.chunk = max(1, int(chunk_bytes) // 8)
+
+    def agree(self, error, what):
+        message = None if error is None else f"{what}: {_format_exception(error)}"
+        _agree(error is None, message, "compress_sequential_distributed", self.group)
+
+    def same(self, value, what):
+        values = _all_gather(value, self.group)
+        differ = [r for r, v in enumerate(values) if v != values[0]]
+        if differ:
+            raise DistributedCompressionError(
+                f"compress_sequential_distributed: ranks {differ} found a different {what} than rank 0 "
+                "(different models or arguments on different ranks?)."
+            )
+
+    def reduce(self, tensors):
+        if self.world == 1:
+            return
+        comm = _comm_device(self.group)
+        for tensor in tensors:
+            tensor.copy_(_reduce_tensor_(tensor, comm, self.group, self.chunk))
+
+    def decide(self, compute, name):
+        # Rank 0 factorizes and every rank installs its module: bit-identical models on all
+        # ranks, whatever the ranks' devices and thread counts.
+        payload = [None]
+        if self.rank == 0:
+            try:
+                new, row = compute()
+                payload = [("ok", new.to("cpu"), row)]
+            except Exception as exc:  # noqa: BLE001 - reported to every rank
+                payload = [("error", f"rank 0, layer {name!r}: {_format_exception(exc)}", None)]
+        dist.broadcast_object_list(payload, src=_global_rank(self.group, 0), group=self.group)
+        status, new, row = payload[0]
+        if status != "ok":
+            raise DistributedCompressionError(f"compress_sequential_distributed failed: {new}")
+        return new, row
+
+    def collect(self, model, batches, layers, max_batches):
+        return collect_covariances_distributed(model, batches, layers, max_batches=max_batches, progress=False, group=self.group)
+
+
+def compress_sequential_distributed(
+    model: nn.Module,
+    batches: Iterable[Any],
+    method: str = "tucker2",
+    *,
+    ranks: Mapping[str, Any] | None = None,
+    ratio: float | None = None,
+    energy: float | None = None,
+    budget: float | None = None,
+    norm: str = "sigma",
+    layers: Iterable[str] | None = None,
+    centered: bool = True,
+    bias_correction: bool = True,
+    inplace: bool = False,
+    return_report: bool = False,
+    progress: bool | None = None,
+    max_batches: int | None = None,
+    device: str | torch.device | None = None,
+    damping: float = 1e-6,
+    group=None,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    **solver_options,
+):
+    """:func:`~tensorly_dataaware.torch.compress_sequential` over data shards on all ranks.
+
+    Every rank streams the paired patches of *its own shard* of the calibration batches
+    (e.g. :func:`shard` or a ``DistributedSampler``; ``max_batches`` applies per rank), the
+    per-layer sums are all-reduced, rank 0 factorizes the layer and broadcasts the new
+    module, which every rank installs before the next layer. All ranks end with the same
+    compressed model, equal to a single process over the union of the shards up to the
+    float64 round-off of the summation order. Call it on every rank with the same model
+    and arguments.
+
+    Parameters
+    ----------
+    model, batches, method, ranks, ratio, energy, budget, norm, layers, centered, bias_correction, inplace, return_report, max_batches, device, damping, **solver_options
+        As in :func:`~tensorly_dataaware.torch.compress_sequential`; ``batches`` is this
+        rank's shard (re-iterable) and must not be empty.
+    progress : bool, optional
+        Default: on rank 0 only.
+    group : ProcessGroup, optional
+        Default: the whole world.
+    chunk_bytes : int, default 256 MiB
+        Bound on one all-reduce buffer.
+
+    Returns
+    -------
+    nn.Module or (nn.Module, list of LayerReport)
+
+    Raises
+    ------
+    DistributedCompressionError
+        On every rank, when a step failed on any rank (the message names the rank, the
+        layer and the error).
+    """
+    _require_initialized()
+    comm = _Collectives(group, chunk_bytes)
+    return _run_sequential(
+        model, batches, method, ranks=ranks, ratio=ratio, energy=energy, budget=budget, norm=norm,
+        layers=layers, centered=centered, bias_correction=bias_correction, inplace=inplace,
+        return_report=return_report, progress=comm.rank == 0 if progress is None else progress,
+        max_batches=max_batches, device=device, damping=damping, solver_options=solver_options,
+        collectives=comm,
+    )

@@ -83,6 +83,31 @@ class _StopForward(BaseException):
     """
 
 
+class _Local:
+    """The collective steps of a sequential run, for one process (all no-ops).
+
+    :func:`~tensorly_dataaware.torch.distributed.compress_sequential_distributed` overrides
+    them so that every rank streams its shard, the sums are all-reduced, rank 0 factorizes
+    and every rank installs the same module, and a failure anywhere stops every rank.
+    """
+
+    def agree(self, error: BaseException | None, what: str) -> None:
+        if error is not None:
+            raise error
+
+    def same(self, value: Any, what: str) -> None:
+        pass
+
+    def reduce(self, tensors: list[torch.Tensor]) -> None:
+        pass
+
+    def decide(self, compute: Callable[[], tuple[nn.Module, LayerReport]], name: str) -> tuple[nn.Module, LayerReport]:
+        return compute()
+
+    def collect(self, model, batches, layers, max_batches):
+        return collect_covariances(model, batches, layers, max_batches=max_batches, progress=False)
+
+
 class CrossMoments:
     """Streaming float64 moments of paired patches ``(x, y)`` seen at the same positions.
 
@@ -419,13 +444,10 @@ def compress_sequential(
 def _run_sequential(
     model, batches, method, *, ranks, ratio, energy, budget, norm, layers, centered, bias_correction,
     inplace, return_report, progress, max_batches, device, damping, solver_options,
-    reduce_sums: Callable[[list[torch.Tensor]], None] | None = None,
-    sync_layer: Callable[[nn.Module, LayerReport], tuple[nn.Module, LayerReport]] | None = None,
-    agree: Callable[[BaseException | None, str], None] | None = None,
+    collectives: _Local | None = None,
 ):
-    """The work of :func:`compress_sequential`; the hooks let the distributed version
-    all-reduce the sums (``reduce_sums``), make every rank install rank 0's module
-    (``sync_layer``) and agree on failures (``agree``)."""
+    """The work of :func:`compress_sequential`; ``collectives`` makes it distributed."""
+    comm = collectives if collectives is not None else _Local()
     if not isinstance(model, nn.Module):
         raise TypeError(f"`model` must be a torch.nn.Module; got {type(model).__name__}.")
     _check_choice(method, "method", METHODS)
@@ -453,37 +475,31 @@ def _run_sequential(
         reference.eval()
         target.eval()
         with torch.no_grad():
-            first = None
-            for index, batch in _iterate(batches, max_batches):
-                first = _prepare(batch, index, run_device)
-                break
-            if first is None:
-                raise ValueError("`batches` yielded no batch: nothing to calibrate on.")
-            order, counts = layer_call_order(reference, first, names)
-            bad = {name: c for name, c in counts.items() if c != 1}
-            if bad:
-                text = ", ".join(f"{n!r} ({'never called' if c == 0 else f'called {c} times'})" for n, c in bad.items())
-                if named:
-                    raise ValueError(f"Sequential calibration needs every layer called exactly once per forward pass: {text}.")
-                warnings.warn(f"Skipping layers not called exactly once per forward pass: {text}.", stacklevel=3)
-            order = [name for name in order if counts[name] == 1]
-            if not order:
-                raise ValueError("No layer to compress: none of the selected layers is called once per forward pass.")
-            check_unknown_ranks(ranks, order)
+            error = None
+            order: list[str] = []
+            try:
+                order = _plan_order(reference, batches, names, named, max_batches, run_device, ranks)
+            except Exception as exc:  # noqa: BLE001 - every process must learn of it
+                error = exc
+            comm.agree(error, "planning")
+            comm.same(order, "the layer order")
             if budget is not None:
-                ranks = _budget_ranks(reference, batches, method, ranks, budget, centered, order, max_batches, device)
+                ranks = _budget_ranks(reference, batches, method, ranks, budget, centered, order, max_batches, device, comm)
 
             bar = tqdm(order, desc=f"sequential ({method}, {norm})", disable=not progress, leave=False)
             for position, name in enumerate(bar):
                 bar.set_postfix_str(name)
-                new, row = _compress_one(
-                    reference, target, batches, name, first_layer=position == 0, method=method, ranks=ranks,
-                    ratio=ratio, energy=energy, norm=norm, centered=centered, bias_correction=bias_correction,
-                    max_batches=max_batches, run_device=run_device, device=device, damping=damping,
-                    solver_options=solver_options, reduce_sums=reduce_sums, agree=agree,
+                start = time.perf_counter()
+                moments = _layer_moments(reference, target, batches, name, position == 0, max_batches, run_device, comm)
+                new, row = comm.decide(
+                    lambda: _fit_layer(
+                        target, name, moments, first_layer=position == 0, method=method, ranks=ranks, ratio=ratio,
+                        energy=energy, norm=norm, centered=centered, bias_correction=bias_correction,
+                        device=device, damping=damping, solver_options=solver_options,
+                    ),
+                    name,
                 )
-                if sync_layer is not None:
-                    new, row = sync_layer(new, row)
+                row.seconds = time.perf_counter() - start
                 _set_module(target, name, new)
                 report.append(row)
     finally:
@@ -494,15 +510,33 @@ def _run_sequential(
     return target
 
 
-def _compress_one(
-    reference, target, batches, name, *, first_layer, method, ranks, ratio, energy, norm, centered,
-    bias_correction, max_batches, run_device, device, damping, solver_options, reduce_sums, agree,
-):
-    start = time.perf_counter()
+def _plan_order(reference, batches, names, named, max_batches, run_device, ranks) -> list[str]:
+    """The selected layers in call order (one forward pass over the first batch)."""
+    first = None
+    for index, batch in _iterate(batches, max_batches):
+        first = _prepare(batch, index, run_device)
+        break
+    if first is None:
+        raise ValueError("`batches` yielded no batch: nothing to calibrate on.")
+    order, counts = layer_call_order(reference, first, names)
+    bad = {name: c for name, c in counts.items() if c != 1}
+    if bad:
+        text = ", ".join(f"{n!r} ({'never called' if c == 0 else f'called {c} times'})" for n, c in bad.items())
+        if named:
+            raise ValueError(f"Sequential calibration needs every layer called exactly once per forward pass: {text}.")
+        warnings.warn(f"Skipping layers not called exactly once per forward pass: {text}.", stacklevel=4)
+    order = [name for name in order if counts[name] == 1]
+    if not order:
+        raise ValueError("No layer to compress: none of the selected layers is called once per forward pass.")
+    check_unknown_ranks(ranks, order)
+    return order
+
+
+def _layer_moments(reference, target, batches, name, first_layer, max_batches, run_device, comm) -> CrossMoments:
+    """Stream the paired input patches of layer ``name`` over ``batches`` (all-reduced)."""
     ref_module = reference.get_submodule(name)
     module = target.get_submodule(name)  # still the dense layer: it is replaced after the fit
-    n = ref_module.weight[0].numel()
-    moments = None
+    moments = CrossMoments(ref_module.weight[0].numel(), device=run_device)
     error = None
     try:
         for index, batch in _iterate(batches, max_batches):
@@ -512,48 +546,46 @@ def _compress_one(
             x_new = None if first_layer else _capture_input(target, module, x, name)
             p_ref = patches_for(ref_module, x_ref.to(torch.float64))[0]
             p_new = None if x_new is None else patches_for(ref_module, x_new.to(torch.float64))[0]
-            if moments is None:
-                moments = CrossMoments(n, device=p_ref.device)
             try:
                 moments.update(p_ref, p_new)
             except ValueError as exc:
                 raise ValueError(f"Layer {name!r}, batch {index}: {exc}") from None
-        if moments is None:
-            raise ValueError("`batches` yielded no batch on this pass (is it really re-iterable?).")
-    except Exception as exc:  # noqa: BLE001 - re-raised below, after the ranks agree
+    except Exception as exc:  # noqa: BLE001 - every process must learn of it
         error = exc
-    if agree is not None:
-        agree(error, name)
-    if error is not None:
-        raise error
-    if reduce_sums is not None:
-        reduce_sums(moments.tensors)
+    comm.agree(error, f"layer {name!r}")
+    comm.reduce(moments.tensors)
     if float(moments.count) == 0:
-        raise ValueError(f"Layer {name!r}: the calibration batches gave no input patch.")
+        raise ValueError(
+            f"Layer {name!r}: no input patch on this pass over `batches` (does it yield the same batches every time?)."
+        )
+    return moments
 
+
+def _fit_layer(
+    target, name, moments, *, first_layer, method, ranks, ratio, energy, norm, centered, bias_correction,
+    device, damping, solver_options,
+):
+    """Factorize layer ``name`` of ``target`` from its streamed moments."""
+    module = target.get_submodule(name)
     dev = device if device is not None else module.weight.device
     weight = module.weight.detach().to(device=dev, dtype=torch.float64)
     c_yy, c_xy = (t.to(dev) for t in moments.moments(centered))
     mean_x, mean_y = moments.mean_x.to(dev), moments.mean_y.to(dev)
-    if first_layer:
-        goal = weight  # x~ = x, and then W' = W exactly (no round-off from the solve)
-    else:
-        goal = _sequential_target(weight, c_yy, c_xy, damping)
+    # x~ = x for the first layer, and then W' = W exactly (no round-off from a solve).
+    goal = weight if first_layer else _sequential_target(weight, c_yy, c_xy, damping)
     layer_method = _layer_method(module, method)
     rank = _resolve_rank(name, module, layer_method, ranks, ratio, energy, goal, c_yy)
     job = LayerJob(
-        name, module, layer_method, goal, c_yy, mean_y, rank,
-        reference_weight=weight, reference_mean=mean_x,
+        name, module, layer_method, goal, c_yy, mean_y, rank, reference_weight=weight, reference_mean=mean_x,
     )
     new, row = decompose_layer(job, norm=norm, bias_correction=bias_correction, damping=damping, **solver_options)
     row.notes.append("sequential")
-    row.seconds = time.perf_counter() - start
     return new, row
 
 
-def _budget_ranks(reference, batches, method, ranks, budget, centered, order, max_batches, device):
+def _budget_ranks(reference, batches, method, ranks, budget, centered, order, max_batches, device, comm):
     """Whole-model ranks from one-shot statistics of the original network."""
-    stats = collect_covariances(reference, batches, order, max_batches=max_batches, progress=False)
+    stats = comm.collect(reference, batches, order, max_batches)
     jobs = plan_compression(
         reference, stats, method, ranks=ranks, budget=budget, centered=centered, layers=order, device=device,
     )
