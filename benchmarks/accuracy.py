@@ -13,7 +13,14 @@ compressing every ``k x k`` convolution except the first one (its 9-column weigh
     subset), scikit-learn's 8x8 digits upscaled to 28x28, and Gaussian noise (a control),
     against Fashion-MNIST's own covariance and the Frobenius baseline.
 ``calibration``
-    Accuracy against the number of calibration images.
+    Accuracy against the number of calibration images (``--variants`` picks one-shot
+    ``sigma`` and/or ``sequential``).
+
+The variant ``sequential`` is :func:`~tensorly_dataaware.torch.compress_sequential`: each
+layer fitted to the original output from the partly compressed network's own inputs (it
+collects its own statistics from the calibration images; its time includes them).
+``sequential-budget`` is the same with the whole-model ``budget=ratio`` allocation instead
+of the same ratio in every layer, and ``sigma-budget`` the one-shot fit with that allocation.
 
 Every accuracy is measured on ``--eval`` held-out Fashion-MNIST test images (the embedded
 2000 by default, or the full 10k test split with ``--full-test`` when the Debian package
@@ -22,6 +29,7 @@ Every accuracy is measured on ``--eval`` held-out Fashion-MNIST test images (the
 python benchmarks/accuracy.py sweep --model resnet20 --out benchmarks/results/accuracy_resnet20.json
 python benchmarks/accuracy.py transfer --model resnet20 --ratios 0.1 --out benchmarks/results/transfer_resnet20.json
 python benchmarks/accuracy.py calibration --model resnet20 --ratios 0.1 --out benchmarks/results/calibration_resnet20.json
+python benchmarks/accuracy.py sweep --model resnet20 --calib 500 --variants sequential sequential-budget --out benchmarks/results/accuracy_resnet20_sequential.json
 """
 
 from __future__ import annotations
@@ -46,14 +54,18 @@ from tensorly_dataaware.data import (
     make_loader,
 )
 from tensorly_dataaware.models import load_pretrained
-from tensorly_dataaware.torch import collect_covariances, compress
+from tensorly_dataaware.torch import collect_covariances, compress, compress_sequential
 
 VARIANTS = {
     # name: (norm, bias_correction)
     "sigma": ("sigma", True),
     "frobenius": ("frobenius", False),
     "frobenius+bias": ("frobenius", True),
+    "sigma-budget": ("sigma", True),
+    "sequential": ("sigma", True),
+    "sequential-budget": ("sigma", True),
 }
+SEQUENTIAL = ("sequential", "sequential-budget")
 
 
 def conv_layers(model: nn.Module) -> list[str]:
@@ -108,13 +120,20 @@ def data(args):
     return calib, test, finetune, source
 
 
-def run_compress(model, stats, layers, method, ratio, variant, n_iter_max):
+def run_compress(model, stats, layers, method, ratio, variant, n_iter_max, calib_loader=None):
+    """Compress with one variant; ``stats`` for the one-shot ones, ``calib_loader`` for the
+    sequential ones (which stream their own statistics; their time includes that)."""
     norm, bias = VARIANTS[variant]
-    start = time.perf_counter()
-    small, report = compress(
-        model, stats, method, ratio=ratio, norm=norm, bias_correction=bias, layers=layers,
-        progress=False, return_report=True, n_iter_max=n_iter_max, tol=1e-6, random_state=0,
+    amount = {"budget": ratio} if variant.endswith("-budget") else {"ratio": ratio}
+    options = dict(
+        norm=norm, bias_correction=bias, layers=layers, progress=False, return_report=True,
+        n_iter_max=n_iter_max, tol=1e-6, random_state=0, **amount,
     )
+    start = time.perf_counter()
+    if variant in SEQUENTIAL:
+        small, report = compress_sequential(model, calib_loader, method, **options)
+    else:
+        small, report = compress(model, stats, method, **options)
     seconds = time.perf_counter() - start
     params = (sum(r.params_after for r in report), sum(r.params_before for r in report))
     macs = (sum(r.macs_after for r in report), sum(r.macs_before for r in report))
@@ -125,14 +144,16 @@ def sweep(args, model, calib, test, finetune):
     layers = conv_layers(model)
     test_loader = make_loader(*test, batch_size=500)
     ft_loader = make_loader(*finetune, batch_size=64, shuffle=True)
-    stats = collect_covariances(model, make_loader(calib[0][: args.calib], calib[1][: args.calib], batch_size=250),
-                                layers=layers, progress=False)
+    calib_loader = make_loader(calib[0][: args.calib], calib[1][: args.calib], batch_size=250)
+    stats = collect_covariances(model, calib_loader, layers=layers, progress=False)
     rows = []
     for ratio in args.ratios:
         for method in args.methods:
             for variant in args.variants:
                 torch.manual_seed(0)
-                small, report, secs, params, macs = run_compress(model, stats, layers, method, ratio, variant, args.n_iter_max)
+                small, report, secs, params, macs = run_compress(
+                    model, stats, layers, method, ratio, variant, args.n_iter_max, calib_loader
+                )
                 row = {
                     "ratio": ratio, "method": method, "variant": variant,
                     "conv_params": params[0], "conv_params_dense": params[1],
@@ -141,7 +162,7 @@ def sweep(args, model, calib, test, finetune):
                     "mean_sigma_error": float(np.mean([r.sigma_error for r in report])),
                     "layer_errors": {r.name: r.sigma_error for r in report},
                 }
-                if args.finetune and variant in ("sigma", "frobenius"):
+                if args.finetune and variant in ("sigma", "frobenius", "sigma-budget"):
                     torch.manual_seed(0)
                     # CP-factorized networks are notoriously unstable to fine-tune (depthwise
                     # factors with large entries): at the Tucker-2 rate (0.01) one epoch
@@ -196,15 +217,23 @@ def calibration(args, model, calib, test, finetune):
         sizes = args.sizes
     except FileNotFoundError:
         pool = calib
+    variants = [v for v in args.variants if v in ("sigma", "sigma-budget", *SEQUENTIAL)] or ["sigma"]
     for size in sizes:
-        stats = collect_covariances(model, make_loader(pool[0][:size], pool[1][:size], batch_size=250), layers=layers,
-                                    progress=False)
+        loader = make_loader(pool[0][:size], pool[1][:size], batch_size=250)
+        stats = None
+        if any(v not in SEQUENTIAL for v in variants):
+            stats = collect_covariances(model, loader, layers=layers, progress=False)
         for ratio in args.ratios:
             for method in args.methods:
-                small, _, secs, params, _ = run_compress(model, stats, layers, method, ratio, "sigma", args.n_iter_max)
-                row = {"calibration_images": size, "ratio": ratio, "method": method, "accuracy": accuracy(small, test_loader)}
-                rows.append(row)
-                print(f"calib {size:6d} ratio {ratio:5.3f} {method:8s} acc {row['accuracy']:.4f}", flush=True)
+                for variant in variants:
+                    small, _, secs, params, _ = run_compress(
+                        model, stats, layers, method, ratio, variant, args.n_iter_max, loader
+                    )
+                    row = {"calibration_images": size, "ratio": ratio, "method": method, "variant": variant,
+                           "accuracy": accuracy(small, test_loader), "seconds": secs}
+                    rows.append(row)
+                    print(f"calib {size:6d} ratio {ratio:5.3f} {method:8s} {variant:18s} acc {row['accuracy']:.4f}",
+                          flush=True)
     return rows
 
 
@@ -214,7 +243,7 @@ def main(argv=None):
     p.add_argument("--model", default="resnet20")
     p.add_argument("--ratios", nargs="+", type=float, default=[0.5, 0.33, 0.2, 0.1, 0.06, 0.04, 0.03, 0.02])
     p.add_argument("--methods", nargs="+", default=["tucker2", "cp"])
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS))
+    p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=["sigma", "frobenius", "frobenius+bias", "sequential"])
     p.add_argument("--calib", type=int, default=1000, help="calibration images (embedded train subset)")
     p.add_argument("--sizes", nargs="+", type=int, default=[16, 64, 256, 1000, 2000, 10000])
     p.add_argument("--eval", type=int, default=2000)
