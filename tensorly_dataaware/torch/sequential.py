@@ -280,6 +280,59 @@ def layer_call_order(model: nn.Module, x: torch.Tensor, names: Iterable[str]) ->
     return order, counts
 
 
+def batchnorm_after(model: nn.Module, x: torch.Tensor, names: Iterable[str]) -> dict[str, str]:
+    """Which of the named layers feed their output straight into a BatchNorm.
+
+    Runs ``model`` once on ``x`` and matches, by identity, each layer's output tensor with
+    the input tensor of every ``BatchNorm`` module; only such direct pairs are reported.
+
+    Returns
+    -------
+    dict of str to str
+        Layer name -> name of the BatchNorm module applied to its output.
+    """
+    produced: dict[int, str] = {}
+    found: dict[str, str] = {}
+    handles = []
+
+    def on_output(name):
+        def hook(_module, _args, output):
+            if isinstance(output, torch.Tensor):
+                produced[id(output)] = name
+        return hook
+
+    def on_norm(name):
+        def hook(_module, args):
+            if args and isinstance(args[0], torch.Tensor) and id(args[0]) in produced:
+                found.setdefault(produced[id(args[0])], name)
+        return hook
+
+    keep = []  # hold the outputs alive so that their ids stay unique during the pass
+    try:
+        for name in names:
+            handles.append(model.get_submodule(name).register_forward_hook(on_output(name)))
+            handles.append(model.get_submodule(name).register_forward_hook(lambda m, a, out: keep.append(out)))
+        for name, module in model.named_modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                handles.append(module.register_forward_pre_hook(on_norm(name)))
+        model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return found
+
+
+def _batchnorm_scale(norm: nn.Module) -> torch.Tensor | None:
+    """``|gamma| / sqrt(running_var + eps)`` of an eval-mode BatchNorm (None without running stats)."""
+    if getattr(norm, "running_var", None) is None:
+        return None
+    scale = torch.rsqrt(norm.running_var.detach().to(torch.float64) + norm.eps)
+    if norm.weight is not None:
+        scale = scale * norm.weight.detach().to(torch.float64).abs()
+    # A channel the norm switches off costs nothing; a floor keeps the unscaling finite.
+    return torch.clamp(scale, min=1e-3 * float(scale.mean()) + 1e-30)
+
+
 def _candidates(model: nn.Module, layers) -> tuple[list[str], bool]:
     """Names to consider and whether the user named them (named ones must all work)."""
     modules = dict(model.named_modules())
@@ -351,6 +404,7 @@ def compress_sequential(
     max_batches: int | None = None,
     device: str | torch.device | None = None,
     damping: float = 1e-6,
+    output_weights: str | None = None,
     **solver_options,
 ):
     """Compress layer by layer, fitting each to the original output from the compressed inputs.
@@ -437,13 +491,13 @@ def compress_sequential(
         model, batches, method, ranks=ranks, ratio=ratio, energy=energy, budget=budget, norm=norm,
         layers=layers, centered=centered, bias_correction=bias_correction, inplace=inplace,
         return_report=return_report, progress=progress, max_batches=max_batches, device=device,
-        damping=damping, solver_options=solver_options,
+        damping=damping, solver_options=solver_options, output_weights=output_weights,
     )
 
 
 def _run_sequential(
     model, batches, method, *, ranks, ratio, energy, budget, norm, layers, centered, bias_correction,
-    inplace, return_report, progress, max_batches, device, damping, solver_options,
+    inplace, return_report, progress, max_batches, device, damping, solver_options, output_weights=None,
     collectives: _Local | None = None,
 ):
     """The work of :func:`compress_sequential`; ``collectives`` makes it distributed."""
@@ -483,6 +537,7 @@ def _run_sequential(
                 error = exc
             comm.agree(error, "planning")
             comm.same(order, "the layer order")
+            scales = _output_scales(reference, batches, order, max_batches, run_device, output_weights)
             if budget is not None:
                 ranks = _budget_ranks(reference, batches, method, ranks, budget, centered, order, max_batches, device, comm)
 
@@ -494,6 +549,7 @@ def _run_sequential(
                 new, row = comm.decide(
                     lambda: _fit_layer(
                         target, name, moments, first_layer=position == 0, method=method, ranks=ranks, ratio=ratio,
+                        output_scale=scales.get(name),
                         energy=energy, norm=norm, centered=centered, bias_correction=bias_correction,
                         device=device, damping=damping, solver_options=solver_options,
                     ),
@@ -508,6 +564,21 @@ def _run_sequential(
     if return_report:
         return target, report
     return target
+
+
+def _output_scales(reference, batches, order, max_batches, run_device, output_weights) -> dict[str, torch.Tensor]:
+    """Per-layer output-channel weights (``output_weights='batchnorm'``), else none."""
+    if output_weights is None:
+        return {}
+    for index, batch in _iterate(batches, max_batches):
+        pairs = batchnorm_after(reference, _prepare(batch, index, run_device), order)
+        break
+    scales = {}
+    for name, norm_name in pairs.items():
+        scale = _batchnorm_scale(reference.get_submodule(norm_name))
+        if scale is not None:
+            scales[name] = scale
+    return scales
 
 
 def _plan_order(reference, batches, names, named, max_batches, run_device, ranks) -> list[str]:
@@ -563,7 +634,7 @@ def _layer_moments(reference, target, batches, name, first_layer, max_batches, r
 
 def _fit_layer(
     target, name, moments, *, first_layer, method, ranks, ratio, energy, norm, centered, bias_correction,
-    device, damping, solver_options,
+    device, damping, solver_options, output_scale=None,
 ):
     """Factorize layer ``name`` of ``target`` from its streamed moments."""
     module = target.get_submodule(name)
@@ -577,6 +648,7 @@ def _fit_layer(
     rank = _resolve_rank(name, module, layer_method, ranks, ratio, energy, goal, c_yy)
     job = LayerJob(
         name, module, layer_method, goal, c_yy, mean_y, rank, reference_weight=weight, reference_mean=mean_x,
+        output_scale=None if output_scale is None else output_scale.to(dev),
     )
     new, row = decompose_layer(job, norm=norm, bias_correction=bias_correction, damping=damping, **solver_options)
     row.notes.append("sequential")
