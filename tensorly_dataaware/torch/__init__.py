@@ -8,16 +8,14 @@ from .compress import (
     LayerJob,
     LayerReport,
     compress,
-    compression_spec,
     decompose_layer,
     format_report,
-    load_compressed,
     plan_compression,
-    save_compressed,
 )
 from .sequential import CrossMoments, compress_sequential, layer_call_order
 from .layers import CPConv2d, LowRankConv2d, LowRankLinear, Tucker2Conv2d, build_from_spec
 from .ranks import allocate_budget, ranks_for_energy, ranks_for_ratio
+from .serialization import compression_spec, load_compressed, save_compressed
 from .statistics import (
     LayerStatistics,
     collect_covariances,

@@ -29,7 +29,7 @@ from . import ranks as rk
 from .layers import CPConv2d, LowRankConv2d, LowRankLinear, Tucker2Conv2d, build_from_spec
 from .statistics import LayerStatistics
 
-__all__ = ["compress", "plan_compression", "decompose_layer", "LayerJob", "LayerReport", "format_report", "save_compressed", "load_compressed", "compression_spec"]
+__all__ = ["compress", "plan_compression", "decompose_layer", "LayerJob", "LayerReport", "format_report"]
 
 METHODS = ("tucker2", "cp", "svd")
 NORMS = ("sigma", "frobenius")
@@ -633,75 +633,3 @@ def _budget_ranks(prepared, budget: float) -> dict[str, Any]:
                 curve.append((params, err, rank))
         curves[name] = curve
     return rk.allocate_budget(curves, int(budget * total))
-
-
-def compression_spec(model: nn.Module) -> dict[str, dict]:
-    """Structure of every factorized module of ``model``.
-
-    Parameters
-    ----------
-    model : nn.Module
-
-    Returns
-    -------
-    dict
-        Module name -> ``module.spec()``.
-    """
-    return {name: m.spec() for name, m in model.named_modules() if isinstance(m, _FACTORIZED)}
-
-
-def save_compressed(model: nn.Module, path: str | os.PathLike) -> None:
-    """Save the factorized structure and the ``state_dict``, atomically.
-
-    Load with :func:`load_compressed` into a freshly built instance of the original
-    architecture.
-
-    Parameters
-    ----------
-    model : nn.Module
-        A model returned by :func:`compress`.
-    path : str or os.PathLike
-        Destination; written to a temporary file in the same folder, then renamed.
-    """
-    payload = {"spec": compression_spec(model), "state_dict": model.state_dict()}
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
-    os.close(fd)
-    try:
-        torch.save(payload, tmp)
-        # mkstemp creates the file 0600; give it the permissions a plain open() would.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def load_compressed(model: nn.Module, path: str | os.PathLike, map_location: Any = "cpu") -> nn.Module:
-    """Rebuild the factorized modules in ``model`` (the original architecture) and load weights.
-
-    Parameters
-    ----------
-    model : nn.Module
-        A fresh instance of the original architecture; modified in place.
-    path : str or os.PathLike
-        A file written by :func:`save_compressed`.
-    map_location : optional
-        As in :func:`torch.load`.
-
-    Returns
-    -------
-    nn.Module
-        ``model``, with the factorized modules and the saved weights.
-    """
-    payload = torch.load(path, map_location=map_location, weights_only=True)
-    if not isinstance(payload, dict) or "spec" not in payload or "state_dict" not in payload:
-        raise ValueError(f"{os.fspath(path)!r} is not a file written by save_compressed.")
-    for name, spec in payload["spec"].items():
-        _set_module(model, name, build_from_spec(spec))
-    model.load_state_dict(payload["state_dict"])
-    return model

@@ -110,8 +110,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .compress import NORMS, LayerJob, LayerReport, _check_choice, _set_module, decompose_layer, plan_compression, save_compressed
+from .compress import NORMS, LayerJob, LayerReport, _check_choice, _set_module, decompose_layer, plan_compression
 from .sequential import _Local, _run_sequential
+from .serialization import save_compressed
 from .statistics import LayerStatistics, collect_covariances
 
 __all__ = [

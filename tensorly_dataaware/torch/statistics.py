@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import math
 import os
-import secrets
 import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -30,6 +29,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .._atomic import atomic_write
 
 try:  # tqdm is a hard dependency of the package, but keep the adapter importable without it
     from tqdm.auto import tqdm
@@ -645,25 +646,8 @@ class LayerStatistics:
 
 
 def _atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temporary file next to ``path``, then ``os.replace`` it into place."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(f"Folder {directory!r} does not exist.")
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.{secrets.token_hex(6)}.tmp")
-    try:
-        # 'xb' never clobbers an existing file and creates it with the user's umask.
-        with open(tmp, "xb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.remove(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    """``torch.save`` through the package's one atomic-write helper (temporary file, fsync, rename)."""
+    atomic_write(path, lambda handle: torch.save(obj, handle))
 
 
 def save_statistics(statistics: Mapping[str, LayerStatistics], path: str | os.PathLike) -> None:
