@@ -4,7 +4,14 @@ The decompositions run on every TensorLy backend (``tl.set_backend``); the PyTor
 adapter lives in :mod:`tensorly_dataaware.torch` and is imported only on demand.
 """
 
-from .decomposition import NonMonotoneWarning, ParafacSigma, Tucker2Sigma, parafac_sigma, tucker2_sigma
+from .decomposition import (
+    NonMonotoneWarning,
+    ParafacSigma,
+    Tucker2Sigma,
+    parafac_sigma,
+    solver_threads,
+    tucker2_sigma,
+)
 from .norms import relative_sigma_error, sigma_norm, whitened_svd
 
 __version__ = "0.1.0"
@@ -17,4 +24,5 @@ __all__ = [
     "relative_sigma_error",
     "whitened_svd",
     "NonMonotoneWarning",
+    "solver_threads",
 ]

@@ -12,12 +12,46 @@ from __future__ import annotations
 import numpy as np
 import tensorly as tl
 
-__all__ = ["cholesky_solve", "host_dtype"]
+__all__ = ["cholesky_solve", "host_dtype", "dtype_kind", "framework_of"]
 
 
 def host_dtype(tensor) -> np.dtype:
     """NumPy dtype of a tensor of any backend (reads one element, so it is cheap on a GPU)."""
     return np.dtype(tl.to_numpy(tl.reshape(tensor, (-1,))[:1]).dtype)
+
+
+def framework_of(obj) -> str | None:
+    """``'numpy'``, ``'pytorch'`` or ``'jax'`` for an array of that library, else ``None``.
+
+    Read from the type's module so that no framework is imported to ask the question.
+    """
+    if isinstance(obj, np.ndarray) or isinstance(obj, np.generic):
+        return "numpy"
+    root = type(obj).__module__.split(".")[0]
+    return {"torch": "pytorch", "jax": "jax", "jaxlib": "jax"}.get(root)
+
+
+def dtype_kind(tensor) -> tuple[str, int, str]:
+    """``(kind, itemsize, name)`` of a tensor's dtype without copying it to the host.
+
+    ``kind`` is NumPy's letter (``'f'`` float, ``'c'`` complex, ``'i'``/``'u'`` integer,
+    ``'b'`` bool). Unlike :func:`host_dtype` it also works for dtypes NumPy lacks
+    (``torch.bfloat16``; JAX's ``bfloat16`` reports kind ``'V'`` to NumPy).
+    """
+    dtype = getattr(tensor, "dtype", None)
+    if framework_of(tensor) == "pytorch":
+        if dtype.is_complex:
+            kind = "c"
+        elif dtype.is_floating_point:
+            kind = "f"
+        else:
+            kind = "b" if str(dtype) == "torch.bool" else "i"
+        return kind, int(tensor.element_size()), str(dtype).replace("torch.", "")
+    dtype = np.dtype(dtype if dtype is not None else np.asarray(tensor).dtype)
+    kind = dtype.kind
+    if kind == "V" and "float" in dtype.name:  # ml_dtypes' bfloat16 / float8 (JAX)
+        kind = "f"
+    return kind, int(dtype.itemsize), dtype.name
 
 
 def _well_conditioned(diagonal, max_cond: float) -> bool:

@@ -16,12 +16,54 @@ import scipy.linalg
 import tensorly as tl
 
 __all__ = [
+    "as_backend_tensor",
     "check_finite",
     "validate_tensor",
     "validate_sigma",
     "validate_tucker2_rank",
     "validate_cp_rank",
 ]
+
+
+def as_backend_tensor(value, name: str):
+    """Return ``value`` as a real tensor of the active TensorLy backend, or raise ``TypeError``.
+
+    Accepted: tensors of the active backend, NumPy arrays and nested Python lists/tuples of
+    numbers (converted with ``tl.tensor``, as TensorLy's decompositions do). A PyTorch
+    tensor that requires grad (a ``conv.weight`` Parameter) is detached: the solvers are
+    not differentiable, and nothing flows back through them. Refused with a ``TypeError``
+    naming the argument: tensors of another framework than the active backend (converting
+    them silently would copy across devices), complex values (the objective is real; the
+    imaginary part would be dropped), and anything that is not an array.
+    """
+    from ._backend_ops import dtype_kind, framework_of
+
+    active = tl.get_backend()
+    framework = framework_of(value)
+    if framework is None:
+        if isinstance(value, (list, tuple)):
+            try:
+                value = np.asarray(value)
+            except ValueError as exc:  # ragged nesting
+                raise TypeError(f"`{name}` must be a tensor or a rectangular nested list of numbers: {exc}") from None
+            if value.dtype.kind not in "biufc":
+                raise TypeError(f"`{name}` must hold numbers, got a list of {value.dtype} values.")
+            framework = "numpy"
+        else:
+            raise TypeError(f"`{name}` must be a tensor of the active TensorLy backend ({active!r}), got {type(value).__name__}.")
+    if framework == "pytorch" and getattr(value, "requires_grad", False):
+        value = value.detach()
+    kind = dtype_kind(value)[0]
+    if kind == "c":
+        raise TypeError(f"`{name}` is complex ({dtype_kind(value)[2]}): only real tensors are supported.")
+    if framework != active:
+        if framework != "numpy":
+            raise TypeError(
+                f"`{name}` is a {framework} tensor but the active TensorLy backend is {active!r}: "
+                f"call tl.set_backend({framework!r}) (or use tl.backend_context) or convert it first."
+            )
+        value = tl.tensor(value)
+    return value
 
 
 def check_finite(tensor, name: str) -> None:

@@ -20,8 +20,8 @@ from __future__ import annotations
 import numpy as np
 import tensorly as tl
 
-from ._backend_ops import cholesky_solve, host_dtype
-from ._validation import validate_sigma, validate_tensor
+from ._backend_ops import cholesky_solve, dtype_kind, host_dtype
+from ._validation import as_backend_tensor, check_finite, validate_sigma, validate_tensor
 
 __all__ = [
     "matricize",
@@ -53,6 +53,29 @@ def _squared_sigma_norm(matrix, sigma):
     return tl.sum(matrix * tl.dot(matrix, sigma))
 
 
+def _pow2_scale(tensor) -> float:
+    """Power of two nearest to ``max|tensor|`` (1 for a zero tensor).
+
+    Dividing by it is exact and brings squared norms of huge (1e154) or tiny weights back
+    into range: ``trace(W sigma W^T)`` overflows long before ``W`` does.
+    """
+    peak = float(tl.max(tl.abs(tensor)))
+    if not peak > 0.0 or not np.isfinite(peak):
+        return 1.0
+    return float(2.0 ** np.round(np.log2(peak)))
+
+
+def _real_floating(tensor, name: str):
+    """Coerce to the active backend; integers are promoted to float64."""
+    tensor = as_backend_tensor(tensor, name)
+    kind, itemsize, _ = dtype_kind(tensor)
+    # Integers, and half precision (which has no eigensolver on most backends and far too
+    # few digits for a squared norm), are computed in float64.
+    if kind != "f" or itemsize < 4:
+        tensor = _as_float64(tensor)
+    return tensor
+
+
 def sigma_norm(tensor, sigma, *, check_psd: bool = False):
     r"""Sigma-weighted norm :math:`\|W \Sigma^{1/2}\|_F` of a tensor.
 
@@ -78,11 +101,15 @@ def sigma_norm(tensor, sigma, *, check_psd: bool = False):
     >>> float(sigma_norm(W, np.eye(3)))  # the Frobenius norm when sigma = I
     2.449489742783178
     """
+    tensor = _real_floating(tensor, "tensor")
     validate_tensor(tensor)
     mat = matricize(tensor)
+    sigma = tl.tensor(as_backend_tensor(sigma, "sigma"), **tl.context(mat))
     sigma = validate_sigma(sigma, tl.shape(mat)[1], check_psd=check_psd)
+    w_scale, s_scale = _pow2_scale(mat), _pow2_scale(sigma)
+    squared = float(_squared_sigma_norm(mat / w_scale, sigma / s_scale))
     # Clamp: round-off can make a tiny squared norm slightly negative.
-    return float(np.sqrt(max(float(_squared_sigma_norm(mat, sigma)), 0.0)))
+    return float(np.sqrt(max(squared, 0.0)) * w_scale * np.sqrt(s_scale))
 
 
 def relative_sigma_error(tensor, approximation, sigma, *, check_psd: bool = False) -> float:
@@ -104,19 +131,30 @@ def relative_sigma_error(tensor, approximation, sigma, *, check_psd: bool = Fals
     float
         The relative error (0 for an exact approximation).
     """
+    tensor = _real_floating(tensor, "tensor")
     validate_tensor(tensor)
-    approximation = _to_dense(approximation)
+    approximation = _real_floating(_to_dense(approximation), "approximation")
     if tuple(tl.shape(approximation)) != tuple(tl.shape(tensor)):
         raise ValueError(
             f"`approximation` has shape {tuple(tl.shape(approximation))}, "
             f"but `tensor` has shape {tuple(tl.shape(tensor))}."
         )
+    check_finite(approximation, "approximation")
     mat = matricize(tensor)
+    approx = tl.tensor(matricize(approximation), **tl.context(mat))
+    sigma = tl.tensor(as_backend_tensor(sigma, "sigma"), **tl.context(mat))
     sigma = validate_sigma(sigma, tl.shape(mat)[1], check_psd=check_psd)
+    # Homogeneous in (W, W~) together and in sigma: scale both into range (exactly).
+    w_scale, s_scale = _pow2_scale(mat), _pow2_scale(sigma)
+    mat, approx, sigma = mat / w_scale, approx / w_scale, sigma / s_scale
     ref = float(_squared_sigma_norm(mat, sigma))
     if ref <= 0.0:
         raise ValueError("`tensor` has zero sigma-norm: the relative error is undefined.")
-    diff = float(_squared_sigma_norm(mat - matricize(approximation), sigma))
+    diff = float(_squared_sigma_norm(mat - approx, sigma))
+    if not np.isfinite(diff):
+        raise ValueError(
+            "`approximation` is too far from `tensor` (its sigma-error overflows): the relative error is not representable."
+        )
     return float(np.sqrt(max(diff, 0.0) / ref))
 
 
@@ -245,6 +283,11 @@ def whitened_svd(matrix, rank: int, sigma, *, damping: float = 0.0, check_psd: b
         ``last`` of shape ``(T, rank)`` with orthonormal columns and ``first = last.T @ W``
         of shape ``(rank, n)``, so that ``W~ = last @ first``.
     """
+    matrix = as_backend_tensor(matrix, "matrix")
+    kind, itemsize, _ = dtype_kind(matrix)
+    # Half precision is computed in float64 and returned in its dtype.
+    out_context = dict(tl.context(matrix)) if kind == "f" and itemsize < 4 else None
+    matrix = _real_floating(matrix, "matrix")
     validate_tensor(matrix, "matrix")
     mat = matricize(matrix)
     n_out, n = tl.shape(mat)
@@ -252,8 +295,14 @@ def whitened_svd(matrix, rank: int, sigma, *, damping: float = 0.0, check_psd: b
         raise TypeError(f"`rank` must be an int, got {rank!r}.")
     if not (1 <= rank <= min(n_out, n)):
         raise ValueError(f"`rank` must be in [1, {min(n_out, n)}], got {rank}.")
+    sigma = tl.tensor(as_backend_tensor(sigma, "sigma"), **tl.context(mat))
     sigma = damp_sigma(validate_sigma(sigma, n, check_psd=check_psd), damping)
-    gram = tl.dot(mat, tl.dot(sigma, tl.transpose(mat)))
+    # The eigenvectors of W sigma W^T do not depend on the scales of W and sigma: remove
+    # them (exactly, powers of two) so that the Gram matrix cannot overflow.
+    scaled, sigma = mat / _pow2_scale(mat), sigma / _pow2_scale(sigma)
+    gram = tl.dot(scaled, tl.dot(sigma, tl.transpose(scaled)))
     last, _ = top_eigvecs((gram + tl.transpose(gram)) / 2, rank)
     first = tl.dot(tl.transpose(last), mat)
+    if out_context is not None:
+        last, first = tl.tensor(last, **out_context), tl.tensor(first, **out_context)
     return last, first

@@ -1,5 +1,6 @@
 """Correctness of the sigma-weighted Tucker-2 and CP solvers on every backend."""
 
+import inspect
 import warnings
 
 import numpy as np
@@ -38,6 +39,23 @@ def _low_rank_plus_noise(rng, shape, ranks, noise=0.05):
     return W + noise * rng.standard_normal(shape)
 
 
+#: Stop reasons of a healthy run; "objective increased" and "non-finite error" are bugs.
+GOOD_STOPS = {"converged", "n_iter_max", "round-off floor"}
+
+
+def _fit(cls, tensor, rank, sigma, **options):
+    """Run a solver through its class API and check why it stopped.
+
+    The monotonicity asserts alone cannot fail (the monitor never records an increase);
+    the stop reason and the ``NonMonotoneWarning`` (an error in the test configuration,
+    see pyproject.toml) are what catch a broken update.
+    """
+    model = cls(rank, sigma, **options)
+    decomposition = model.fit_transform(tensor)
+    assert model.stop_reason_ in GOOD_STOPS, model.stop_reason_
+    return decomposition, model.errors_
+
+
 def _np(x):
     return np.asarray(tl.to_numpy(x), dtype=np.float64)
 
@@ -69,8 +87,8 @@ class TestTucker2:
     def test_errors_non_increasing_and_match_reconstruction(self, backend, rng, init, solver):
         W = rng.standard_normal(SHAPE)
         sigma = correlated_sigma(rng, N)
-        tucker, errors = tucker2_sigma(
-            _t(W), (5, 4), _t(sigma), init=init, solver=solver, random_state=0, n_iter_max=40, return_errors=True
+        tucker, errors = _fit(
+            Tucker2Sigma, _t(W), (5, 4), _t(sigma), init=init, solver=solver, random_state=0, n_iter_max=40
         )
         assert len(errors) >= 2
         assert np.all(np.diff(errors) <= 0)
@@ -124,14 +142,14 @@ class TestTucker2:
     def test_singular_sigma_no_nan(self, backend, rng):
         X = rng.standard_normal((20, N))  # 20 samples: rank-20 covariance of size 72
         sigma = X.T @ X / 20
-        tucker, errors = tucker2_sigma(_t(rng.standard_normal(SHAPE)), (5, 4), _t(sigma), return_errors=True)
+        tucker, errors = _fit(Tucker2Sigma, _t(rng.standard_normal(SHAPE)), (5, 4), _t(sigma))
         assert np.all(np.isfinite(_np(tl.tucker_to_tensor(tucker))))
         assert np.all(np.diff(errors) <= 0)
 
     @pytest.mark.parametrize("shape", [(6, 5), (6, 5, 3), (4, 3, 2, 2, 2)])
     def test_other_orders(self, backend, rng, shape):
         n = int(np.prod(shape[1:]))
-        tucker, errors = tucker2_sigma(_t(rng.standard_normal(shape)), (3, 2), _t(correlated_sigma(rng, n)), return_errors=True)
+        tucker, errors = _fit(Tucker2Sigma, _t(rng.standard_normal(shape)), (3, 2), _t(correlated_sigma(rng, n)))
         assert tl.shape(tl.tucker_to_tensor(tucker)) == shape
         assert np.all(np.diff(errors) <= 0)
 
@@ -170,9 +188,7 @@ class TestParafac:
     def test_errors_non_increasing(self, backend, rng, init, solver):
         W = rng.standard_normal(SHAPE)
         sigma = correlated_sigma(rng, N)
-        cp, errors = parafac_sigma(
-            _t(W), 6, _t(sigma), init=init, solver=solver, random_state=0, n_iter_max=30, return_errors=True
-        )
+        cp, errors = _fit(ParafacSigma, _t(W), 6, _t(sigma), init=init, solver=solver, random_state=0, n_iter_max=30)
         assert np.all(np.diff(errors) <= 0)
         assert errors[-1] < errors[0]
         assert relative_sigma_error(_t(W), cp, _t(sigma)) == pytest.approx(errors[-1], rel=1e-8)
@@ -222,13 +238,13 @@ class TestParafac:
     @pytest.mark.parametrize("shape", [(6, 5), (6, 5, 3), (4, 3, 2, 2, 2)])
     def test_other_orders(self, backend, rng, shape):
         n = int(np.prod(shape[1:]))
-        cp, errors = parafac_sigma(_t(rng.standard_normal(shape)), 3, _t(correlated_sigma(rng, n)), return_errors=True)
+        cp, errors = _fit(ParafacSigma, _t(rng.standard_normal(shape)), 3, _t(correlated_sigma(rng, n)))
         assert tl.shape(tl.cp_to_tensor(cp)) == shape
         assert np.all(np.diff(errors) <= 0)
 
     def test_singular_sigma_no_nan(self, backend, rng):
         X = rng.standard_normal((15, N))
-        cp, errors = parafac_sigma(_t(rng.standard_normal(SHAPE)), 6, _t(X.T @ X), return_errors=True)
+        cp, errors = _fit(ParafacSigma, _t(rng.standard_normal(SHAPE)), 6, _t(X.T @ X))
         assert np.all(np.isfinite(_np(tl.cp_to_tensor(cp))))
         assert np.all(np.diff(errors) <= 0)
 
@@ -410,3 +426,204 @@ class TestMonitor:
         tucker2_sigma(rng.standard_normal(SHAPE), 3, np.eye(N), n_iter_max=3, verbose=True, tol=0)
         out = capsys.readouterr().out
         assert "iteration 0" in out and "iteration 2" in out
+
+
+class TestClassWrapsFunction:
+    """TensorLy's pattern: the function is the implementation, the class passes options on."""
+
+    @pytest.mark.parametrize("cls, function", [(Tucker2Sigma, tucker2_sigma), (ParafacSigma, parafac_sigma)])
+    def test_signature_covers_function_options(self, cls, function):
+        fn = inspect.signature(function).parameters
+        init = inspect.signature(cls.__init__).parameters
+        options = {name: p for name, p in fn.items() if name not in ("tensor", "return_errors", "return_details")}
+        assert set(options) <= set(init), set(options) - set(init)
+        for name, p in options.items():
+            assert init[name].default == p.default, name
+
+    @pytest.mark.parametrize("method", ["tucker", "cp"])
+    def test_class_and_function_agree(self, rng, method):
+        W = rng.standard_normal(SHAPE)
+        sigma = correlated_sigma(rng, N)
+        options = dict(n_iter_max=6, init="random", random_state=2, solver="cg", cg_tol=1e-6, cg_maxiter=50, tol=0.0)
+        cls, function, rank = (Tucker2Sigma, tucker2_sigma, (5, 4)) if method == "tucker" else (ParafacSigma, parafac_sigma, 4)
+        model = cls(rank, sigma, **options)
+        from_class = model.fit_transform(W)
+        from_function, errors, details = function(W, rank, sigma, return_errors=True, return_details=True, **options)
+        assert model.errors_ == errors
+        assert model.stop_reason_ == details["stop_reason"] == "n_iter_max"
+        assert len(model.solves_) == len(details["solves"]) == 5
+        to_dense = tl.tucker_to_tensor if method == "tucker" else tl.cp_to_tensor
+        np.testing.assert_array_equal(to_dense(from_class), to_dense(from_function))
+
+    def test_return_convention(self, rng):
+        W, sigma = rng.standard_normal(SHAPE), np.eye(N)
+        assert isinstance(tucker2_sigma(W, 3, sigma, n_iter_max=2), tl.tucker_tensor.TuckerTensor)
+        cp, details = parafac_sigma(W, 3, sigma, n_iter_max=2, return_details=True)
+        assert details["rank"] == 3 and details["solver"] in ("direct", "cg")
+
+
+class TestThreads:
+    def _settings(self):
+        import torch
+        from threadpoolctl import threadpool_info
+
+        return torch.get_num_threads(), sorted(lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas")
+
+    def test_restored_after_call_and_after_error(self, rng):
+        from tensorly_dataaware import solver_threads
+
+        import torch
+
+        W, sigma = rng.standard_normal(SHAPE), np.eye(N)
+        previous = torch.get_num_threads()
+        torch.set_num_threads(2)
+        try:
+            before = self._settings()
+            _, details = tucker2_sigma(W, 3, sigma, n_iter_max=2, return_details=True)
+            assert details["threads"] == 1  # the measured default
+            assert self._settings() == before
+            with pytest.raises(ValueError):
+                parafac_sigma(W, 3, sigma, n_iter_max=2, cg_maxiter=0)
+            assert self._settings() == before
+
+            seen = []
+            tucker2_sigma(W, 3, sigma, n_iter_max=2, callback=lambda *_: seen.append(self._settings()))
+            assert seen[0][0] == 1 and all(n == 1 for n in seen[0][1])
+            with solver_threads(2):
+                _, details = tucker2_sigma(W, 3, sigma, n_iter_max=2, return_details=True)
+                assert details["threads"] == 2
+            _, details = tucker2_sigma(W, 3, sigma, n_iter_max=2, threads=0, return_details=True)
+            assert details["threads"] == 0
+            assert self._settings() == before
+        finally:
+            torch.set_num_threads(previous)
+
+    def test_environment_variable(self, rng, monkeypatch):
+        W, sigma = rng.standard_normal(SHAPE), np.eye(N)
+        monkeypatch.setenv("TENSORLY_DATAAWARE_THREADS", "2")
+        assert tucker2_sigma(W, 3, sigma, n_iter_max=1, return_details=True)[1]["threads"] == 2
+        monkeypatch.setenv("TENSORLY_DATAAWARE_THREADS", "many")
+        with pytest.raises(ValueError, match="TENSORLY_DATAAWARE_THREADS"):
+            tucker2_sigma(W, 3, sigma, n_iter_max=1)
+
+    @pytest.mark.parametrize("threads", [-1, 1.5, "2", True])
+    def test_bad_threads(self, rng, threads):
+        with pytest.raises(ValueError, match="threads"):
+            tucker2_sigma(rng.standard_normal(SHAPE), 3, np.eye(N), threads=threads)
+
+
+class TestAcceptedInputs:
+    """Issue 9 item 7: inputs a user passes in practice are accepted or clearly refused."""
+
+    def test_parameter_requiring_grad(self, rng):
+        import torch
+
+        W = torch.nn.Parameter(torch.tensor(rng.standard_normal(SHAPE)))
+        sigma = torch.tensor(correlated_sigma(rng, N))
+        with tl.backend_context("pytorch"):
+            tucker = tucker2_sigma(W, (4, 3), sigma, n_iter_max=3)
+            cp = parafac_sigma(W, 3, sigma, n_iter_max=3)
+            assert not tucker.core.requires_grad and not cp.weights.requires_grad
+            assert sigma_norm(W, sigma) > 0
+            assert relative_sigma_error(W, tucker, sigma) < 1
+            last, _ = whitened_svd(W.reshape(10, -1), 3, sigma)
+            assert not last.requires_grad
+        assert W.grad is None and W.requires_grad
+
+    @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+    def test_half_precision(self, rng, dtype):
+        import torch
+
+        W = torch.tensor(rng.standard_normal(SHAPE)).to(getattr(torch, dtype))
+        sigma = torch.tensor(correlated_sigma(rng, N))
+        with tl.backend_context("pytorch"):
+            tucker, errors = tucker2_sigma(W, (4, 3), sigma, n_iter_max=4, return_errors=True)
+            cp = parafac_sigma(W, 3, sigma, n_iter_max=4)
+            assert tucker.core.dtype == W.dtype and cp.weights.dtype == W.dtype
+            assert np.isfinite(errors[-1]) and errors[-1] < 1
+            last, first = whitened_svd(W.reshape(10, -1), 3, sigma)
+            assert last.dtype == W.dtype
+
+    def test_python_lists(self, rng):
+        W, sigma = rng.standard_normal(SHAPE), correlated_sigma(rng, N)
+        expected = tucker2_sigma(W, (4, 3), sigma, n_iter_max=3)
+        got = tucker2_sigma(W.tolist(), (4, 3), sigma.tolist(), n_iter_max=3)
+        assert_array_almost_equal(tl.tucker_to_tensor(got), tl.tucker_to_tensor(expected))
+        assert parafac_sigma(W.tolist(), 3, sigma.tolist(), n_iter_max=2).rank == 3
+        assert sigma_norm(W.tolist(), sigma.tolist()) == pytest.approx(sigma_norm(W, sigma))
+        with pytest.raises(TypeError, match="`tensor`"):
+            tucker2_sigma([[1.0, 2.0], [3.0]], 1, np.eye(2))
+        with pytest.raises(TypeError, match="`sigma`"):
+            tucker2_sigma(W, 3, [["a"] * N] * N)
+        with pytest.raises(TypeError, match="`tensor`"):
+            tucker2_sigma("weights", 3, sigma)
+
+    def test_other_backend_tensor(self, rng):
+        import torch
+
+        W = torch.tensor(rng.standard_normal(SHAPE))
+        with tl.backend_context("numpy"):
+            with pytest.raises(TypeError, match="`tensor` is a pytorch tensor.*active TensorLy backend is 'numpy'"):
+                tucker2_sigma(W, 3, np.eye(N))
+            with pytest.raises(TypeError, match="`sigma` is a pytorch tensor"):
+                parafac_sigma(W.numpy(), 3, torch.eye(N))
+            with pytest.raises(TypeError, match="`tensor` is a pytorch tensor"):
+                sigma_norm(W, np.eye(N))
+        # NumPy arrays are accepted on every backend (converted, as TensorLy does).
+        with tl.backend_context("pytorch"):
+            assert tucker2_sigma(W.numpy(), 3, np.eye(N), n_iter_max=2).core.dtype == torch.float64
+
+    @pytest.mark.parametrize("scale", [1e154, 1e200, 1e300, 1e-200])
+    def test_huge_and_tiny_weights(self, rng, scale):
+        W, sigma = rng.standard_normal(SHAPE), correlated_sigma(rng, N)
+        tucker, errors = tucker2_sigma(W, (4, 3), sigma, n_iter_max=5, return_errors=True)
+        cp, cp_errors = parafac_sigma(W, 3, sigma, n_iter_max=5, return_errors=True)
+        tucker_s, errors_s = tucker2_sigma(W * scale, (4, 3), sigma * scale, n_iter_max=5, return_errors=True)
+        cp_s, cp_errors_s = parafac_sigma(W * scale, 3, sigma * scale, n_iter_max=5, return_errors=True)
+        # Homogeneous problem: the same relative errors, the solution scaled by `scale`.
+        np.testing.assert_allclose(errors_s, errors, rtol=1e-10)
+        np.testing.assert_allclose(cp_errors_s, cp_errors, rtol=1e-10)
+        np.testing.assert_allclose(tl.tucker_to_tensor(tucker_s) / scale, tl.tucker_to_tensor(tucker), atol=1e-10)
+        np.testing.assert_allclose(tl.cp_to_tensor(cp_s) / scale, tl.cp_to_tensor(cp), atol=1e-10)
+        assert relative_sigma_error(W * scale, tucker_s, sigma * scale) == pytest.approx(errors[-1], rel=1e-8)
+        assert sigma_norm(W * scale, sigma) == pytest.approx(sigma_norm(W, sigma) * scale, rel=1e-12)
+        last, first = whitened_svd(W * scale, 3, sigma * scale)
+        assert np.all(np.isfinite(last @ first))
+
+    def test_complex_refused(self, rng):
+        W, sigma = rng.standard_normal(SHAPE), np.eye(N)
+        with pytest.raises(TypeError, match="`sigma` is complex"):
+            tucker2_sigma(W, 3, sigma + 1j * np.eye(N))
+        with pytest.raises(TypeError, match="`tensor` is complex"):
+            parafac_sigma(W + 0j, 3, sigma)
+        with pytest.raises(TypeError, match="`sigma` is complex"):
+            sigma_norm(W, sigma.astype(complex))
+
+    @pytest.mark.parametrize(
+        "option, value, error, match",
+        [
+            ("cg_maxiter", 0, ValueError, "cg_maxiter"),
+            ("cg_maxiter", -5, ValueError, "cg_maxiter"),
+            ("cg_maxiter", 2.5, TypeError, "cg_maxiter"),
+            ("cg_tol", -1e-3, ValueError, "cg_tol"),
+            ("cg_tol", float("nan"), ValueError, "cg_tol"),
+            ("cg_tol", "1e-8", TypeError, "cg_tol"),
+            ("tol", float("nan"), ValueError, "`tol`"),
+            ("n_iter_max", 3.0, TypeError, "n_iter_max"),
+            ("check_psd", "yes", TypeError, "check_psd"),
+            ("callback", 3, TypeError, "callback"),
+            ("damping", float("nan"), ValueError, "damping"),
+        ],
+    )
+    def test_bad_options(self, rng, option, value, error, match):
+        W = rng.standard_normal(SHAPE)
+        for function, rank in ((tucker2_sigma, 3), (parafac_sigma, 3)):
+            with pytest.raises(error, match=match):
+                function(W, rank, np.eye(N), **{option: value})
+
+    def test_relative_error_of_nan_approximation(self, rng):
+        W = rng.standard_normal(SHAPE)
+        with pytest.raises(ValueError, match="`approximation` contains NaN"):
+            relative_sigma_error(W, np.full(SHAPE, np.nan), np.eye(N))
+        with pytest.raises(ValueError, match="`approximation` is too far"):
+            relative_sigma_error(W, W * 1e200, np.eye(N))  # finite, but its error overflows

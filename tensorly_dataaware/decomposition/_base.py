@@ -1,4 +1,9 @@
-"""Class interface shared by the sigma-weighted decompositions (TensorLy's estimator style)."""
+"""Class interface shared by the sigma-weighted decompositions (TensorLy's estimator style).
+
+As in TensorLy (``CP`` and ``parafac``), the public function is the implementation and the
+class only stores its options and passes them on explicitly; ``tests/test_decomposition.py``
+checks that the class signature covers every option of the function, with the same defaults.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +15,8 @@ from tensorly.decomposition._base_decomposition import DecompositionMixin
 class SigmaDecomposition(DecompositionMixin):
     """Store the options of a ``*_sigma`` function and run it on :meth:`fit_transform`.
 
-    Subclasses set ``_function``: the private implementation returning
-    ``(decomposition, errors, details)``.
+    Subclasses set ``_function``: the public function (``tucker2_sigma`` or
+    ``parafac_sigma``).
     """
 
     _function: Callable
@@ -32,6 +37,7 @@ class SigmaDecomposition(DecompositionMixin):
         random_state=None,
         verbose=False,
         callback=None,
+        threads: int | None = None,
     ):
         self.rank = rank
         self.sigma = sigma
@@ -46,19 +52,32 @@ class SigmaDecomposition(DecompositionMixin):
         self.random_state = random_state
         self.verbose = verbose
         self.callback = callback
+        self.threads = threads
 
     def fit_transform(self, tensor):
         """Decompose ``tensor``; store and return the decomposition."""
-        options = {
-            name: getattr(self, name)
-            for name in (
-                "init", "n_iter_max", "tol", "damping", "solver", "cg_tol",
-                "cg_maxiter", "check_psd", "random_state", "verbose", "callback",
-            )
-        }
-        decomposition, errors, details = type(self)._function(tensor, self.rank, self.sigma, **options)
+        decomposition, errors, details = type(self)._function(
+            tensor,
+            self.rank,
+            self.sigma,
+            init=self.init,
+            n_iter_max=self.n_iter_max,
+            tol=self.tol,
+            damping=self.damping,
+            solver=self.solver,
+            cg_tol=self.cg_tol,
+            cg_maxiter=self.cg_maxiter,
+            check_psd=self.check_psd,
+            random_state=self.random_state,
+            verbose=self.verbose,
+            callback=self.callback,
+            threads=self.threads,
+            return_errors=True,
+            return_details=True,
+        )
         self.decomposition_ = decomposition
         self.errors_ = errors
+        self.details_ = details
         self.stop_reason_ = details["stop_reason"]
         self.solves_ = details["solves"]
         return decomposition

@@ -30,22 +30,18 @@ from __future__ import annotations
 import string
 import warnings
 
-import numpy as np
 import tensorly as tl
 from opt_einsum import contract
 from tensorly.cp_tensor import CPTensor
 
 from .._validation import validate_cp_rank
 from ..norms import psd_solve
+from ._als import finish, run_als
 from ._base import SigmaDecomposition
-from ._monitor import ALSMonitor
 from ._problem import SigmaProblem
 from ._structured_solve import InputFactorSystem
 
 __all__ = ["parafac_sigma", "ParafacSigma"]
-
-#: ``solver="auto"`` solves the input-channel system densely up to this many unknowns.
-DIRECT_SOLVE_MAX_UNKNOWNS = 512
 
 
 class _CPState:
@@ -163,66 +159,39 @@ def _to_cp_tensor(state: _CPState, prob: SigmaProblem) -> CPTensor:
         safe = tl.where(norms > 0, norms, tl.ones(tl.shape(norms), **tl.context(norms)))
         factors.append(prob.to_output(f / safe[None, :]))
         weights = norms if weights is None else weights * norms
-    return CPTensor((prob.to_output(weights), factors))
+    return CPTensor((prob.to_output(weights, rescale=True), factors))
 
 
-def _parafac_sigma(
-    tensor,
-    rank,
-    sigma,
-    *,
-    init="svd",
-    n_iter_max: int = 100,
-    tol: float = 1e-8,
-    damping: float = 0.0,
-    solver: str = "auto",
-    cg_tol: float = 1e-8,
-    cg_maxiter: int = 500,
-    check_psd: bool = True,
-    random_state=None,
-    verbose=False,
-    callback=None,
-):
-    prob = SigmaProblem.build(tensor, sigma, damping=damping, check_psd=check_psd)
-    rank = validate_cp_rank(prob.shape, rank)
-    if isinstance(n_iter_max, bool) or not isinstance(n_iter_max, (int, np.integer)) or n_iter_max < 1:
-        raise ValueError(f"`n_iter_max` must be an int >= 1, got {n_iter_max!r}.")
-    if solver == "auto":
-        solver = "direct" if prob.n_in * rank <= DIRECT_SOLVE_MAX_UNKNOWNS else "cg"
-    if solver not in ("direct", "cg"):
-        raise ValueError(f"Unknown `solver` {solver!r}: use 'auto', 'direct' or 'cg'.")
-    monitor = ALSMonitor(tol, prob.eps, verbose, callback, "parafac_sigma", noise_scale=prob.noise_scale)
-    system = InputFactorSystem(prob.sigma, prob.n_in, prob.n_pos)
+class _CPModel:
+    """The CP pieces of the shared ALS driver (:func:`._als.run_als`)."""
 
-    make = lambda state: _to_cp_tensor(state, prob)  # noqa: E731
-    inputs = _initial_inputs(prob.tensor, prob, rank, init, random_state)
-    state = _output_step(prob, inputs)
-    solves = []
-    stop = monitor.record(state.error, state, make)
-    for _ in range(1, n_iter_max):
-        if stop:
-            break
+    name = "parafac_sigma"
+    rank_key = "rank"
+
+    @staticmethod
+    def resolve_rank(shape, rank) -> int:
+        return validate_cp_rank(shape, rank)
+
+    @staticmethod
+    def n_unknowns(prob: SigmaProblem, rank: int) -> int:
+        return prob.n_in * rank
+
+    @staticmethod
+    def initial_state(prob: SigmaProblem, rank: int, init, random_state) -> _CPState:
+        return _output_step(prob, _initial_inputs(prob.tensor, prob, rank, init, random_state))
+
+    @staticmethod
+    def sweep(prob, system, state: _CPState, solver, cg_tol, cg_maxiter, reduction):
         A, inputs = state.A, list(state.inputs)
-        B, info = _channel_step(prob, system, A, inputs, solver, cg_tol, cg_maxiter, monitor.forcing())
-        solves.append(info)
+        B, info = _channel_step(prob, system, A, inputs, solver, cg_tol, cg_maxiter, reduction)
         A, inputs[0] = _normalize_into(A, B)
         for k in range(1, len(inputs)):
             A, inputs[k] = _normalize_into(A, _spatial_step(prob, A, inputs, k))
-        state = _output_step(prob, inputs)
-        stop = monitor.record(
-            state.error,
-            state,
-            make,
-            extra=f" ({info.method}: {info.iterations} it, residual {info.relative_residual:.2e})",
-        )
-    details = {
-        "stop_reason": monitor.stop_reason,
-        "solves": solves,
-        "non_monotone_steps": monitor.non_monotone_steps,
-        "rank": rank,
-        "solver": solver,
-    }
-    return make(monitor.best), monitor.errors, details
+        return _output_step(prob, inputs), info
+
+    @staticmethod
+    def to_decomposition(prob: SigmaProblem, state: _CPState) -> CPTensor:
+        return _to_cp_tensor(state, prob)
 
 
 def parafac_sigma(
@@ -242,6 +211,8 @@ def parafac_sigma(
     return_errors: bool = False,
     verbose=False,
     callback=None,
+    threads: int | None = None,
+    return_details: bool = False,
 ):
     r"""CP decomposition minimizing the sigma-weighted error.
 
@@ -285,12 +256,22 @@ def parafac_sigma(
     verbose : bool or int, default is False
     callback : callable, optional
         ``callback(cp_tensor, error)`` after each sweep; returning ``True`` stops.
+    threads : int, optional
+        BLAS / PyTorch threads for this call (restored afterwards); ``0`` leaves them alone.
+        Default: :func:`~tensorly_dataaware.solver_threads`, else
+        ``$TENSORLY_DATAAWARE_THREADS``, else 1 (measured fastest for these small dense
+        operations, see :mod:`tensorly_dataaware.decomposition._threads`).
+    return_details : bool, default is False
+        Also return a dict: ``stop_reason`` (``'converged'``, ``'n_iter_max'``,
+        ``'callback'``, ``'round-off floor'``, ``'objective increased'`` or
+        ``'non-finite error'``), ``solves`` (one :class:`SolveInfo` per sweep),
+        ``non_monotone_steps``, ``rank``, ``solver`` and ``threads``.
 
     Returns
     -------
-    CPTensor or (CPTensor, list of float)
+    CPTensor, or a tuple ``(cp, errors)``, ``(cp, details)`` or ``(cp, errors, details)``
         ``(weights, factors)`` with unit-norm factor columns; ``tl.cp_to_tensor``
-        reconstructs ``W~``.
+        reconstructs ``W~``. Then the errors and/or the details, if asked for.
 
     Notes
     -----
@@ -303,8 +284,7 @@ def parafac_sigma(
 
     Examples
     --------
-    >>> import numpy as np
-    >>> import tensorly as tl
+    >>>     >>> import tensorly as tl
     >>> from tensorly_dataaware import parafac_sigma
     >>> rng = np.random.default_rng(0)
     >>> W = rng.standard_normal((8, 6, 3, 3))
@@ -315,7 +295,8 @@ def parafac_sigma(
     >>> bool(np.all(np.diff(errors) <= 0))
     True
     """
-    cp, errors, _ = _parafac_sigma(
+    cp, errors, details = run_als(
+        _CPModel,
         tensor,
         rank,
         sigma,
@@ -330,10 +311,9 @@ def parafac_sigma(
         random_state=random_state,
         verbose=verbose,
         callback=callback,
+        threads=threads,
     )
-    if return_errors:
-        return cp, errors
-    return cp
+    return finish(cp, errors, details, return_errors, return_details)
 
 
 class ParafacSigma(SigmaDecomposition):
@@ -341,7 +321,7 @@ class ParafacSigma(SigmaDecomposition):
 
     Parameters
     ----------
-    rank, sigma, init, n_iter_max, tol, damping, solver, cg_tol, cg_maxiter, check_psd, random_state, verbose, callback
+    rank, sigma, init, n_iter_max, tol, damping, solver, cg_tol, cg_maxiter, check_psd, random_state, verbose, callback, threads
         As in :func:`parafac_sigma`.
 
     Attributes
@@ -349,16 +329,17 @@ class ParafacSigma(SigmaDecomposition):
     decomposition_ : CPTensor
     errors_ : list of float
         Relative sigma-error after each sweep (non-increasing).
+    details_ : dict
+        What ``return_details=True`` returns (stop reason, solves, rank, solver, threads).
     stop_reason_ : str
     solves_ : list of SolveInfo
 
     Examples
     --------
-    >>> import numpy as np
-    >>> from tensorly_dataaware import ParafacSigma
+    >>>     >>> from tensorly_dataaware import ParafacSigma
     >>> W = np.random.default_rng(0).standard_normal((6, 5, 3, 3))
     >>> ParafacSigma(rank=4, sigma=np.eye(45)).fit_transform(W).rank
     4
     """
 
-    _function = staticmethod(_parafac_sigma)
+    _function = staticmethod(parafac_sigma)

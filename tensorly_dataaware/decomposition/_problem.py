@@ -7,11 +7,22 @@ from dataclasses import dataclass
 import numpy as np
 import tensorly as tl
 
-from .._backend_ops import host_dtype
-from .._validation import validate_sigma, validate_tensor
+from .._backend_ops import dtype_kind, host_dtype
+from .._validation import as_backend_tensor, check_finite, validate_sigma, validate_tensor
 from ..norms import _as_float64, damp_sigma, matricize
 
 __all__ = ["SigmaProblem"]
+
+
+def _unit_scale(tensor):
+    """``(tensor / c, c)`` with ``c`` the power of two nearest to ``max|tensor|`` (1 for zero)."""
+    peak = float(tl.max(tl.abs(tensor)))
+    if not peak > 0.0 or not np.isfinite(peak):
+        return tensor, 1.0
+    scale = float(2.0 ** np.round(np.log2(peak)))
+    if scale == 1.0:
+        return tensor, 1.0
+    return tensor / scale, scale
 
 
 @dataclass
@@ -35,6 +46,11 @@ class SigmaProblem:
     noise_scale : float
         ``||W||_F ||W sigma||_F / ref >= 1``: the factor by which the conditioning of the
         problem amplifies round-off in the computed error.
+    out_context : dict
+        Backend context (dtype, device) of the caller's tensor: results are returned in it.
+    scale : float
+        Power of two by which the caller's tensor was divided (``W`` is the scaled one):
+        results are multiplied back by it in :meth:`to_output`.
     """
 
     shape: tuple
@@ -45,14 +61,21 @@ class SigmaProblem:
     eps: float
     noise_scale: float = 1.0
     out_context: dict | None = None
+    scale: float = 1.0
 
     @property
     def tensor(self):
         """The tensor in working precision, shape ``(T, S, *spatial)``."""
         return tl.reshape(self.W, self.shape)
 
-    def to_output(self, x):
-        """Cast a result back to the caller's dtype and device."""
+    def to_output(self, x, *, rescale: bool = False):
+        """Cast a result back to the caller's dtype and device.
+
+        ``rescale=True`` for the one factor of a decomposition that carries the scale of
+        ``W`` (Tucker core, CP weights): it is multiplied back by :attr:`scale`.
+        """
+        if rescale and self.scale != 1.0:
+            x = x * self.scale
         return tl.tensor(x, **self.out_context) if self.out_context is not None else x
 
     @property
@@ -73,26 +96,40 @@ class SigmaProblem:
 
     @classmethod
     def build(cls, tensor, sigma, *, damping: float, check_psd: bool) -> "SigmaProblem":
-        validate_tensor(tensor)
-        dtype = host_dtype(tensor)
-        if dtype.kind != "f":
+        tensor = as_backend_tensor(tensor, "tensor")
+        sigma = as_backend_tensor(sigma, "sigma")
+        kind, itemsize, dtype_name = dtype_kind(tensor)
+        if kind != "f":
             raise TypeError(
-                f"`tensor` must have a floating-point dtype (float32 or float64), got {dtype}."
+                f"`tensor` must have a floating-point dtype (float32 or float64), got {dtype_name}."
             )
         shape = tuple(int(d) for d in tl.shape(tensor))
         out_context = dict(tl.context(tensor))
-        if dtype.itemsize < 8:
-            # Single precision is not enough for the normal equations of real covariances
-            # (cond ~ 1e6-1e10): a float32 CP sweep was measured to *increase* the objective
-            # by 3%. Work in float64 on the same backend and device, return the input dtype.
+        if itemsize < 8:
+            # Single and half precision are not enough for the normal equations of real
+            # covariances (cond ~ 1e6-1e10): a float32 CP sweep was measured to *increase*
+            # the objective by 3%. Work in float64 on the same backend and device, return
+            # the input dtype.
             wide = _as_float64(tensor)
-            if host_dtype(wide).itemsize == 8:
-                tensor, dtype = wide, np.dtype(np.float64)
+            if dtype_kind(wide)[1] == 8:
+                tensor = wide
+            elif itemsize < 4:
+                # JAX without x64: float32 is the widest available.
+                tensor = tl.tensor(tensor, **{**out_context, "dtype": tl.float32})
+        validate_tensor(tensor)
+        # The problem is homogeneous: W -> c W scales the solution by c, sigma -> c sigma
+        # changes nothing. Working on W and sigma scaled by powers of two (exact) near unit
+        # size keeps trace(W sigma W^T) representable for weights up to ~1e300 (1e154 would
+        # overflow it otherwise) and down to the smallest normal numbers.
+        tensor, scale = _unit_scale(tensor)
+        dtype = host_dtype(tensor)
         W = matricize(tensor)
         n = tl.shape(W)[1]
         # sigma follows the tensor: same backend, dtype and device (as TensorLy does for
         # every argument of a decomposition).
         sigma = tl.tensor(sigma, **tl.context(tensor))
+        check_finite(sigma, "sigma")
+        sigma, _ = _unit_scale(sigma)
         sigma = damp_sigma(validate_sigma(sigma, n, check_psd=check_psd), damping)
         Wsig = tl.dot(W, sigma)
         ref = float(tl.sum(W * Wsig))
@@ -102,7 +139,7 @@ class SigmaProblem:
                 "there is nothing to approximate."
             )
         noise_scale = float(tl.norm(W)) * float(tl.norm(Wsig)) / ref
-        return cls(shape, W, sigma, Wsig, ref, float(np.finfo(dtype).eps), noise_scale, out_context)
+        return cls(shape, W, sigma, Wsig, ref, float(np.finfo(dtype).eps), noise_scale, out_context, scale)
 
     def relative_error(self, approx, approx_sig) -> float:
         """Relative error from ``W~`` and ``W~ @ sigma`` (both ``T x n``), computed explicitly.

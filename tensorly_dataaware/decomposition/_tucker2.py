@@ -27,23 +27,18 @@ the fixed points are those of Frobenius HOOI (TensorLy's ``partial_tucker``).
 
 from __future__ import annotations
 
-import numpy as np
 import tensorly as tl
 from opt_einsum import contract
 from tensorly.tucker_tensor import TuckerTensor
 
 from .._validation import validate_tucker2_rank
 from ..norms import psd_solve, top_eigvecs
+from ._als import finish, run_als
 from ._base import SigmaDecomposition
-from ._monitor import ALSMonitor
 from ._problem import SigmaProblem
 from ._structured_solve import InputFactorSystem
 
 __all__ = ["tucker2_sigma", "Tucker2Sigma"]
-
-#: ``solver="auto"`` solves the input-factor system densely up to this many unknowns
-#: (``S * R_in``); above it, preconditioned CG is much cheaper (see benchmarks/speed.py).
-DIRECT_SOLVE_MAX_UNKNOWNS = 512
 
 
 def _orthonormalize(matrix):
@@ -115,66 +110,41 @@ def _to_tucker_tensor(state: _Tucker2State, prob: SigmaProblem) -> TuckerTensor:
     spatial = prob.spatial
     core = tl.reshape(state.G, (tl.shape(state.G)[0], tl.shape(state.G)[1]) + spatial)
     factors = [state.U, state.V] + [tl.eye(d, **tl.context(core)) for d in spatial]
-    return TuckerTensor((prob.to_output(core), [prob.to_output(f) for f in factors]))
+    return TuckerTensor((prob.to_output(core, rescale=True), [prob.to_output(f) for f in factors]))
 
 
-def _tucker2_sigma(
-    tensor,
-    rank,
-    sigma,
-    *,
-    init="svd",
-    n_iter_max: int = 100,
-    tol: float = 1e-8,
-    damping: float = 0.0,
-    solver: str = "auto",
-    cg_tol: float = 1e-8,
-    cg_maxiter: int = 500,
-    check_psd: bool = True,
-    random_state=None,
-    verbose=False,
-    callback=None,
-):
-    prob = SigmaProblem.build(tensor, sigma, damping=damping, check_psd=check_psd)
-    r_out, r_in = validate_tucker2_rank(prob.shape, rank)
-    if isinstance(n_iter_max, bool) or not isinstance(n_iter_max, (int, np.integer)) or n_iter_max < 1:
-        raise ValueError(f"`n_iter_max` must be an int >= 1, got {n_iter_max!r}.")
-    if solver == "auto":
-        solver = "direct" if prob.n_in * r_in <= DIRECT_SOLVE_MAX_UNKNOWNS else "cg"
-    if solver not in ("direct", "cg"):
-        raise ValueError(f"Unknown `solver` {solver!r}: use 'auto', 'direct' or 'cg'.")
-    make = lambda state: _to_tucker_tensor(state, prob)  # noqa: E731
-    monitor = ALSMonitor(tol, prob.eps, verbose, callback, "tucker2_sigma", noise_scale=prob.noise_scale)
-    system = InputFactorSystem(prob.sigma, prob.n_in, prob.n_pos)
-    Wsig3 = tl.reshape(prob.Wsig, (prob.n_out, prob.n_in, prob.n_pos))
+class _Tucker2Model:
+    """The Tucker-2 pieces of the shared ALS driver (:func:`._als.run_als`)."""
 
-    V = _initial_input_factor(prob.tensor, prob, (r_out, r_in), init, random_state)
-    state = _joint_step(prob, V, r_out)
-    solves = []
-    stop = monitor.record(state.error, state, make)
-    for _ in range(1, n_iter_max):
-        if stop:
-            break
+    name = "tucker2_sigma"
+    rank_key = "ranks"
+
+    @staticmethod
+    def resolve_rank(shape, rank) -> tuple[int, int]:
+        return validate_tucker2_rank(shape, rank)
+
+    @staticmethod
+    def n_unknowns(prob: SigmaProblem, ranks) -> int:
+        return prob.n_in * ranks[1]
+
+    @staticmethod
+    def initial_state(prob: SigmaProblem, ranks, init, random_state) -> _Tucker2State:
+        V = _initial_input_factor(prob.tensor, prob, ranks, init, random_state)
+        return _joint_step(prob, V, ranks[0])
+
+    @staticmethod
+    def sweep(prob, system, state: _Tucker2State, solver, cg_tol, cg_maxiter, reduction):
         # Input-factor step: only U^T W matters because U is orthonormal.
+        Wsig3 = tl.reshape(prob.Wsig, (prob.n_out, prob.n_in, prob.n_pos))
         x_sig = contract("ta,tsp->asp", state.U, Wsig3)
         rhs = contract("asp,abp->sb", x_sig, state.G)
-        V_new, info = system.solve(
-            state.G, rhs, state.V, method=solver, tol=cg_tol, maxiter=cg_maxiter, reduction=monitor.forcing()
-        )
-        solves.append(info)
+        V_new, info = system.solve(state.G, rhs, state.V, method=solver, tol=cg_tol, maxiter=cg_maxiter, reduction=reduction)
         # The joint step depends on span(V) only: orthonormalizing keeps it well scaled.
-        state = _joint_step(prob, _orthonormalize(V_new), r_out)
-        stop = monitor.record(
-            state.error, state, make, extra=f" ({info.method}: {info.iterations} it, residual {info.relative_residual:.2e})"
-        )
-    details = {
-        "stop_reason": monitor.stop_reason,
-        "solves": solves,
-        "non_monotone_steps": monitor.non_monotone_steps,
-        "ranks": (r_out, r_in),
-        "solver": solver,
-    }
-    return make(monitor.best), monitor.errors, details
+        return _joint_step(prob, _orthonormalize(V_new), tl.shape(state.U)[1]), info
+
+    @staticmethod
+    def to_decomposition(prob: SigmaProblem, state: _Tucker2State) -> TuckerTensor:
+        return _to_tucker_tensor(state, prob)
 
 
 def tucker2_sigma(
@@ -194,6 +164,8 @@ def tucker2_sigma(
     return_errors: bool = False,
     verbose=False,
     callback=None,
+    threads: int | None = None,
+    return_details: bool = False,
 ):
     r"""Tucker-2 decomposition minimizing the sigma-weighted error.
 
@@ -257,10 +229,20 @@ def tucker2_sigma(
         Print the error (and CG statistics) of each sweep.
     callback : callable, optional
         ``callback(tucker_tensor, error)`` after each sweep; returning ``True`` stops.
+    threads : int, optional
+        BLAS / PyTorch threads for this call (restored afterwards); ``0`` leaves them alone.
+        Default: :func:`~tensorly_dataaware.solver_threads`, else
+        ``$TENSORLY_DATAAWARE_THREADS``, else 1 (measured fastest for these small dense
+        operations, see :mod:`tensorly_dataaware.decomposition._threads`).
+    return_details : bool, default is False
+        Also return a dict: ``stop_reason`` (``'converged'``, ``'n_iter_max'``,
+        ``'callback'``, ``'round-off floor'``, ``'objective increased'`` or
+        ``'non-finite error'``), ``solves`` (one :class:`SolveInfo` per sweep),
+        ``non_monotone_steps``, ``ranks``, ``solver`` and ``threads``.
 
     Returns
     -------
-    TuckerTensor or (TuckerTensor, list of float)
+    TuckerTensor, or a tuple ``(tucker, errors)``, ``(tucker, details)`` or ``(tucker, errors, details)``
         ``(core, [U, V, I_{d_2}, ...])`` with ``core`` of shape ``(R_out, R_in, *spatial)``,
         ``U`` and ``V`` with orthonormal columns and identity factors on the spatial modes,
         so that ``tl.tucker_to_tensor`` reconstructs ``W~``. The errors, if asked for, are
@@ -293,7 +275,8 @@ def tucker2_sigma(
     >>> bool(np.all(np.diff(errors) <= 0))
     True
     """
-    tucker, errors, _ = _tucker2_sigma(
+    tucker, errors, details = run_als(
+        _Tucker2Model,
         tensor,
         rank,
         sigma,
@@ -308,10 +291,9 @@ def tucker2_sigma(
         random_state=random_state,
         verbose=verbose,
         callback=callback,
+        threads=threads,
     )
-    if return_errors:
-        return tucker, errors
-    return tucker
+    return finish(tucker, errors, details, return_errors, return_details)
 
 
 class Tucker2Sigma(SigmaDecomposition):
@@ -319,7 +301,7 @@ class Tucker2Sigma(SigmaDecomposition):
 
     Parameters
     ----------
-    rank, sigma, init, n_iter_max, tol, damping, solver, cg_tol, cg_maxiter, check_psd, random_state, verbose, callback
+    rank, sigma, init, n_iter_max, tol, damping, solver, cg_tol, cg_maxiter, check_psd, random_state, verbose, callback, threads
         As in :func:`tucker2_sigma`.
 
     Attributes
@@ -328,6 +310,8 @@ class Tucker2Sigma(SigmaDecomposition):
         The result of the last :meth:`fit_transform`.
     errors_ : list of float
         Relative sigma-error after each sweep (non-increasing).
+    details_ : dict
+        What ``return_details=True`` returns (stop reason, solves, rank, solver, threads).
     stop_reason_ : str
         Why the run stopped: ``'converged'``, ``'n_iter_max'``, ``'callback'`` or
         ``'objective increased'``.
@@ -344,4 +328,4 @@ class Tucker2Sigma(SigmaDecomposition):
     (3, 2, 3, 3)
     """
 
-    _function = staticmethod(_tucker2_sigma)
+    _function = staticmethod(tucker2_sigma)

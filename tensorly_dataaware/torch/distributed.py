@@ -110,6 +110,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..decomposition import DIRECT_SOLVE_MAX_UNKNOWNS
 from .compress import NORMS, LayerJob, LayerReport, _check_choice, _set_module, decompose_layer, plan_compression
 from .sequential import _Local, _run_sequential
 from .serialization import save_compressed
@@ -608,7 +609,7 @@ def estimate_memory(
         r_out, r_in = _rank_pair(rank, shape)
         k = r_in * P
         joint = n2 + 2 * n * k + 3 * k * k + 3 * T * k + T * T + model_terms
-        use_direct = solver == "direct" or (solver == "auto" and S * r_in <= 512)
+        use_direct = solver == "direct" or (solver == "auto" and S * r_in <= DIRECT_SOLVE_MAX_UNKNOWNS)
         if use_direct:
             inner = n2 + (r_in * P) ** 2 + 3 * (S * r_in) ** 2
         else:
@@ -622,7 +623,7 @@ def estimate_memory(
         factors = n * r  # M (Khatri-Rao), kept with the input factors
         output = 2 * n * r + 3 * r * r + 2 * T * r + model_terms
         spatial_step = n * d * r + n * P * r + 3 * (d * r) ** 2
-        use_direct = solver == "direct" or (solver == "auto" and S * r <= 512)
+        use_direct = solver == "direct" or (solver == "auto" and S * r <= DIRECT_SOLVE_MAX_UNKNOWNS)
         if use_direct:
             channel = n2 + (r * P) ** 2 + 3 * (S * r) ** 2
         else:

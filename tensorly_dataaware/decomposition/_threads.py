@@ -1,0 +1,121 @@
+"""Thread policy of the solvers: how many BLAS / PyTorch threads the ALS runs on.
+
+The ALS makes many small dense operations (``R x R`` to ``S R x S R`` factorizations, thin
+GEMMs): multi-threading them costs more in synchronization than it gains, and on a loaded
+machine every parallel kernel can wait a whole scheduler slice. Measured on a 2-core machine
+(``benchmarks/speed.py``, NumPy float64, 64 channels): 2 threads were 2.9x to 3.7x *slower*
+than 1. So the solvers run single-threaded by default, whatever the process's settings, and
+restore those settings when they return.
+
+Override, from the most to the least specific:
+
+* the ``threads`` argument of :func:`~tensorly_dataaware.tucker2_sigma` /
+  :func:`~tensorly_dataaware.parafac_sigma` (and their classes);
+* the :func:`solver_threads` context manager around the calls (its value becomes the
+  default of every call inside it);
+* the ``TENSORLY_DATAAWARE_THREADS`` environment variable.
+
+``0`` means "leave the thread settings alone" (use what the process has, e.g. for very
+large layers on a many-core machine, or a GPU run where host threads do not matter).
+JAX's CPU thread pool is fixed when JAX starts and is not affected.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import numbers
+import os
+import sys
+from contextvars import ContextVar
+
+__all__ = ["solver_threads", "DEFAULT_THREADS", "ENV_VAR"]
+
+#: Threads used when nothing else is said (see the module docstring for the measurement).
+DEFAULT_THREADS = 1
+#: Environment variable overriding :data:`DEFAULT_THREADS`.
+ENV_VAR = "TENSORLY_DATAAWARE_THREADS"
+
+_scoped: ContextVar[int | None] = ContextVar("tensorly_dataaware_solver_threads", default=None)
+_controller = None
+
+
+def _check(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        raise ValueError(f"`{name}` must be an int >= 0 (0: leave the thread settings alone), got {value!r}.")
+    return int(value)
+
+
+def resolve_threads(threads=None) -> int:
+    """The thread count a call with ``threads`` runs on (0: untouched)."""
+    if threads is not None:
+        return _check(threads, "threads")
+    scoped = _scoped.get()
+    if scoped is not None:
+        return scoped
+    env = os.environ.get(ENV_VAR, "").strip()
+    if env:
+        try:
+            return _check(int(env), ENV_VAR)
+        except ValueError:
+            raise ValueError(f"{ENV_VAR}={env!r}: expected an int >= 0.") from None
+    return DEFAULT_THREADS
+
+
+def _blas_controller():
+    # Building a ThreadpoolController scans the loaded libraries (~30 ms); limiting through a
+    # cached one costs ~0.1 ms, which matters for the many small decompositions of a network.
+    global _controller
+    if _controller is None:
+        from threadpoolctl import ThreadpoolController
+
+        _controller = ThreadpoolController()
+    return _controller
+
+
+@contextlib.contextmanager
+def _limit(n: int):
+    torch = sys.modules.get("torch")  # only if the caller uses torch: never import it here
+    previous_torch = torch.get_num_threads() if torch is not None else None
+    try:
+        if torch is not None and previous_torch != n:
+            torch.set_num_threads(n)
+        with _blas_controller().limit(limits=n, user_api="blas"):
+            yield
+    finally:
+        if torch is not None and torch.get_num_threads() != previous_torch:
+            torch.set_num_threads(previous_torch)
+
+
+@contextlib.contextmanager
+def solver_threads(threads=None):
+    """Run the enclosed solver calls on ``threads`` BLAS and PyTorch threads.
+
+    Used by the solvers themselves, and by users as a context manager to change the default
+    of every call inside it::
+
+        with solver_threads(4):
+            tucker2_sigma(W, rank, sigma)
+
+    Parameters
+    ----------
+    threads : int or None
+        ``>= 1``: that many threads; ``0``: leave the process's settings alone; ``None``: the
+        enclosing :func:`solver_threads`, else ``$TENSORLY_DATAAWARE_THREADS``, else
+        :data:`DEFAULT_THREADS`.
+
+    Yields
+    ------
+    int
+        The resolved thread count (0 when untouched). Previous settings are restored on exit,
+        also when the body raises.
+    """
+    n = resolve_threads(threads)
+    token = _scoped.set(n)
+    try:
+        if n == 0:
+            yield 0
+        else:
+            with _limit(n):
+                yield n
+    finally:
+        _scoped.reset(token)
