@@ -329,3 +329,28 @@ def test_float32_model_and_max_batches():
     with torch.no_grad():
         out = small(batches[0][0])
     assert torch.isfinite(out).all()
+
+
+class _AlternatingOrder:
+    """Re-iterable that yields its batches forward, then backward, then forward...: like a
+    shuffling loader, every pass sees the same data in another order."""
+
+    def __init__(self, batches):
+        self.batches = batches
+        self.passes = 0
+
+    def __iter__(self):
+        self.passes += 1
+        return iter(self.batches if self.passes % 2 else self.batches[::-1])
+
+
+@pytest.mark.parametrize("reorder", [False, True])
+def test_cached_original_inputs_change_nothing(reorder):
+    net = _conv_net()
+    batches = _batches(n_batches=3, size=8)
+    kwargs = dict(ranks={"0": (4, 2), "3": (5, 4), "5": (3, 4)}, layers=["0", "3", "5"], progress=False, n_iter_max=10)
+    source = (lambda: _AlternatingOrder(batches)) if reorder else (lambda: batches)
+    cached = compress_sequential(net, source(), "tucker2", **kwargs)
+    recomputed = compress_sequential(net, source(), "tucker2", cache_bytes=0, **kwargs)
+    for (k, a), b in zip(cached.state_dict().items(), recomputed.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-9, msg=k)

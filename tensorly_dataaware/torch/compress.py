@@ -309,18 +309,6 @@ def _decompose(method, norm, weight, sigma, rank, solver_options):
     return (cp.weights, cp.factors), tl.cp_to_tensor(cp), len(errors)
 
 
-def _unscale_output(method, tensors, scale):
-    """Divide the output factor of ``_decompose``'s tensors by ``scale`` (one per row)."""
-    if method == "svd":
-        first, last = tensors
-        return first, last / scale[:, None]
-    if method == "tucker2":
-        core, first, last = tensors
-        return core, first, last / scale[:, None]
-    weights, factors = tensors
-    return weights, [factors[0] / scale[:, None], *factors[1:]]
-
-
 def _build_module(method, module, tensors, bias):
     if isinstance(module, nn.Linear):
         first, last = tensors
@@ -355,9 +343,6 @@ class LayerJob:
     #: bias needs the original weight and the original inputs' mean as well.
     reference_weight: torch.Tensor | None = None
     reference_mean: torch.Tensor | None = None
-    #: Optional positive weight of each output channel's error (e.g. the scale of the
-    #: BatchNorm that follows the layer); None weights every channel the same.
-    output_scale: torch.Tensor | None = None
 
     @property
     def cost(self) -> float:
@@ -460,15 +445,7 @@ def decompose_layer(
     module, weight, sigma = job.module, job.weight, job.sigma
     options = {"damping": damping, **solver_options} if norm == "sigma" else solver_options
     with tl.backend_context("pytorch"):
-        if job.output_scale is None:
-            tensors, approx, sweeps = _decompose(job.method, norm, weight, sigma, job.rank, options)
-        else:
-            # Weighting output channel t by d_t: min ||D (W - W~) Sigma^1/2|| is the plain
-            # problem for D W, and D^-1 times its solution has the same structure (the
-            # output factor's rows scaled), so the solvers need no change.
-            scale = job.output_scale.to(weight).reshape(-1, *([1] * (weight.dim() - 1)))
-            tensors, approx, sweeps = _decompose(job.method, norm, weight * scale, sigma, job.rank, options)
-            tensors, approx = _unscale_output(job.method, tensors, scale.reshape(-1)), approx / scale
+        tensors, approx, sweeps = _decompose(job.method, norm, weight, sigma, job.rank, options)
         err = relative_sigma_error(weight, approx, sigma, check_psd=False)
     bias = module.bias.detach().to(weight) if module.bias is not None else None
     notes = []

@@ -30,10 +30,12 @@ weight in directions the calibration data does not excite. The target becomes
 singular :math:`\tilde C` is handled by the pseudo-inverse (the rows of
 :math:`C_{x\tilde x}` lie in its range, so it is exact).
 
-Cost: the statistics of layer ``l`` need both networks' inputs at that layer, and those
-change every time a layer is replaced, so both networks run over the calibration batches
-once per compressed layer. Each forward pass stops at the layer (a pre-hook interrupts it),
-so a layer halfway through the network costs about half a forward pass per network. Patch
+Cost: the statistics of layer ``l`` need the compressed network's inputs at that layer, and
+those change every time a layer is replaced, so the compressed network runs over the
+calibration batches once per compressed layer; each pass stops at the layer (a pre-hook
+interrupts it), so a layer halfway through the network costs about half a forward pass. The
+original network's inputs are computed once and kept when they fit in ``cache_bytes``
+(else they are recomputed the same way). Patch
 moments are streamed in float64 (count, the sums of ``x`` and ``x~``, of ``x~ x~^T`` and of
 ``x x~^T``): memory does not grow with the number of batches.
 """
@@ -280,59 +282,6 @@ def layer_call_order(model: nn.Module, x: torch.Tensor, names: Iterable[str]) ->
     return order, counts
 
 
-def batchnorm_after(model: nn.Module, x: torch.Tensor, names: Iterable[str]) -> dict[str, str]:
-    """Which of the named layers feed their output straight into a BatchNorm.
-
-    Runs ``model`` once on ``x`` and matches, by identity, each layer's output tensor with
-    the input tensor of every ``BatchNorm`` module; only such direct pairs are reported.
-
-    Returns
-    -------
-    dict of str to str
-        Layer name -> name of the BatchNorm module applied to its output.
-    """
-    produced: dict[int, str] = {}
-    found: dict[str, str] = {}
-    handles = []
-
-    def on_output(name):
-        def hook(_module, _args, output):
-            if isinstance(output, torch.Tensor):
-                produced[id(output)] = name
-        return hook
-
-    def on_norm(name):
-        def hook(_module, args):
-            if args and isinstance(args[0], torch.Tensor) and id(args[0]) in produced:
-                found.setdefault(produced[id(args[0])], name)
-        return hook
-
-    keep = []  # hold the outputs alive so that their ids stay unique during the pass
-    try:
-        for name in names:
-            handles.append(model.get_submodule(name).register_forward_hook(on_output(name)))
-            handles.append(model.get_submodule(name).register_forward_hook(lambda m, a, out: keep.append(out)))
-        for name, module in model.named_modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                handles.append(module.register_forward_pre_hook(on_norm(name)))
-        model(x)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return found
-
-
-def _batchnorm_scale(norm: nn.Module) -> torch.Tensor | None:
-    """``|gamma| / sqrt(running_var + eps)`` of an eval-mode BatchNorm (None without running stats)."""
-    if getattr(norm, "running_var", None) is None:
-        return None
-    scale = torch.rsqrt(norm.running_var.detach().to(torch.float64) + norm.eps)
-    if norm.weight is not None:
-        scale = scale * norm.weight.detach().to(torch.float64).abs()
-    # A channel the norm switches off costs nothing; a floor keeps the unscaling finite.
-    return torch.clamp(scale, min=1e-3 * float(scale.mean()) + 1e-30)
-
-
 def _candidates(model: nn.Module, layers) -> tuple[list[str], bool]:
     """Names to consider and whether the user named them (named ones must all work)."""
     modules = dict(model.named_modules())
@@ -404,7 +353,7 @@ def compress_sequential(
     max_batches: int | None = None,
     device: str | torch.device | None = None,
     damping: float = 1e-6,
-    output_weights: str | None = None,
+    cache_bytes: int = 2**30,
     **solver_options,
 ):
     """Compress layer by layer, fitting each to the original output from the compressed inputs.
@@ -456,6 +405,11 @@ def compress_sequential(
         where the model is.
     damping : float, default is 1e-6
         Relative ridge toward the original weight (see the module documentation).
+    cache_bytes : int, default is 1 GiB
+        Memory allowed for keeping the original network's inputs of every selected layer
+        (and the batches), from one pass. When they fit, the original network runs once
+        instead of once per layer; otherwise, or when a later pass yields other inputs
+        (a shuffling loader, random augmentation), they are recomputed. 0 disables it.
     **solver_options
         Passed to the solvers, as in :func:`~tensorly_dataaware.torch.compress`.
 
@@ -491,13 +445,14 @@ def compress_sequential(
         model, batches, method, ranks=ranks, ratio=ratio, energy=energy, budget=budget, norm=norm,
         layers=layers, centered=centered, bias_correction=bias_correction, inplace=inplace,
         return_report=return_report, progress=progress, max_batches=max_batches, device=device,
-        damping=damping, solver_options=solver_options, output_weights=output_weights,
+        damping=damping, solver_options=solver_options, cache_bytes=cache_bytes,
     )
 
 
 def _run_sequential(
     model, batches, method, *, ranks, ratio, energy, budget, norm, layers, centered, bias_correction,
-    inplace, return_report, progress, max_batches, device, damping, solver_options, output_weights=None,
+    inplace, return_report, progress, max_batches, device, damping, solver_options,
+    cache_bytes=2**30,
     collectives: _Local | None = None,
 ):
     """The work of :func:`compress_sequential`; ``collectives`` makes it distributed."""
@@ -513,6 +468,8 @@ def _run_sequential(
         raise ValueError(f"`max_batches` must be a positive int or None; got {max_batches!r}.")
     if not isinstance(damping, numbers.Real) or isinstance(damping, bool) or not (damping >= 0) or damping == float("inf"):
         raise ValueError(f"`damping` must be a finite number >= 0; got {damping!r}.")
+    if isinstance(cache_bytes, bool) or not isinstance(cache_bytes, numbers.Integral) or cache_bytes < 0:
+        raise ValueError(f"`cache_bytes` must be an int >= 0; got {cache_bytes!r}.")
     if _is_one_shot_iterator(batches):
         raise TypeError(
             "`batches` is a one-shot iterator (e.g. a generator), but sequential calibration reads the "
@@ -537,7 +494,7 @@ def _run_sequential(
                 error = exc
             comm.agree(error, "planning")
             comm.same(order, "the layer order")
-            scales = _output_scales(reference, batches, order, max_batches, run_device, output_weights)
+            cache = _cache_reference_inputs(reference, batches, order, max_batches, run_device, cache_bytes)
             if budget is not None:
                 ranks = _budget_ranks(reference, batches, method, ranks, budget, centered, order, max_batches, device, comm)
 
@@ -545,11 +502,13 @@ def _run_sequential(
             for position, name in enumerate(bar):
                 bar.set_postfix_str(name)
                 start = time.perf_counter()
-                moments = _layer_moments(reference, target, batches, name, position == 0, max_batches, run_device, comm)
+                cached = None if cache is None else cache.pop(name)
+                moments = _layer_moments(
+                    reference, target, batches, name, position == 0, max_batches, run_device, comm, cached
+                )
                 new, row = comm.decide(
                     lambda: _fit_layer(
                         target, name, moments, first_layer=position == 0, method=method, ranks=ranks, ratio=ratio,
-                        output_scale=scales.get(name),
                         energy=energy, norm=norm, centered=centered, bias_correction=bias_correction,
                         device=device, damping=damping, solver_options=solver_options,
                     ),
@@ -566,19 +525,41 @@ def _run_sequential(
     return target
 
 
-def _output_scales(reference, batches, order, max_batches, run_device, output_weights) -> dict[str, torch.Tensor]:
-    """Per-layer output-channel weights (``output_weights='batchnorm'``), else none."""
-    if output_weights is None:
-        return {}
-    for index, batch in _iterate(batches, max_batches):
-        pairs = batchnorm_after(reference, _prepare(batch, index, run_device), order)
-        break
-    scales = {}
-    for name, norm_name in pairs.items():
-        scale = _batchnorm_scale(reference.get_submodule(norm_name))
-        if scale is not None:
-            scales[name] = scale
-    return scales
+def _cache_reference_inputs(reference, batches, order, max_batches, run_device, limit) -> dict[str, tuple] | None:
+    """The original network's inputs of every layer in ``order``, for every batch, from one
+    pass: or None when they would take more than ``limit`` bytes (then each layer's pass
+    recomputes them)."""
+    if not limit:
+        return None
+    cache: dict[str, list] = {name: [] for name in order}
+    inputs: list[torch.Tensor] = []  # to check that later passes see the same batches
+    used = 0
+
+    def make_hook(name):
+        def hook(_module, args, kwargs):
+            nonlocal used
+            value = args[0] if args else kwargs.get("input")
+            if isinstance(value, torch.Tensor):
+                # A copy: a later in-place operation of the model must not change it.
+                cache[name].append(value.detach().clone())
+                used += value.numel() * value.element_size()
+        return hook
+
+    handles = [
+        reference.get_submodule(name).register_forward_pre_hook(make_hook(name), with_kwargs=True) for name in order
+    ]
+    try:
+        for index, batch in _iterate(batches, max_batches):
+            x = _prepare(batch, index, run_device)
+            inputs.append(x)
+            used += x.numel() * x.element_size()
+            reference(x)
+            if used > limit:
+                return None
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: (inputs, values) for name, values in cache.items()}
 
 
 def _plan_order(reference, batches, names, named, max_batches, run_device, ranks) -> list[str]:
@@ -603,8 +584,11 @@ def _plan_order(reference, batches, names, named, max_batches, run_device, ranks
     return order
 
 
-def _layer_moments(reference, target, batches, name, first_layer, max_batches, run_device, comm) -> CrossMoments:
-    """Stream the paired input patches of layer ``name`` over ``batches`` (all-reduced)."""
+def _layer_moments(reference, target, batches, name, first_layer, max_batches, run_device, comm, cached=None) -> CrossMoments:
+    """Stream the paired input patches of layer ``name`` over ``batches`` (all-reduced).
+
+    ``cached``: the original network's inputs of the layer, batch by batch, if kept.
+    """
     ref_module = reference.get_submodule(name)
     module = target.get_submodule(name)  # still the dense layer: it is replaced after the fit
     moments = CrossMoments(ref_module.weight[0].numel(), device=run_device)
@@ -612,7 +596,12 @@ def _layer_moments(reference, target, batches, name, first_layer, max_batches, r
     try:
         for index, batch in _iterate(batches, max_batches):
             x = _prepare(batch, index, run_device)
-            x_ref = _capture_input(reference, ref_module, x, name)
+            # A shuffling loader or random augmentation gives other inputs on every pass:
+            # the cached activations are then not those of this batch.
+            if cached is not None and index < len(cached[0]) and torch.equal(x, cached[0][index]):
+                x_ref = cached[1][index]
+            else:
+                x_ref = _capture_input(reference, ref_module, x, name)
             # Before the first replacement both networks are the same: x~ = x.
             x_new = None if first_layer else _capture_input(target, module, x, name)
             p_ref = patches_for(ref_module, x_ref.to(torch.float64))[0]
@@ -634,7 +623,7 @@ def _layer_moments(reference, target, batches, name, first_layer, max_batches, r
 
 def _fit_layer(
     target, name, moments, *, first_layer, method, ranks, ratio, energy, norm, centered, bias_correction,
-    device, damping, solver_options, output_scale=None,
+    device, damping, solver_options,
 ):
     """Factorize layer ``name`` of ``target`` from its streamed moments."""
     module = target.get_submodule(name)
@@ -648,7 +637,6 @@ def _fit_layer(
     rank = _resolve_rank(name, module, layer_method, ranks, ratio, energy, goal, c_yy)
     job = LayerJob(
         name, module, layer_method, goal, c_yy, mean_y, rank, reference_weight=weight, reference_mean=mean_x,
-        output_scale=None if output_scale is None else output_scale.to(dev),
     )
     new, row = decompose_layer(job, norm=norm, bias_correction=bias_correction, damping=damping, **solver_options)
     row.notes.append("sequential")
