@@ -4,7 +4,8 @@ python benchmarks/plots.py            # reads benchmarks/results/*.json, writes 
 
 * ``accuracy_vs_params.png``: test accuracy without fine-tuning against the fraction of
   conv weights kept, for Tucker-2 / CP x sigma / Frobenius (Frobenius with bias
-  correction dashed), from ``accuracy_<model>.json``;
+  correction dashed) / sequential calibration (squares; with the budget allocation
+  dash-dotted), from every ``accuracy_<model>*.json``;
 * ``sigma_error_per_layer.png``: relative sigma-error of each layer at one ratio, sigma vs
   Frobenius Tucker-2;
 * ``solver_time.png``: solver wall time against layer size on the GPU, ours against
@@ -54,6 +55,10 @@ def accuracy_plot(results: Path, out: Path):
             ("cp", "sigma"): ("tab:red", "-", "o"),
             ("cp", "frobenius"): ("tab:red", ":", "x"),
             ("cp", "frobenius+bias"): ("tab:red", "--", "+"),
+            ("tucker2", "sequential"): ("tab:cyan", "-", "s"),
+            ("tucker2", "sequential-budget"): ("tab:cyan", "-.", "D"),
+            ("cp", "sequential"): ("tab:orange", "-", "s"),
+            ("cp", "sequential-budget"): ("tab:orange", "-.", "D"),
         }
         for (method, variant), (color, ls, marker) in styles.items():
             pts = sorted(

@@ -33,27 +33,44 @@ def speed(path: Path):
               f"{r['sigma_error']:.4f} | {peak} | {ratio} |")
 
 
-def accuracy(path: Path):
-    data = json.loads(path.read_text())
-    info = data["info"]
-    print(f"\n#### `{info['command']}`\n")
-    print(f"Original accuracy {info['original_accuracy']:.4f} on {info['eval_images']} test images; "
-          f"fine-tuning: one epoch over {info['finetune_images']} images ({info['finetune_source']}); "
-          f"torch {info['torch']}, {info['threads']} thread(s), {info['machine']}.\n")
+def accuracy(paths: list[Path]):
+    """One table per model, merging its sweeps (e.g. one-shot and sequential runs)."""
+    infos = [json.loads(p.read_text())["info"] for p in paths]
+    rows = [r for p in paths for r in json.loads(p.read_text())["rows"]]
+    info = infos[0]
+    print(f"\n#### {info['model']}\n")
+    for other in infos:
+        print(f"* `{other['command']}` ({other['threads']} thread(s), torch {other['torch']}, {other['machine']})")
+    print(f"\nOriginal accuracy {info['original_accuracy']:.4f} on {info['eval_images']} test images; "
+          f"fine-tuning: one epoch over {info['finetune_images']} images ({info['finetune_source']}). "
+          "Budget variants: the kept fraction they reached in parentheses.\n")
     table = defaultdict(dict)
-    for r in data["rows"]:
+    for r in rows:
         table[(r["ratio"], r["method"])][r["variant"]] = r
-    print("| kept (target) | method | conv params | sigma | Frobenius | Frobenius + bias | sigma, 1 epoch FT | Frobenius, 1 epoch FT |")
-    print("|---|---|---|---|---|---|---|---|")
-    for (ratio, method), v in table.items():
-        any_row = next(iter(v.values()))
-        kept = any_row["conv_params"] / any_row["conv_params_dense"]
+    columns = [
+        ("Frobenius", "frobenius", "accuracy"), ("Frobenius + bias", "frobenius+bias", "accuracy"),
+        ("Frobenius, 1 epoch FT", "frobenius", "accuracy_finetuned"), ("sigma", "sigma", "accuracy"),
+        ("sigma, 1 epoch FT", "sigma", "accuracy_finetuned"), ("sigma (budget)", "sigma-budget", "accuracy"),
+        ("**sequential**", "sequential", "accuracy"), ("**sequential (budget)**", "sequential-budget", "accuracy"),
+    ]
+    present = [c for c in columns if any(c[1] in v and c[2] in v[c[1]] for v in table.values())]
+    print("| kept (target) | method | conv params | " + " | ".join(c[0] for c in present) + " |")
+    print("|---|---|---|" + "---|" * len(present))
+    for (ratio, method), v in sorted(table.items(), key=lambda kv: (kv[0][1] != "tucker2", -kv[0][0])):
+        base = next((v[k] for k in ("sigma", "frobenius", "sequential") if k in v), next(iter(v.values())))
+        kept = base["conv_params"] / base["conv_params_dense"]
 
-        def acc(name, key="accuracy"):
-            return f"{v[name][key]:.4f}" if name in v and key in v[name] else "-"
+        def cell(name, key):
+            if name not in v or key not in v[name]:
+                return "-"
+            r = v[name]
+            text = f"{r[key]:.4f}"
+            if name.endswith("-budget"):
+                text += f" ({r['conv_params'] / r['conv_params_dense']:.1%})"
+            return text
 
-        print(f"| {kept:.3f} ({ratio}) | {method} | {any_row['conv_params']} | {acc('sigma')} | {acc('frobenius')} | "
-              f"{acc('frobenius+bias')} | {acc('sigma', 'accuracy_finetuned')} | {acc('frobenius', 'accuracy_finetuned')} |")
+        print(f"| {kept:.3f} ({ratio}) | {method} | {base['conv_params']} | "
+              + " | ".join(cell(c[1], c[2]) for c in present) + " |")
 
 
 def transfer(path: Path):
@@ -68,15 +85,21 @@ def transfer(path: Path):
 def calibration(path: Path):
     data = json.loads(path.read_text())
     print(f"\n#### `{data['info']['command']}`\n")
-    print("| calibration images | kept (target) | method | accuracy |")
-    print("|---|---|---|---|")
+    print("| calibration images | kept (target) | method | variant | accuracy |")
+    print("|---|---|---|---|---|")
     for r in data["rows"]:
-        print(f"| {r['calibration_images']} | {r['ratio']} | {r['method']} | {r['accuracy']:.4f} |")
+        print(f"| {r['calibration_images']} | {r['ratio']} | {r['method']} | {r.get('variant', 'sigma')} | {r['accuracy']:.4f} |")
 
 
 def main():
-    for kind, fn in (("speed_*.json", speed), ("accuracy_*.json", accuracy), ("transfer_*.json", transfer),
-                     ("calibration_*.json", calibration)):
+    for path in sorted(RESULTS.glob("speed_*.json")):
+        speed(path)
+    by_model = defaultdict(list)
+    for path in sorted(RESULTS.glob("accuracy_*.json")):
+        by_model[json.loads(path.read_text())["info"]["model"]].append(path)
+    for paths in by_model.values():
+        accuracy(paths)
+    for kind, fn in (("transfer_*.json", transfer), ("calibration_*.json", calibration)):
         for path in sorted(RESULTS.glob(kind)):
             fn(path)
 
