@@ -235,3 +235,50 @@ def test_decomposition_error_matches_report(zoo):
     with tl.backend_context("pytorch"):
         err = relative_sigma_error(W, small.c.weight_approx(), stats["c"].sigma(True))
     assert err == pytest.approx(rep[0].sigma_error, rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        (dict(ratio=0.5, ranks={"typo": (2, 2)}), ValueError, "typo"),
+        (dict(ratio=0.5, layers=[]), ValueError, "empty"),
+        (dict(ratio=True), TypeError, "ratio"),
+        (dict(energy="0.5"), TypeError, "energy"),
+        (dict(ranks={"c": 0.5}, layers=["c"]), TypeError, r"ranks\['c'\]"),
+        (dict(ranks={"c": (2, 2)}, layers=["c"], method="cp"), TypeError, "pair"),
+        (dict(ranks={"c": (2, True)}, layers=["c"]), TypeError, "rank"),
+        (dict(ranks={"c": 5000}, layers=["c"], method="cp"), ValueError, r"ranks\['c'\]"),
+        (dict(ranks={"fc": 99}, layers=["fc"], method="svd"), ValueError, r"ranks\['fc'\]"),
+        (dict(ranks=[("c", 2)], layers=["c"]), TypeError, "mapping"),
+        (dict(ratio=0.5, layers=["c"], norm="frobenius", cg_tol=1e-3), TypeError, "cg_tol"),
+        (dict(ratio=0.5, layers=["c"], bogus=1), TypeError, "bogus"),
+        (dict(ratio=0.5, layers=["c"], device="nonsense"), ValueError, "device"),
+    ],
+)
+def test_bad_compress_arguments_fail_before_any_work(zoo, kwargs, error, match, monkeypatch):
+    """Every bad argument is refused before the first decomposition (none is attempted)."""
+    import importlib
+
+    compress_module = importlib.import_module("tensorly_dataaware.torch.compress")
+    model, stats = zoo
+    calls = []
+    monkeypatch.setattr(compress_module, "_decompose", lambda *a, **k: calls.append(a) or pytest.fail("decomposed"))
+    method = kwargs.pop("method", "tucker2")
+    with pytest.raises(error, match=match):
+        compress(model, stats, method, progress=False, **kwargs)
+    assert not calls
+
+
+def test_stats_values_must_be_layer_statistics(zoo):
+    model, stats = zoo
+    bad = dict(stats)
+    bad["c"] = stats["c"].sigma()
+    with pytest.raises(TypeError, match=r"stats\['c'\].*LayerStatistics"):
+        compress(model, bad, ratio=0.5, layers=["c"], progress=False)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_device_without_cuda(zoo):
+    model, stats = zoo
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        compress(model, stats, ratio=0.5, layers=["c"], device="cuda", progress=False)
