@@ -354,3 +354,26 @@ def test_cached_original_inputs_change_nothing(reorder):
     recomputed = compress_sequential(net, source(), "tucker2", cache_bytes=0, **kwargs)
     for (k, a), b in zip(cached.state_dict().items(), recomputed.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-9, msg=k)
+
+
+@pytest.mark.parametrize("sequential", [False, True])
+def test_grouped_layers_kept_dense_and_reported(sequential):
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, groups=4), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.Flatten(), nn.Linear(8 * 8 * 8, 4),
+    ).double().eval()
+    batches = _batches(2)
+    with pytest.warns(UserWarning, match="kept dense"):
+        if sequential:
+            small, report = compress_sequential(net, batches, ratio=0.5, progress=False, n_iter_max=3, return_report=True)
+        else:
+            stats = collect_covariances(net, batches, progress=False)
+            small, report = compress(net, stats, ratio=0.5, progress=False, n_iter_max=3, return_report=True)
+    assert [r.name for r in report] == ["0", "2", "4", "6"]
+    dense = {r.name: r for r in report if r.method == "dense"}
+    assert set(dense) == {"2", "4"}
+    assert all("grouped" in r.notes[0] and r.params_after == r.params_before for r in dense.values())
+    assert type(small[2]) is nn.Conv2d and type(small[0]).__name__ == "Tucker2Conv2d"
+    with torch.no_grad():
+        assert torch.isfinite(small(batches[0][0])).all()

@@ -92,7 +92,7 @@ def _check_choice(value, name, choices):
         raise ValueError(f"`{name}` must be one of {choices}, got {value!r}.")
 
 
-def _resolve_layers(model: nn.Module, stats: Mapping[str, LayerStatistics], layers) -> list[str]:
+def _resolve_layers(model: nn.Module, stats: Mapping[str, LayerStatistics], layers, skipped=None) -> list[str]:
     modules = dict(model.named_modules())
     if layers is None:
         names = []
@@ -102,7 +102,9 @@ def _resolve_layers(model: nn.Module, stats: Mapping[str, LayerStatistics], laye
                 raise ValueError(f"Statistics name {name!r} is not a module of the model.")
             reason = _unsupported_reason(module)
             if reason:
-                warnings.warn(f"Skipping layer {name!r}: {reason}", stacklevel=3)
+                warnings.warn(f"Skipping layer {name!r} (kept dense): {reason}", stacklevel=3)
+                if skipped is not None:
+                    skipped.append((name, reason))
                 continue
             names.append(name)
         return names
@@ -120,6 +122,17 @@ def _resolve_layers(model: nn.Module, stats: Mapping[str, LayerStatistics], laye
         if reason:
             raise ValueError(f"Cannot compress layer {name!r}: {reason}")
     return names
+
+
+def dense_report_row(name: str, module: nn.Module, reason: str) -> LayerReport:
+    """The report row of a layer left dense (e.g. a grouped convolution), with the reason."""
+    shape = tuple(module.weight.shape)
+    params = rk.dense_params(shape)
+    return LayerReport(
+        name=name, kind=type(module).__name__, shape=shape, method="dense", norm="-", rank=None,
+        params_before=params, params_after=params, macs_before=params, macs_after=params,
+        sigma_error=0.0, seconds=0.0, notes=[f"kept dense: {reason}"],
+    )
 
 
 def _unsupported_reason(module: nn.Module) -> str | None:
@@ -364,6 +377,7 @@ def plan_compression(
     centered: bool = True,
     layers: Iterable[str] | None = None,
     device: str | torch.device | None = None,
+    skipped: list | None = None,
 ) -> list[LayerJob]:
     """Select the layers of ``model`` to compress and resolve their ranks (no decomposition).
 
@@ -374,6 +388,9 @@ def plan_compression(
     ----------
     model, stats, method, ranks, ratio, energy, budget, centered, layers, device
         As in :func:`compress`.
+    skipped : list, optional
+        Receives ``(name, reason)`` for each layer with statistics that is left dense
+        because it is not supported (only when ``layers`` is None).
 
     Returns
     -------
@@ -389,7 +406,7 @@ def plan_compression(
             raise TypeError(
                 f"`stats[{name!r}]` must be a LayerStatistics (from collect_covariances), got {type(value).__name__}."
             )
-    names = _resolve_layers(model, stats, layers)
+    names = _resolve_layers(model, stats, layers, skipped)
     check_unknown_ranks(ranks, names)
     modules = dict(model.named_modules())
     prepared = []
@@ -561,17 +578,21 @@ def compress(
     if bias_correction is None:
         bias_correction = norm == "sigma" and centered
     target = model if inplace else copy.deepcopy(model)
+    skipped: list = []
     jobs = plan_compression(
         target, stats, method, ranks=ranks, ratio=ratio, energy=energy, budget=budget,
-        centered=centered, layers=layers, device=device,
+        centered=centered, layers=layers, device=device, skipped=skipped,
     )
-    report = []
+    modules = dict(target.named_modules())
+    report = [dense_report_row(name, modules[name], reason) for name, reason in skipped]
     bar = tqdm(jobs, desc=f"compress ({method}, {norm})", disable=not progress, leave=False)
     for job in bar:
         bar.set_postfix_str(job.name)
         new, row = decompose_layer(job, norm=norm, bias_correction=bias_correction, damping=damping, **solver_options)
         _set_module(target, job.name, new)
         report.append(row)
+    position = {name: i for i, name in enumerate(modules)}
+    report.sort(key=lambda row: position[row.name])
     if return_report:
         return target, report
     return target

@@ -70,6 +70,7 @@ from .compress import (
     check_solver_options,
     check_unknown_ranks,
     decompose_layer,
+    dense_report_row,
     plan_compression,
 )
 from .statistics import _batch_input, collect_covariances, patches_for
@@ -282,8 +283,11 @@ def layer_call_order(model: nn.Module, x: torch.Tensor, names: Iterable[str]) ->
     return order, counts
 
 
-def _candidates(model: nn.Module, layers) -> tuple[list[str], bool]:
-    """Names to consider and whether the user named them (named ones must all work)."""
+def _candidates(model: nn.Module, layers, skipped: list) -> tuple[list[str], bool]:
+    """Names to consider and whether the user named them (named ones must all work).
+
+    Unsupported layers of the default selection go to ``skipped`` as ``(name, reason)``.
+    """
     modules = dict(model.named_modules())
     if layers is None:
         names = []
@@ -292,7 +296,8 @@ def _candidates(model: nn.Module, layers) -> tuple[list[str], bool]:
                 continue
             reason = _unsupported_reason(module)
             if reason:
-                warnings.warn(f"Skipping layer {name!r}: {reason}", stacklevel=3)
+                warnings.warn(f"Skipping layer {name!r} (kept dense): {reason}", stacklevel=3)
+                skipped.append((name, reason))
                 continue
             names.append(name)
         if not names:
@@ -475,7 +480,9 @@ def _run_sequential(
             "`batches` is a one-shot iterator (e.g. a generator), but sequential calibration reads the "
             "batches once per compressed layer: pass a re-iterable (a DataLoader or a list, e.g. list(batches))."
         )
-    names, named = _candidates(model, layers)
+    skipped: list = []
+    call_position: dict[str, int] = {}
+    names, named = _candidates(model, layers, skipped)
 
     flags = {name: m.training for name, m in model.named_modules()}
     reference = copy.deepcopy(model) if inplace else model
@@ -489,7 +496,9 @@ def _run_sequential(
             error = None
             order: list[str] = []
             try:
-                order = _plan_order(reference, batches, names, named, max_batches, run_device, ranks)
+                order = _plan_order(
+                    reference, batches, names, named, max_batches, run_device, ranks, skipped, call_position
+                )
             except Exception as exc:  # noqa: BLE001 - every process must learn of it
                 error = exc
             comm.agree(error, "planning")
@@ -520,6 +529,10 @@ def _run_sequential(
     finally:
         _restore_modes(reference, flags)
         _restore_modes(target, flags)
+    modules = dict(target.named_modules())
+    report.extend(dense_report_row(name, modules[name], reason) for name, reason in skipped)
+    # Compression (call) order; layers the forward pass never calls go last.
+    report.sort(key=lambda row: call_position.get(row.name, len(call_position)))
     if return_report:
         return target, report
     return target
@@ -562,7 +575,7 @@ def _cache_reference_inputs(reference, batches, order, max_batches, run_device, 
     return {name: (inputs, values) for name, values in cache.items()}
 
 
-def _plan_order(reference, batches, names, named, max_batches, run_device, ranks) -> list[str]:
+def _plan_order(reference, batches, names, named, max_batches, run_device, ranks, skipped, call_position) -> list[str]:
     """The selected layers in call order (one forward pass over the first batch)."""
     first = None
     for index, batch in _iterate(batches, max_batches):
@@ -570,13 +583,22 @@ def _plan_order(reference, batches, names, named, max_batches, run_device, ranks
         break
     if first is None:
         raise ValueError("`batches` yielded no batch: nothing to calibrate on.")
-    order, counts = layer_call_order(reference, first, names)
+    # The skipped (e.g. grouped) layers are traced too, to place their report rows.
+    traced = list(names) + [name for name, _ in skipped if name not in names]
+    order, counts = layer_call_order(reference, first, traced)
+    call_position.update({name: i for i, name in enumerate(order)})
+    counts = {name: counts[name] for name in names}
+    order = [name for name in order if name in counts]
     bad = {name: c for name, c in counts.items() if c != 1}
     if bad:
         text = ", ".join(f"{n!r} ({'never called' if c == 0 else f'called {c} times'})" for n, c in bad.items())
         if named:
             raise ValueError(f"Sequential calibration needs every layer called exactly once per forward pass: {text}.")
-        warnings.warn(f"Skipping layers not called exactly once per forward pass: {text}.", stacklevel=4)
+        warnings.warn(f"Skipping layers not called exactly once per forward pass (kept dense): {text}.", stacklevel=4)
+        skipped.extend(
+            (n, "never called by the forward pass" if c == 0 else f"called {c} times per forward pass")
+            for n, c in bad.items()
+        )
     order = [name for name in order if counts[name] == 1]
     if not order:
         raise ValueError("No layer to compress: none of the selected layers is called once per forward pass.")
