@@ -374,3 +374,145 @@ def test_collect_float64_model_and_unused_layer_warning():
     with pytest.warns(RuntimeWarning, match="extra"):
         res = collect_covariances(model, data, progress=False)
     assert "extra" not in res and res["conv1"].sum.dtype == F64
+
+
+# --------------------------------------------------------------------------------------------
+# Precision policy of the products
+# --------------------------------------------------------------------------------------------
+
+
+def test_float32_products_meet_documented_bound_and_float64_is_exact():
+    from tensorly_dataaware.torch.statistics import FLOAT32_BLOCK_ROWS, float32_error_bound
+
+    gen = torch.Generator().manual_seed(0)
+    m, n = 2 * FLOAT32_BLOCK_ROWS + 123, 7  # several blocks and a ragged last one
+    # Positive data (post-ReLU-like, mean >> 0): no cancellation, the hardest case for the bound.
+    p32 = (torch.rand(m, n, generator=gen) * 3 + 0.5).to(torch.float32)
+    exact = p32.double().T @ p32.double()
+    fast, slow = LayerStatistics("linear", (1, n)), LayerStatistics("linear", (1, n))
+    fast.update(p32, precision="float32")
+    slow.update(p32, precision="float64")
+    bound = float32_error_bound() * (p32.double().abs().T @ p32.double().abs())
+    err = (fast.sum_outer[0] - exact).abs()
+    assert bool((err <= bound).all())
+    # Typical error: random-sign roundings, about sqrt(rows) * u, far inside the worst case.
+    assert float((err / exact.abs()).max()) < 2e-5
+    torch.testing.assert_close(slow.sum_outer[0], exact, rtol=1e-13, atol=0)
+    torch.testing.assert_close(fast.sum[0], p32.double().sum(0), rtol=1e-5, atol=0)
+    # 'auto' takes the float32 path for float32 data, float64 for float64 data.
+    auto = LayerStatistics("linear", (1, n))
+    auto.update(p32)
+    assert torch.equal(auto.sum_outer, fast.sum_outer)
+    auto64 = LayerStatistics("linear", (1, n))
+    auto64.update(p32.double())
+    assert torch.equal(auto64.sum_outer, slow.sum_outer)
+    with pytest.raises(ValueError, match="precision"):
+        auto.update(p32, precision="half")
+
+
+# --------------------------------------------------------------------------------------------
+# CrossStatistics
+# --------------------------------------------------------------------------------------------
+
+
+def _np_cross_reference(x, y):
+    import numpy as np
+
+    x, y = x.double().numpy(), y.double().numpy()
+    mx, my = x.mean(0), y.mean(0)
+    return {
+        "mean_x": mx,
+        "mean_y": my,
+        "cov_yy": (y - my).T @ (y - my) / len(y),
+        "cov_xy": (x - mx).T @ (y - my) / len(y),
+        "second_moment_yy": y.T @ y / len(y),
+        "cross_moment_xy": x.T @ y / len(y),
+        "np": np,
+    }
+
+
+@pytest.mark.parametrize("dtype,precision", [(F64, "auto"), (torch.float32, "auto"), (torch.float32, "float64")])
+def test_cross_statistics_streaming_equals_one_batch_and_numpy(dtype, precision):
+    from tensorly_dataaware.torch.statistics import CrossStatistics
+
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 300, 6, generator=gen, dtype=dtype) + 1.0
+    y = 0.7 * x + 0.2 * torch.randn(2, 300, 6, generator=gen, dtype=dtype) - 0.5  # correlated, not equal
+    whole = CrossStatistics(6, groups=2)
+    whole.update(x, y, precision=precision)
+    streamed = CrossStatistics(6, groups=2)
+    for start in range(0, 300, 70):
+        streamed.update(x[:, start:start + 70], y[:, start:start + 70], precision=precision)
+    assert streamed.count == whole.count == 300
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == F64 or precision == "float64" else dict(rtol=1e-5, atol=1e-5)
+    for name in ("mean_x", "mean_y", "cov_yy", "cov_xy", "second_moment_yy", "cross_moment_xy"):
+        torch.testing.assert_close(getattr(streamed, name), getattr(whole, name), **tol)
+        for g in range(2):
+            ref = _np_cross_reference(x[g], y[g])
+            torch.testing.assert_close(getattr(streamed, name)[g], torch.from_numpy(ref[name]), **tol)
+    assert torch.equal(streamed.cov_yy, streamed.cov_yy.transpose(1, 2))
+    # Rows of cov_xy index x: not symmetric, and its transpose is the (y, x) covariance.
+    assert not torch.allclose(streamed.cov_xy, streamed.cov_xy.transpose(1, 2))
+
+
+def test_cross_statistics_merge_state_and_errors(tmp_path):
+    from tensorly_dataaware.torch.statistics import CrossStatistics
+
+    gen = torch.Generator().manual_seed(3)
+    x, y = torch.randn(50, 4, generator=gen, dtype=F64), torch.randn(50, 4, generator=gen, dtype=F64)
+    a, b, whole = CrossStatistics(4), CrossStatistics(4), CrossStatistics(4)
+    a.update(x[:20], y[:20])
+    b.update(x[20:], y[20:])
+    whole.update(x, y)
+    merged = a + b
+    assert merged.count == 50 and a.count == 20  # operands untouched
+    for mine, ref in zip(merged.sum_tensors(), whole.sum_tensors()):
+        torch.testing.assert_close(mine, ref)
+    # The raw sums are the live accumulators (what an all_reduce updates in place).
+    a.sum_tensors()[0].mul_(0)
+    assert not a.sum_x.any()
+    back = CrossStatistics.from_state_dict(whole.state_dict())
+    assert back.count == 50 and torch.equal(back.sum_xy, whole.sum_xy)
+    torch.save(whole.state_dict(), tmp_path / "cross.pt")
+    assert torch.equal(CrossStatistics.from_state_dict(torch.load(tmp_path / "cross.pt", weights_only=True)).sum_yy,
+                       whole.sum_yy)
+    state = whole.state_dict()
+    state["sum_yy"] = state["sum_yy"].clone()
+    state["sum_yy"][0, 0, 1] += 100.0
+    with pytest.raises(ValueError, match="symmetric"):
+        CrossStatistics.from_state_dict(state)
+    with pytest.raises(ValueError, match="count is 0"):
+        CrossStatistics.from_state_dict({**whole.state_dict(), "count": 0})
+    with pytest.raises(ValueError, match="same shape"):
+        whole.update(x, y[:10])
+    with pytest.raises(ValueError, match="shape"):
+        whole.update(x[:, :3], y[:, :3])
+    bad = y.clone()
+    bad[3, 1] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        whole.update(x, bad)
+    assert whole.count == 50
+    with pytest.raises(ValueError, match="count == 0"):
+        CrossStatistics(4).cov_xy
+    with pytest.raises(ValueError, match="n, groups"):
+        whole.merge(CrossStatistics(5))
+
+
+def test_cross_statistics_all_reduce_single_process(tmp_path):
+    import torch.distributed as dist
+
+    from tensorly_dataaware.torch.statistics import CrossStatistics
+
+    if not dist.is_available():
+        pytest.skip("torch.distributed not available")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        cross = CrossStatistics(3)
+        cross.update(torch.randn(10, 3, dtype=F64), torch.randn(10, 3, dtype=F64))
+        before = [t.clone() for t in cross.sum_tensors()]
+        assert cross.all_reduce_() is cross
+        assert cross.count == 10
+        for t, ref in zip(cross.sum_tensors(), before):
+            torch.testing.assert_close(t, ref)
+    finally:
+        dist.destroy_process_group()

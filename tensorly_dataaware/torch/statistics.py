@@ -39,6 +39,8 @@ except ImportError:  # pragma: no cover - exercised only in stripped-down enviro
 
 __all__ = [
     "LayerStatistics",
+    "CrossStatistics",
+    "PRECISIONS",
     "patches_for",
     "collect_covariances",
     "save_statistics",
@@ -52,7 +54,98 @@ _KINDS = ("conv2d", "conv1d", "linear")
 _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 _FORMAT_LAYER = "tensorly_dataaware.LayerStatistics"
 _FORMAT_MAPPING = "tensorly_dataaware.LayerStatisticsMapping"
+_FORMAT_CROSS = "tensorly_dataaware.CrossStatistics"
 _FORMAT_VERSION = 1
+
+#: Accepted values of the ``precision`` option of the accumulators and of
+#: :func:`collect_covariances`; see :func:`_accumulate_products` for what each means.
+PRECISIONS = ("auto", "float32", "float64")
+
+#: Rows per float32 product in the ``'float32'`` policy.  Each block's float32 product is
+#: added into the float64 accumulator, so rounding errors do not grow with the data set:
+#: the error of one accumulated entry is bounded by ``gamma(FLOAT32_BLOCK_ROWS)`` (see
+#: :func:`float32_error_bound`) times ``sum_k |a_ki| |b_kj|``.  8192 keeps the per-call
+#: overhead negligible for the product shapes of the shipped models (measured, see
+#: ``benchmarks/collect_speed.py``) while the bound stays below 5e-4 (typically ~1e-6).
+FLOAT32_BLOCK_ROWS = 8192
+
+
+# --------------------------------------------------------------------------------------------
+# Products accumulated in float64
+# --------------------------------------------------------------------------------------------
+
+
+def _check_precision(precision: Any) -> str:
+    if not isinstance(precision, str) or precision not in PRECISIONS:
+        raise ValueError(f"`precision` must be one of {PRECISIONS}; got {precision!r}.")
+    return precision
+
+
+def _product_dtype(dtype: torch.dtype, precision: str) -> torch.dtype:
+    """The dtype in which the per-batch products of data of ``dtype`` are formed.
+
+    ``'float64'`` always multiplies in float64.  ``'float32'`` and ``'auto'`` multiply data
+    of float32 or lower precision in float32 (float16/bfloat16 convert to float32 exactly),
+    and float64 data in float64: data that is already float64 keeps float64 products, so
+    only a network that runs in single precision anyway gets single-precision products.
+    """
+    if precision == "float64" or dtype == torch.float64:
+        return torch.float64
+    return torch.float32
+
+
+def float32_error_bound(rows: int = FLOAT32_BLOCK_ROWS) -> float:
+    """Worst-case relative error ``gamma(rows) = rows * u / (1 - rows * u)`` of float32 products.
+
+    With ``u = 2**-24`` the unit roundoff of float32.  In the ``'float32'`` precision policy
+    every accumulated entry ``S_ij = sum_k a_ki b_kj`` satisfies
+
+        ``|computed S_ij - S_ij| <= gamma(FLOAT32_BLOCK_ROWS) * sum_k |a_ki| |b_kj|
+        <= gamma(FLOAT32_BLOCK_ROWS) * sqrt(S^a_ii S^b_jj)``
+
+    (the classical bound for a dot product of ``rows`` terms in any summation order, applied
+    block by block; the float64 sum of the blocks adds a term of order ``1e-16``; the second
+    form is Cauchy-Schwarz, with ``S^a``, ``S^b`` the Gram diagonals).  The bound is valid
+    for every input; rounding errors of random sign make the typical error about
+    ``sqrt(rows) * u`` instead (``~5e-6`` for 8192 rows), which the tests check as well.
+    """
+    unit = 2.0**-24
+    return rows * unit / (1.0 - rows * unit)
+
+
+def _accumulate_products(
+    out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, precision: str, sums: tuple[torch.Tensor, ...] = ()
+) -> None:
+    """``out += a^T b`` (batched over the leading group axis) and ``sums[i] += column sums``.
+
+    Parameters
+    ----------
+    out : torch.Tensor
+        ``(g, n, n)`` float64 accumulator, updated in place.
+    a, b : torch.Tensor
+        ``(g, m, n)`` data on ``out``'s device (``b`` may be ``a`` itself: one conversion).
+    precision : {'auto', 'float32', 'float64'}
+        See :func:`_product_dtype`.  In float32, the rows are taken in blocks of at most
+        :data:`FLOAT32_BLOCK_ROWS`, each block's product formed in float32 and added in
+        float64 (see :func:`float32_error_bound` for the resulting error bound).
+    sums : tuple of torch.Tensor
+        ``(g, n)`` float64 accumulators that receive the column sums of ``a`` (first) and of
+        ``b`` (second), accumulated the same way.
+    """
+    dtype = _product_dtype(a.dtype, precision)
+    same = b is a
+    m = a.shape[1]
+    step = m if dtype == torch.float64 else FLOAT32_BLOCK_ROWS
+    for start in range(0, m, max(step, 1)):
+        # Only the block is converted: never a float64 (or float32) copy of all the data.
+        a_blk = a[:, start:start + step].to(dtype)
+        b_blk = a_blk if same else b[:, start:start + step].to(dtype)
+        if dtype == torch.float64:
+            out.baddbmm_(a_blk.transpose(1, 2), b_blk)
+        else:
+            out += torch.bmm(a_blk.transpose(1, 2), b_blk)
+        for acc, blk in zip(sums, (a_blk, b_blk)):
+            acc += blk.sum(dim=1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -308,6 +401,71 @@ def _hyper_parameters(module: nn.Module) -> dict[str, Any]:
     }
 
 
+#: Relative slack of the consistency checks on loaded sums (well above the rounding of the
+#: float32 policy, far below what a hand edit changes).
+_STATE_RTOL = 1e-3
+_STATE_ATOL = 1e-300
+
+
+def _state_int(state: Mapping[str, Any], key: str, *, minimum: int, what: str) -> int:
+    value = state.get(key)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"Corrupt {what} state: {key!r} must be an int >= {minimum}; got {value!r}.")
+    return value
+
+
+def _state_tensor(state: Mapping[str, Any], key: str, shape: tuple[int, ...], what: str) -> torch.Tensor:
+    value = state.get(key)
+    if not isinstance(value, torch.Tensor) or not value.is_floating_point() or value.is_complex():
+        raise ValueError(f"Corrupt {what} state: {key!r} must be a real floating-point tensor; got {type(value).__name__}.")
+    if tuple(value.shape) != shape:
+        raise ValueError(f"Corrupt {what} state: {key!r} has shape {tuple(value.shape)}, expected {shape}.")
+    value = value.to(torch.float64)
+    if not bool(torch.isfinite(value).all()):
+        raise ValueError(f"Corrupt {what} state: {key!r} holds NaN or Inf values.")
+    return value
+
+
+def _check_symmetric(outer: torch.Tensor, key: str, what: str) -> None:
+    """A sum of outer products ``x x^T`` is symmetric with ``|S_ij| <= sqrt(S_ii S_jj)``."""
+    diagonal = outer.diagonal(dim1=1, dim2=2)
+    if bool((diagonal < 0).any()):
+        raise ValueError(f"Corrupt {what} state: {key!r} has a negative diagonal entry.")
+    scale = torch.sqrt(diagonal[:, :, None] * diagonal[:, None, :])
+    if bool(((outer - outer.transpose(1, 2)).abs() > _STATE_RTOL * scale + _STATE_ATOL).any()):
+        raise ValueError(f"Corrupt {what} state: {key!r} is not symmetric.")
+    if bool((outer.abs() > (1 + _STATE_RTOL) * scale + _STATE_ATOL).any()):
+        raise ValueError(f"Corrupt {what} state: {key!r} is not a sum of outer products (|S_ij| > sqrt(S_ii S_jj)).")
+
+
+def _check_patches(patches: Any, groups: int, n: int, name: str) -> torch.Tensor:
+    """Validate a ``(groups, m, n)`` (or ``(m, n)`` when ``groups == 1``) real tensor."""
+    if not isinstance(patches, torch.Tensor):
+        raise TypeError(f"`{name}` must be a torch.Tensor; got {type(patches).__name__}.")
+    if patches.dim() == 2:
+        patches = patches.unsqueeze(0)
+    if patches.dim() != 3 or patches.shape[0] != groups or patches.shape[2] != n:
+        raise ValueError(
+            f"`{name}` must have shape ({groups}, m, {n})"
+            + (f" or (m, {n})" if groups == 1 else "")
+            + f"; got {tuple(patches.shape)}."
+        )
+    if patches.is_complex() or not patches.is_floating_point():
+        raise TypeError(f"`{name}` must be a real floating-point tensor; got dtype {patches.dtype}.")
+    return patches
+
+
+def _check_finite_batch(batch_sum: torch.Tensor, batch_outer: torch.Tensor, what: str) -> None:
+    """Reject a batch whose sums are not finite, before anything is accumulated.
+
+    Any NaN/Inf in the batch makes its column sum non-finite; an overflow of the products
+    shows on the diagonal (``|sum x_i x_j| <= max(sum x_i^2, sum x_j^2)``).  Checking these
+    O(n) values is much cheaper than scanning the data.
+    """
+    if not (torch.isfinite(batch_sum).all() and torch.isfinite(batch_outer.diagonal(dim1=1, dim2=2)).all()):
+        raise ValueError(f"The patches contain NaN or Inf values (or overflow float64); {what}.")
+
+
 class LayerStatistics:
     """Streaming float64 moments of a layer's input patches.
 
@@ -414,15 +572,22 @@ class LayerStatistics:
 
     # -- accumulation -------------------------------------------------------------------------
 
-    def update(self, patches: torch.Tensor) -> None:
+    def update(self, patches: torch.Tensor, *, precision: str = "auto") -> None:
         """Accumulate a batch of patch vectors.
 
         Parameters
         ----------
         patches : torch.Tensor
             ``(groups, m, n)``, or ``(m, n)`` when ``groups == 1``, as returned by
-            :func:`patches_for`.  Converted to float64 on its own device; the products
-            ``P^T P`` are accumulated in float64.
+            :func:`patches_for`.  Products ``P^T P`` and sums are accumulated in float64 on
+            the patches' device.
+        precision : {'auto', 'float32', 'float64'}, default 'auto'
+            Dtype of the per-batch products.  ``'float64'`` converts the patches to float64
+            and multiplies exactly as before.  ``'float32'`` and ``'auto'`` multiply float32
+            (or lower precision) patches in float32, in blocks of at most
+            :data:`FLOAT32_BLOCK_ROWS` rows whose products are added in float64, with the
+            relative error bound of :func:`float32_error_bound`; float64 patches always get
+            float64 products.
 
         Raises
         ------
@@ -430,37 +595,24 @@ class LayerStatistics:
             If the shape does not match or the batch holds NaN or Inf values; the statistics
             are left unchanged in that case.
         """
-        if not isinstance(patches, torch.Tensor):
-            raise TypeError(f"`patches` must be a torch.Tensor; got {type(patches).__name__}.")
-        if patches.dim() == 2:
-            patches = patches.unsqueeze(0)
-        if patches.dim() != 3 or patches.shape[0] != self.groups or patches.shape[2] != self.n:
-            raise ValueError(
-                f"`patches` must have shape ({self.groups}, m, {self.n})"
-                + (f" or (m, {self.n})" if self.groups == 1 else "")
-                + f"; got {tuple(patches.shape)}."
-            )
-        if patches.is_complex():
-            raise TypeError(f"`patches` must be real; got dtype {patches.dtype}.")
+        _check_precision(precision)
+        patches = _check_patches(patches, self.groups, self.n, "patches")
         if patches.shape[1] == 0:
             return
         if self.count == 0 and self.device != patches.device:
             # Accumulate where the data lives, so the products never cross devices.
             self._move_(patches.device)
-        p64 = patches.to(torch.float64)
-        batch_sum = p64.sum(dim=1)
-        batch_outer = torch.bmm(p64.transpose(1, 2), p64)
-        # Any NaN/Inf in the batch makes its column sum non-finite; an overflow of the products
-        # shows on the diagonal (|sum x_i x_j| <= max(sum x_i^2, sum x_j^2)).  Checking these
-        # O(n) values is much cheaper than scanning the patches, and happens before mutating.
-        if not (torch.isfinite(batch_sum).all() and torch.isfinite(batch_outer.diagonal(dim1=1, dim2=2)).all()):
-            raise ValueError(
-                f"The patches contain NaN or Inf values (or overflow float64); "
-                f"{self.kind} layer with weight shape {self.weight_shape}."
-            )
+        batch_sum = torch.zeros_like(self.sum)
+        batch_outer = torch.zeros_like(self.sum_outer)
+        _accumulate_products(batch_outer, patches, patches, precision, sums=(batch_sum,))
+        _check_finite_batch(batch_sum, batch_outer, f"{self.kind} layer with weight shape {self.weight_shape}")
+        self._add_batch(batch_sum, batch_outer, int(patches.shape[1]))
+
+    def _add_batch(self, batch_sum: torch.Tensor, batch_outer: torch.Tensor, count: int) -> None:
+        """Add already checked float64 batch sums (used by the fast collection paths too)."""
         self.sum += batch_sum.to(self.device)
         self.sum_outer += batch_outer.to(self.device)
-        self.count += int(patches.shape[1])
+        self.count += count
 
     # -- derived moments ----------------------------------------------------------------------
 
@@ -603,31 +755,63 @@ class LayerStatistics:
 
     @classmethod
     def from_state_dict(cls, state: Mapping[str, Any]) -> "LayerStatistics":
-        """Rebuild statistics from :meth:`state_dict` output, validating it."""
+        """Rebuild statistics from :meth:`state_dict` output, validating it.
+
+        Raises
+        ------
+        ValueError
+            If ``state`` is not such a description or is inconsistent: missing entries,
+            wrong types or shapes, non-finite sums, a ``sum_outer`` that is not symmetric
+            or not a possible sum of outer products, a count of 0 with non-zero sums.
+        """
         if not isinstance(state, Mapping) or state.get("format") != _FORMAT_LAYER:
             raise ValueError("Not a LayerStatistics state (missing or wrong 'format' entry).")
         if state.get("version") != _FORMAT_VERSION:
             raise ValueError(f"Unsupported LayerStatistics format version {state.get('version')!r}.")
-        stats = cls(
-            state["kind"],
-            state["weight_shape"],
-            groups=int(state["groups"]),
-            hyper_parameters=state["hyper_parameters"],
-            device="meta",
-        )
-        n, groups = math.prod(stats.weight_shape[1:]), stats.groups
-        total, outer = state["sum"], state["sum_outer"]
-        if tuple(total.shape) != (groups, n) or tuple(outer.shape) != (groups, n, n):
-            raise ValueError(
-                f"Corrupt LayerStatistics state: sum {tuple(total.shape)} / sum_outer "
-                f"{tuple(outer.shape)} do not match groups={groups}, n={n}."
+        for key in ("kind", "weight_shape", "groups", "hyper_parameters"):
+            if key not in state:
+                raise ValueError(f"Corrupt LayerStatistics state: no {key!r} entry.")
+        if not isinstance(state["hyper_parameters"], Mapping):
+            raise ValueError("Corrupt LayerStatistics state: 'hyper_parameters' is not a mapping.")
+        weight_shape = state["weight_shape"]
+        if not isinstance(weight_shape, (list, tuple)) or not all(
+            isinstance(d, int) and not isinstance(d, bool) for d in weight_shape
+        ):
+            raise ValueError(f"Corrupt LayerStatistics state: 'weight_shape' {weight_shape!r} is not a list of ints.")
+        groups = _state_int(state, "groups", minimum=1, what="LayerStatistics")
+        try:
+            stats = cls(
+                state["kind"],
+                weight_shape,
+                groups=groups,
+                hyper_parameters=state["hyper_parameters"],
+                device="meta",
             )
-        count = int(state["count"])
-        if count < 0:
-            raise ValueError(f"Corrupt LayerStatistics state: negative count {count}.")
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"Corrupt LayerStatistics state: {exc}") from exc
+        hyper_groups = stats.hyper_parameters.get("groups", groups)
+        if hyper_groups != groups:
+            raise ValueError(
+                f"Corrupt LayerStatistics state: groups={groups} but hyper_parameters say {hyper_groups!r}."
+            )
+        n = math.prod(stats.weight_shape[1:])
+        count = _state_int(state, "count", minimum=0, what="LayerStatistics")
+        total = _state_tensor(state, "sum", (groups, n), "LayerStatistics")
+        outer = _state_tensor(state, "sum_outer", (groups, n, n), "LayerStatistics")
+        if count == 0 and (total.any() or outer.any()):
+            raise ValueError("Corrupt LayerStatistics state: count is 0 but the sums are not zero.")
+        _check_symmetric(outer, "sum_outer", "LayerStatistics")
+        # (sum_k x_ki)^2 <= count * sum_k x_ki^2 (Cauchy-Schwarz) holds for real data; the
+        # slack covers the float32 policy's rounding.
+        diagonal = outer.diagonal(dim1=1, dim2=2)
+        if bool((total**2 > count * diagonal * (1 + _STATE_RTOL) + _STATE_ATOL).any()):
+            raise ValueError(
+                "Corrupt LayerStatistics state: 'sum' is too large for 'sum_outer' and 'count' "
+                "(no data set has these sums)."
+            )
         stats.count = count
-        stats.sum = total.to(torch.float64)
-        stats.sum_outer = outer.to(torch.float64)
+        stats.sum = total
+        stats.sum_outer = outer
         return stats
 
     def save(self, path: str | os.PathLike) -> None:
@@ -640,9 +824,286 @@ class LayerStatistics:
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, map_location: torch.device | str | None = "cpu") -> "LayerStatistics":
-        """Read statistics written by :meth:`save` (with ``torch.load(weights_only=True)``)."""
-        state = torch.load(os.fspath(path), map_location=map_location, weights_only=True)
-        return cls.from_state_dict(state)
+        """Read statistics written by :meth:`save` (with ``torch.load(weights_only=True)``).
+
+        Raises
+        ------
+        OSError
+            If the file cannot be opened (missing, a folder, no permission).
+        ValueError
+            Naming ``path``, if the file is not a statistics file written by :meth:`save`
+            (text, empty, truncated, another format) or holds an inconsistent state (see
+            :meth:`from_state_dict`).
+        """
+        state = _load_state(path, map_location)
+        try:
+            return cls.from_state_dict(state)
+        except ValueError as exc:
+            raise ValueError(f"{os.fspath(path)!r}: {exc}") from exc
+
+
+class CrossStatistics:
+    """Streaming float64 cross-moments of two aligned sets of patch vectors.
+
+    For "sequential calibration" a layer is refitted from the patches ``y`` that the
+    partly compressed network feeds it to the patches ``x`` that the original network feeds
+    it at the same images and positions.  This class accumulates, in float64, the count and
+    the sums of ``x``, ``y``, ``y y^T`` and ``x y^T``, from which follow the means, the
+    covariance of ``y`` and the ``x``-``y`` cross-covariance.  Updates are exact sums, so the
+    statistics of data shards merge (:meth:`merge`, or an all-reduce of
+    :meth:`sum_tensors`) into exactly the statistics of the whole data.
+
+    Parameters
+    ----------
+    n : int
+        Length of one patch vector (per group).
+    groups : int, default 1
+        Number of convolution groups; each group has its own patch vectors and moments.
+    device : torch.device or str, optional
+        Where the accumulators live (CPU by default).  They move to the device of the
+        first data passed to :meth:`update`.
+
+    Attributes
+    ----------
+    count : int
+        Number of patch pairs accumulated (per group).
+    sum_x, sum_y : torch.Tensor
+        ``(groups, n)`` float64 sums of the ``x`` and ``y`` patches.
+    sum_yy : torch.Tensor
+        ``(groups, n, n)`` float64 sum of ``y y^T``.
+    sum_xy : torch.Tensor
+        ``(groups, n, n)`` float64 sum of ``x y^T`` (rows index ``x``, columns ``y``).
+
+    Examples
+    --------
+    >>> conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+    >>> images = torch.randn(4, 3, 16, 16)
+    >>> cross = CrossStatistics(27)
+    >>> cross.update(patches_for(conv, images), patches_for(conv, images + 0.1))
+    >>> cross.cov_xy.shape
+    torch.Size([1, 27, 27])
+    """
+
+    def __init__(self, n: int, *, groups: int = 1, device: torch.device | str | None = None) -> None:
+        _check_positive_int(n, "n")
+        _check_positive_int(groups, "groups")
+        device = torch.device("cpu") if device is None else torch.device(device)
+        self.count: int = 0
+        self.sum_x: torch.Tensor = torch.zeros(groups, n, dtype=torch.float64, device=device)
+        self.sum_y: torch.Tensor = torch.zeros(groups, n, dtype=torch.float64, device=device)
+        self.sum_yy: torch.Tensor = torch.zeros(groups, n, n, dtype=torch.float64, device=device)
+        self.sum_xy: torch.Tensor = torch.zeros(groups, n, n, dtype=torch.float64, device=device)
+
+    @property
+    def n(self) -> int:
+        """Length of one patch vector (per group)."""
+        return int(self.sum_x.shape[-1])
+
+    @property
+    def groups(self) -> int:
+        """Number of groups."""
+        return int(self.sum_x.shape[0])
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the accumulators."""
+        return self.sum_x.device
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(n={self.n}, groups={self.groups}, count={self.count}, device={self.device})"
+
+    # -- accumulation -------------------------------------------------------------------------
+
+    def update(self, x_patches: torch.Tensor, y_patches: torch.Tensor, *, precision: str = "auto") -> None:
+        """Accumulate a batch of aligned patch pairs.
+
+        Parameters
+        ----------
+        x_patches, y_patches : torch.Tensor
+            Same shape, ``(groups, m, n)`` or ``(m, n)`` when ``groups == 1``: row ``k`` of
+            both is the same image and position (``x`` from the original network, ``y``
+            from the compressed one), e.g. from :func:`patches_for` on the two inputs.
+        precision : {'auto', 'float32', 'float64'}, default 'auto'
+            Dtype of the per-batch products, as in :meth:`LayerStatistics.update`: float32
+            (blocked, added in float64, error bound :func:`float32_error_bound`) only when
+            both inputs are float32 or lower precision.
+
+        Raises
+        ------
+        ValueError
+            On mismatched shapes or NaN/Inf (or float64 overflow); the statistics are left
+            unchanged in that case.
+        """
+        _check_precision(precision)
+        x = _check_patches(x_patches, self.groups, self.n, "x_patches")
+        y = _check_patches(y_patches, self.groups, self.n, "y_patches")
+        if x.shape != y.shape:
+            raise ValueError(
+                f"`x_patches` and `y_patches` must have the same shape; got {tuple(x_patches.shape)} "
+                f"and {tuple(y_patches.shape)}."
+            )
+        if x.device != y.device:
+            raise ValueError(f"`x_patches` is on {x.device} but `y_patches` on {y.device}.")
+        if x.shape[1] == 0:
+            return
+        if self.count == 0 and self.device != x.device:
+            self._move_(x.device)
+        if x.dtype != y.dtype:
+            # Mixed precision: multiply in the finer dtype of the two.
+            common = torch.promote_types(x.dtype, y.dtype)
+            x, y = x.to(common), y.to(common)
+        sum_x, sum_y = torch.zeros_like(self.sum_x), torch.zeros_like(self.sum_y)
+        yy, xy = torch.zeros_like(self.sum_yy), torch.zeros_like(self.sum_xy)
+        _accumulate_products(yy, y, y, precision, sums=(sum_y,))
+        # out += a^T b with a = x, b = y gives sum_k x_k y_k^T: rows x, columns y.
+        _accumulate_products(xy, x, y, precision, sums=(sum_x,))
+        if not (
+            torch.isfinite(sum_x).all()
+            and torch.isfinite(sum_y).all()
+            and torch.isfinite(yy.diagonal(dim1=1, dim2=2)).all()
+            and torch.isfinite(xy).all()
+        ):
+            raise ValueError("The patches contain NaN or Inf values (or overflow float64).")
+        self.sum_x += sum_x
+        self.sum_y += sum_y
+        self.sum_yy += yy
+        self.sum_xy += xy
+        self.count += int(x.shape[1])
+
+    def sum_tensors(self) -> list[torch.Tensor]:
+        """The live float64 accumulators ``[sum_x, sum_y, sum_yy, sum_xy]``.
+
+        In-place operations on them change these statistics: this is how shards are combined
+        under ``torch.distributed`` (``all_reduce`` each of them, and the count, with
+        ``SUM``); :meth:`all_reduce_` does exactly that.
+        """
+        return [self.sum_x, self.sum_y, self.sum_yy, self.sum_xy]
+
+    def all_reduce_(self, group: Any = None) -> "CrossStatistics":
+        """Sum the statistics of all ranks in place with ``torch.distributed.all_reduce``.
+
+        Every rank must call it (it is a collective), with statistics of the same ``n`` and
+        ``groups``.  The count travels as a float64 tensor (exact below ``2**53``) with the
+        sums, on the accumulators' device (which must suit the process group's backend).
+        Returns ``self``.
+        """
+        import torch.distributed as dist
+
+        count = torch.tensor([float(self.count)], dtype=torch.float64, device=self.device)
+        for tensor in [count, *self.sum_tensors()]:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+        self.count = int(round(float(count.item())))
+        return self
+
+    def merge(self, other: "CrossStatistics") -> "CrossStatistics":
+        """Statistics of the union of both data sets, as a new object on ``self``'s device."""
+        if not isinstance(other, CrossStatistics):
+            raise TypeError(f"Can only merge CrossStatistics; got {type(other).__name__}.")
+        if (other.n, other.groups) != (self.n, self.groups):
+            raise ValueError(
+                f"Cannot merge CrossStatistics of (n, groups) = {(self.n, self.groups)} and "
+                f"{(other.n, other.groups)}."
+            )
+        merged = self.copy()
+        for mine, theirs in zip(merged.sum_tensors(), other.sum_tensors()):
+            mine += theirs.to(merged.device)
+        merged.count += other.count
+        return merged
+
+    def __add__(self, other: "CrossStatistics") -> "CrossStatistics":
+        if not isinstance(other, CrossStatistics):
+            return NotImplemented
+        return self.merge(other)
+
+    def copy(self) -> "CrossStatistics":
+        """A deep copy."""
+        new = CrossStatistics(self.n, groups=self.groups, device="meta")
+        new.count = self.count
+        new.sum_x, new.sum_y, new.sum_yy, new.sum_xy = (t.clone() for t in self.sum_tensors())
+        return new
+
+    def _move_(self, device: torch.device) -> None:
+        self.sum_x, self.sum_y, self.sum_yy, self.sum_xy = (t.to(device) for t in self.sum_tensors())
+
+    # -- derived moments ----------------------------------------------------------------------
+
+    def _require_data(self) -> None:
+        if self.count == 0:
+            raise ValueError("No data accumulated yet (count == 0): call update() first.")
+
+    @property
+    def mean_x(self) -> torch.Tensor:
+        """``(groups, n)`` float64 mean of the ``x`` patches."""
+        self._require_data()
+        return self.sum_x / self.count
+
+    @property
+    def mean_y(self) -> torch.Tensor:
+        """``(groups, n)`` float64 mean of the ``y`` patches."""
+        self._require_data()
+        return self.sum_y / self.count
+
+    @property
+    def second_moment_yy(self) -> torch.Tensor:
+        """``(groups, n, n)`` float64 uncentred ``E[y y^T]``, symmetrized."""
+        self._require_data()
+        m = self.sum_yy / self.count
+        return 0.5 * (m + m.transpose(1, 2))
+
+    @property
+    def cov_yy(self) -> torch.Tensor:
+        """``(groups, n, n)`` float64 centred ``E[y y^T] - E[y] E[y]^T`` (population), symmetrized."""
+        mu = self.mean_y
+        c = self.sum_yy / self.count - mu[:, :, None] * mu[:, None, :]
+        return 0.5 * (c + c.transpose(1, 2))
+
+    @property
+    def cross_moment_xy(self) -> torch.Tensor:
+        """``(groups, n, n)`` float64 uncentred ``E[x y^T]`` (rows ``x``, columns ``y``)."""
+        self._require_data()
+        return self.sum_xy / self.count
+
+    @property
+    def cov_xy(self) -> torch.Tensor:
+        """``(groups, n, n)`` float64 centred ``E[x y^T] - E[x] E[y]^T`` (rows ``x``, columns ``y``)."""
+        self._require_data()
+        return self.sum_xy / self.count - self.mean_x[:, :, None] * self.mean_y[:, None, :]
+
+    # -- persistence --------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain-python/tensor description (tensors on the CPU)."""
+        return {
+            "format": _FORMAT_CROSS,
+            "version": _FORMAT_VERSION,
+            "n": self.n,
+            "groups": self.groups,
+            "count": int(self.count),
+            **{name: t.detach().cpu() for name, t in zip(_CROSS_SUMS, self.sum_tensors())},
+        }
+
+    @classmethod
+    def from_state_dict(cls, state: Mapping[str, Any]) -> "CrossStatistics":
+        """Rebuild statistics from :meth:`state_dict` output, validating it."""
+        if not isinstance(state, Mapping) or state.get("format") != _FORMAT_CROSS:
+            raise ValueError("Not a CrossStatistics state (missing or wrong 'format' entry).")
+        if state.get("version") != _FORMAT_VERSION:
+            raise ValueError(f"Unsupported CrossStatistics format version {state.get('version')!r}.")
+        n = _state_int(state, "n", minimum=1, what="CrossStatistics")
+        groups = _state_int(state, "groups", minimum=1, what="CrossStatistics")
+        count = _state_int(state, "count", minimum=0, what="CrossStatistics")
+        stats = cls(n, groups=groups, device="meta")
+        shapes = {"sum_x": (groups, n), "sum_y": (groups, n), "sum_yy": (groups, n, n), "sum_xy": (groups, n, n)}
+        tensors = [_state_tensor(state, name, shapes[name], "CrossStatistics") for name in _CROSS_SUMS]
+        if count == 0 and any(t.any() for t in tensors):
+            raise ValueError("Corrupt CrossStatistics state: count is 0 but the sums are not zero.")
+        _check_symmetric(tensors[2], "sum_yy", "CrossStatistics")
+        stats.count = count
+        stats.sum_x, stats.sum_y, stats.sum_yy, stats.sum_xy = tensors
+        return stats
+
+
+_CROSS_SUMS = ("sum_x", "sum_y", "sum_yy", "sum_xy")
 
 
 def _atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
@@ -670,13 +1131,55 @@ def save_statistics(statistics: Mapping[str, LayerStatistics], path: str | os.Pa
 def load_statistics(
     path: str | os.PathLike, *, map_location: torch.device | str | None = "cpu"
 ) -> dict[str, LayerStatistics]:
-    """Load a mapping written by :func:`save_statistics`, in its original order."""
-    state = torch.load(os.fspath(path), map_location=map_location, weights_only=True)
+    """Load a mapping written by :func:`save_statistics`, in its original order.
+
+    Raises
+    ------
+    OSError
+        If the file cannot be opened (missing, a folder, no permission).
+    ValueError
+        Naming ``path`` (and the layer), if the file was not written by
+        :func:`save_statistics` (text, empty, truncated, another format) or holds an
+        inconsistent state (see :meth:`LayerStatistics.from_state_dict`).
+    """
+    shown = repr(os.fspath(path))
+    state = _load_state(path, map_location)
     if not isinstance(state, Mapping) or state.get("format") != _FORMAT_MAPPING:
-        raise ValueError(f"{os.fspath(path)!r} was not written by save_statistics.")
+        raise ValueError(f"{shown} was not written by save_statistics.")
     if state.get("version") != _FORMAT_VERSION:
-        raise ValueError(f"Unsupported statistics format version {state.get('version')!r}.")
-    return {name: LayerStatistics.from_state_dict(s) for name, s in state["layers"].items()}
+        raise ValueError(f"{shown}: unsupported statistics format version {state.get('version')!r}.")
+    layers = state.get("layers")
+    if not isinstance(layers, Mapping):
+        raise ValueError(f"{shown}: corrupt statistics file ('layers' is not a mapping).")
+    result = {}
+    for name, layer_state in layers.items():
+        if not isinstance(name, str):
+            raise ValueError(f"{shown}: corrupt statistics file (layer name {name!r} is not a string).")
+        try:
+            result[name] = LayerStatistics.from_state_dict(layer_state)
+        except ValueError as exc:
+            raise ValueError(f"{shown}, layer {name!r}: {exc}") from exc
+    return result
+
+
+def _load_state(path: str | os.PathLike, map_location: torch.device | str | None) -> Any:
+    """``torch.load(weights_only=True)`` whose failures on bad content are a ValueError naming ``path``.
+
+    OSErrors (missing file, permissions) pass through unchanged: they are about the path,
+    not the content.  Everything else ``torch.load`` raises on a text, empty, truncated or
+    foreign file (``UnpicklingError``, ``EOFError``, ``RuntimeError`` of the zip reader, ...)
+    means the content is not a statistics file.
+    """
+    shown = repr(os.fspath(path))
+    try:
+        return torch.load(os.fspath(path), map_location=map_location, weights_only=True)
+    except OSError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - torch.load raises many types on bad content
+        raise ValueError(
+            f"{shown} is not a readable statistics file (empty, truncated, text or another format): "
+            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        ) from exc
 
 
 def merge_statistics(
