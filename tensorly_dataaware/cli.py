@@ -143,7 +143,6 @@ def _torch_session(threads: int, seed: int | None, device: str) -> Iterator[Any]
     import torch
 
     previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
     limiter: Any = None
     try:  # NumPy/SciPy's BLAS (OpenBLAS, MKL) ignore torch.set_num_threads
         from threadpoolctl import threadpool_limits
@@ -151,6 +150,8 @@ def _torch_session(threads: int, seed: int | None, device: str) -> Iterator[Any]
         limiter = threadpool_limits(limits=threads)
     except ImportError:  # pragma: no cover - threadpoolctl is a dependency; stay usable without it
         pass
+    # After threadpoolctl, which also sets the OpenMP runtime that torch shares.
+    torch.set_num_threads(threads)
     try:
         if seed is not None:
             torch.manual_seed(seed)
@@ -162,9 +163,9 @@ def _torch_session(threads: int, seed: int | None, device: str) -> Iterator[Any]
             raise CLIError(f"--device {device!r} is not a valid torch device: {_one_line(exc)}") from None
         yield dev
     finally:
-        torch.set_num_threads(previous)
         if limiter is not None:
             limiter.restore_original_limits()
+        torch.set_num_threads(previous)
 
 
 def _fmt_seconds(seconds: float) -> str:
