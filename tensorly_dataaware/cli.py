@@ -54,8 +54,9 @@ DEFAULT_EVAL = 2000
 DEFAULT_N_ITER = 10
 # One thread by default: the layers' matrices are small (at most a few thousand wide), so
 # extra threads gain little even on an idle machine, and on a busy one they wait for each
-# other. Measured on this project's 2-core machine under load (5 other jobs), `compress` of
-# three ResNet-20 layers: 1 thread 16.6-21.0 s, 2 threads 23.1-28.7 s.
+# other. Measured on this project's 2-core machine under load (load average 5-6), `compress`
+# of three ResNet-20 layers, 3 interleaved runs each: 1 thread median 21.0 s (16.6-38.9),
+# 2 threads median 28.7 s (23.1-29.5).
 DEFAULT_THREADS = 1
 THREADS_HELP = (
     "CPU threads of torch and of the BLAS behind NumPy/SciPy (set through threadpoolctl). 1 by default: "
