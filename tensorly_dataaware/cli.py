@@ -33,6 +33,7 @@ from typing import Any, Iterator, Sequence
 
 from ._cli_io import (
     InputError,
+    _one_line,
     check_outputs,
     data_input_paths,
     is_fashion_dir,
@@ -74,11 +75,6 @@ CLIError = InputError
 # ---------------------------------------------------------------------------------------
 def _eprint(*args: Any) -> None:
     print(*args, file=sys.stderr, flush=True)
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0]
 
 
 def _positive_int(text: str) -> int:
