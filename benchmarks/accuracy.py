@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import platform
 import sys
 import time
@@ -46,6 +45,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from tensorly_dataaware._atomic import atomic_write_text
 from tensorly_dataaware.data import (
     load_embedded_subset,
     load_fashion_mnist,
@@ -269,10 +269,7 @@ def main(argv=None):
     print(json.dumps(info), flush=True)
     rows = {"sweep": sweep, "transfer": transfer, "calibration": calibration}[args.experiment](args, model, calib, test, finetune)
     if args.out:
-        tmp = args.out + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump({"info": info, "rows": rows}, f, indent=1)
-        os.replace(tmp, args.out)
+        atomic_write_text(args.out, json.dumps({"info": info, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

@@ -14,8 +14,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +25,7 @@ except ImportError:  # running from a source checkout without `pip install -e .`
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from tensorly_dataaware._atomic import atomic_write
 from tensorly_dataaware.data.fashion import SUBSET_PATH, load_fashion_mnist
 
 
@@ -55,25 +54,18 @@ def main(argv: list[str] | None = None) -> None:
     calib = stratified_indices(train_y, args.n_calib, rng)
     evaluation = stratified_indices(test_y, args.n_eval, rng)
 
-    # Write next to the destination, then rename: a reader never sees a half-written file.
+    # The package's atomic-write helper: a reader never sees a half-written file.
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=args.out.parent, suffix=".npz")
-    os.close(fd)
-    try:
-        np.savez_compressed(
-            tmp,
-            calib_images=train_x[calib],
-            calib_labels=train_y[calib].astype(np.uint8),
-            calib_indices=calib.astype(np.int32),
-            eval_images=test_x[evaluation],
-            eval_labels=test_y[evaluation].astype(np.uint8),
-            eval_indices=evaluation.astype(np.int32),
-            seed=np.int64(args.seed),
-        )
-        os.replace(tmp, args.out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write(args.out, lambda handle: np.savez_compressed(
+        handle,
+        calib_images=train_x[calib],
+        calib_labels=train_y[calib].astype(np.uint8),
+        calib_indices=calib.astype(np.int32),
+        eval_images=test_x[evaluation],
+        eval_labels=test_y[evaluation].astype(np.uint8),
+        eval_indices=evaluation.astype(np.int32),
+        seed=np.int64(args.seed),
+    ))
     print(f"wrote {args.out} ({args.out.stat().st_size / 1e6:.2f} MB): "
           f"{len(calib)} train-split calibration + {len(evaluation)} test-split evaluation images")
 

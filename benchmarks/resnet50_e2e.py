@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tensorly_dataaware._atomic import atomic_write_text
 from tensorly_dataaware.torch import collect_covariances, compress, format_report
 
 
@@ -121,11 +122,7 @@ def main(argv=None):
             results.append({"method": method, "norm": norm, "seconds": secs, "peak_gib": peak,
                             "layers": [r.as_dict() for r in report]})
     if args.out:
-        with open(args.out + ".tmp", "w") as f:
-            json.dump({"info": info, "results": results}, f, indent=1, default=str)
-        import os
-
-        os.replace(args.out + ".tmp", args.out)
+        atomic_write_text(args.out, json.dumps({"info": info, "results": results}, indent=1, default=str))
 
 
 if __name__ == "__main__":

@@ -23,11 +23,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import shlex
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -43,6 +41,7 @@ try:
 except ImportError:  # running from a source checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from tensorly_dataaware._atomic import atomic_write
 from tensorly_dataaware.data.fashion import FASHION_MEAN, FASHION_STD, load_fashion_mnist
 from tensorly_dataaware.models import available_models, build_model
 
@@ -196,28 +195,19 @@ def train_one(
 # --------------------------------------------------------------------------------------
 # Output
 # --------------------------------------------------------------------------------------
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp_path)`` then rename onto ``path``: readers never see a partial file."""
+def _atomic_write(path: Path, write: Callable[[Any], None]) -> None:
+    """Call ``write(binary_file)``; the package's atomic-write helper renames it onto ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        # mkstemp creates the file owner-only; shipped package data must be world-readable.
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write(path, write)
 
 
 def save(model: nn.Module, metadata: dict[str, Any], out_dir: Path, name: str) -> Path:
     """Write ``<name>_fashion.pt`` and ``<name>_fashion.json`` into ``out_dir``."""
     weights = out_dir / f"{name}_fashion.pt"
     state = {key: value.detach().clone() for key, value in model.state_dict().items()}
-    _atomic_write(weights, lambda tmp: torch.save(state, tmp))
+    _atomic_write(weights, lambda handle: torch.save(state, handle))
     text = json.dumps(metadata, indent=2) + "\n"
-    _atomic_write(weights.with_suffix(".json"), lambda tmp: Path(tmp).write_text(text))
+    _atomic_write(weights.with_suffix(".json"), lambda handle: handle.write(text.encode("utf-8")))
     return weights
 
 

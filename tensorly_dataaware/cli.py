@@ -4,33 +4,47 @@ Subcommands (``tensorly-dataaware SUBCOMMAND --help`` for each):
 
 * ``demo`` (the default): compress the embedded Fashion-MNIST network with the data-aware
   (``sigma``) and the classical (``frobenius``) decompositions and compare test accuracies;
-* ``compress``: compress your own model with your own calibration data and save it;
+* ``compress``: compress your own model with your own calibration data and save it (also
+  across processes: ``torchrun ... -m tensorly_dataaware compress --distributed ...``);
 * ``collect``: only collect and save the input statistics (covariances) of the layers;
 * ``info``: versions, backends, CUDA, embedded models.
 
+This module parses the arguments and prints; reading the user's files (data, models,
+``--ranks``) and checking and writing outputs live in :mod:`tensorly_dataaware._cli_io`.
 Every error a user can cause (a bad path, a bad argument, a model the library cannot
-handle) is reported as one line on stderr with exit code 2, without a traceback.  ``torch``
-is imported only by the subcommands that need it, so ``--help`` stays fast.
+handle) is reported as one line on stderr with exit code 2, without a traceback. No output
+path may resolve to an input or to another output. ``torch`` is imported only by the
+subcommands that need it, so ``--help`` stays fast.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import importlib
+import contextlib
 import importlib.util
-import io
-import json
 import math
 import os
 import platform
 import sys
-import tempfile
 import time
 import warnings
-import zipfile
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
+
+from ._cli_io import (
+    InputError,
+    _one_line,
+    check_outputs,
+    data_input_paths,
+    is_fashion_dir,
+    load_data,
+    load_model,
+    model_input_paths,
+    parse_ranks,
+    ranks_file,
+    table_paths,
+    write_table,
+)
 
 PROG = "tensorly-dataaware"
 DEFAULT_RATIOS = (0.5, 0.25, 0.15)
@@ -39,10 +53,21 @@ DEFAULT_EVAL = 2000
 # 10 sweeps, not 30: on the embedded ResNet-20 the demo's accuracies at 5, 10 and 30 sweeps
 # agree within 0.1 %, and 30 sweeps triple the time of the sigma rows (over 3 minutes on 2 cores).
 DEFAULT_N_ITER = 10
+# One thread by default: the layers' matrices are small (at most a few thousand wide), so
+# extra threads gain little even on an idle machine, and on a busy one they wait for each
+# other. Measured on this project's 2-core machine under load (load average 5-6), `compress`
+# of three ResNet-20 layers, 3 interleaved runs each: 1 thread median 21.0 s (16.6-38.9),
+# 2 threads median 28.7 s (23.1-29.5).
+DEFAULT_THREADS = 1
+THREADS_HELP = (
+    "CPU threads of torch and of the BLAS behind NumPy/SciPy (set through threadpoolctl). 1 by default: "
+    "the decompositions' matrices are small, and on a machine busy with other work extra threads compete for "
+    "the cores (measured here: 1 thread about 1.4x faster than 2 on a loaded 2-core machine). Give more for "
+    "big layers on an idle many-core machine"
+)
 
-
-class CLIError(Exception):
-    """A user error: printed as one line on stderr, exit code 2."""
+# Kept for code that caught the CLI's own error type.
+CLIError = InputError
 
 
 # ---------------------------------------------------------------------------------------
@@ -77,8 +102,25 @@ def _fraction(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
-    if not (0.0 < value <= 1.0) or math.isnan(value):
+    if math.isnan(value) or not (0.0 < value <= 1.0):
         raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {value}")
+    return value
+
+
+def _nonnegative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = _nonnegative_float(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("expected a number > 0, got 0")
     return value
 
 
@@ -92,48 +134,35 @@ def _split_layers(values: Sequence[str] | None) -> list[str] | None:
     return names
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file next to ``path``, then ``os.replace`` it."""
-    folder = path.resolve().parent
-    if not folder.is_dir():
-        raise CLIError(f"cannot write {str(path)!r}: folder {str(folder)!r} does not exist.")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def _check_output_path(path: str | None, what: str = "--output") -> Path | None:
-    if path is None:
-        return None
-    out = Path(path)
-    if out.is_dir():
-        raise CLIError(f"{what} {path!r} is a folder; give a file name.")
-    if not out.resolve().parent.is_dir():
-        raise CLIError(f"{what} {path!r}: folder {str(out.resolve().parent)!r} does not exist.")
-    return out
-
-
-def _setup_torch(threads: int | None, seed: int | None, device: str):
+@contextlib.contextmanager
+def _torch_session(threads: int, seed: int | None, device: str) -> Iterator[Any]:
+    """Threads, seed and device for one command; the thread settings are restored afterwards."""
     import torch
 
-    if threads is not None:
-        torch.set_num_threads(threads)
-    if seed is not None:
-        torch.manual_seed(seed)
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise CLIError(f"--device {device}: CUDA is not available (torch {torch.__version__}); use --device cpu.")
+    previous = torch.get_num_threads()
+    limiter: Any = None
+    try:  # NumPy/SciPy's BLAS (OpenBLAS, MKL) ignore torch.set_num_threads
+        from threadpoolctl import threadpool_limits
+
+        limiter = threadpool_limits(limits=threads)
+    except ImportError:  # pragma: no cover - threadpoolctl is a dependency; stay usable without it
+        pass
+    # After threadpoolctl, which also sets the OpenMP runtime that torch shares.
+    torch.set_num_threads(threads)
     try:
-        return torch.device(device)
-    except RuntimeError as exc:
-        raise CLIError(f"--device {device!r} is not a valid torch device: {exc}") from None
+        if seed is not None:
+            torch.manual_seed(seed)
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise CLIError(f"--device {device}: CUDA is not available (torch {torch.__version__}); use --device cpu.")
+        try:
+            dev = torch.device(device)
+        except RuntimeError as exc:
+            raise CLIError(f"--device {device!r} is not a valid torch device: {_one_line(exc)}") from None
+        yield dev
+    finally:
+        if limiter is not None:
+            limiter.restore_original_limits()
+        torch.set_num_threads(previous)
 
 
 def _fmt_seconds(seconds: float) -> str:
@@ -143,30 +172,50 @@ def _fmt_seconds(seconds: float) -> str:
 # ---------------------------------------------------------------------------------------
 # Layers
 # ---------------------------------------------------------------------------------------
+def _default_candidates(model, include_first: bool) -> tuple[list[str], list[tuple[str, str]]]:
+    """k x k convolutions the library can factorize, and the others with the reason."""
+    from torch import nn
+
+    # The library's own rule, so that the default follows what `compress` supports.
+    from .torch.compress import _unsupported_reason
+
+    selected: list[str] = []
+    skipped: list[tuple[str, str]] = []
+    convs = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    first = convs[0][0] if convs else None
+    for name, module in convs:
+        if tuple(module.kernel_size) == (1, 1):
+            continue  # by design: only k x k convolutions by default (name 1x1 ones with --layers)
+        if name == first and not include_first:
+            continue
+        reason = _unsupported_reason(module)
+        if reason:
+            skipped.append((name, reason.rstrip(".")))
+        else:
+            selected.append(name)
+    return selected, skipped
+
+
 def default_layers(model, include_first: bool = False) -> list[str]:
-    """Every ``k x k`` (not ``1 x 1``) ``nn.Conv2d`` with ``groups == 1``, in module order.
+    """Every ``k x k`` (not ``1 x 1``) ``nn.Conv2d`` that the library can factorize, in module order.
 
     The first convolution of the network is left out unless ``include_first``: it sees the
     raw image through very few input channels, so it holds few weights and compresses badly.
+    Layers the library cannot factorize (e.g. grouped convolutions) are left out; the
+    commands print which and why.
     """
-    from torch import nn
-
-    convs = [
-        name
-        for name, module in model.named_modules()
-        if type(module) is nn.Conv2d and tuple(module.kernel_size) != (1, 1) and module.groups == 1
-    ]
-    if convs and not include_first:
-        first = next(name for name, m in model.named_modules() if isinstance(m, nn.Conv2d))
-        convs = [name for name in convs if name != first]
-    return convs
+    return _default_candidates(model, include_first)[0]
 
 
 def _select_layers(model, layers: list[str] | None, include_first: bool, origin: str = "--layers") -> list[str]:
     from torch import nn
 
     if layers is None:
-        selected = default_layers(model, include_first)
+        selected, skipped = _default_candidates(model, include_first)
+        if skipped:
+            shown = "; ".join(f"{name} ({reason})" for name, reason in skipped[:20])
+            more = f" and {len(skipped) - 20} more" if len(skipped) > 20 else ""
+            print(f"kept dense {len(skipped)} layer(s) the default selection cannot compress: {shown}{more}", flush=True)
         if not selected:
             raise CLIError(
                 "the model has no k x k nn.Conv2d layer to compress by default; name the layers "
@@ -180,6 +229,33 @@ def _select_layers(model, layers: list[str] | None, include_first: bool, origin:
         shown = ", ".join(candidates[:40]) + (" ..." if len(candidates) > 40 else "")
         raise CLIError(f"unknown or unsupported layer(s) {bad} in {origin}; the model's conv/linear layers: {shown}")
     return list(dict.fromkeys(layers))
+
+
+def _check_ranks(ranks: dict | None, model, layers: list[str], method: str) -> None:
+    """Each explicit rank fits its layer's factorization and shape (before any work starts)."""
+    if ranks is None:
+        return
+    from torch import nn
+
+    unknown = sorted(set(ranks) - set(layers))
+    if unknown:
+        raise CLIError(f"--ranks names layers that are not compressed: {unknown} (compressed: {layers}).")
+    modules = dict(model.named_modules())
+    for name, rank in ranks.items():
+        module = modules[name]
+        if isinstance(module, nn.Linear):
+            kind, (t, cols), s = "svd", (module.out_features, module.in_features), module.in_features
+        else:
+            kh, kw = module.kernel_size
+            t, s = module.out_channels, module.in_channels // module.groups
+            cols = s * kh * kw
+            kind = "svd" if (kh, kw) == (1, 1) else method
+        if kind == "cp" and isinstance(rank, list):
+            raise CLIError(f"--ranks: {name!r} is decomposed with cp, which takes one rank (an int), got {rank}.")
+        if kind == "tucker2" and isinstance(rank, list) and (rank[0] > t or rank[1] > s):
+            raise CLIError(f"--ranks: {name!r} has {t} output and {s} input channels; [R_out, R_in] = {rank} is too large.")
+        if kind == "svd" and min(rank if isinstance(rank, list) else [rank]) > min(t, cols):
+            raise CLIError(f"--ranks: {name!r} is a {t} x {cols} matrix (truncated SVD); rank {rank} is too large.")
 
 
 def _conv_params(model) -> int:
@@ -206,155 +282,8 @@ def _conv_params(model) -> int:
 
 
 # ---------------------------------------------------------------------------------------
-# Data
+# Running the model
 # ---------------------------------------------------------------------------------------
-class Data:
-    """Calibration images (and optional labels) plus an optional separate evaluation set."""
-
-    def __init__(self, calib_x, calib_y=None, eval_x=None, eval_y=None, source: str = ""):
-        self.calib_x, self.calib_y = calib_x, calib_y
-        self.eval_x, self.eval_y = eval_x, eval_y
-        self.source = source
-
-    def evaluation(self):
-        """(images, labels, description) used for accuracy, or None without labels."""
-        if self.eval_x is not None and self.eval_y is not None:
-            return self.eval_x, self.eval_y, "evaluation images"
-        if self.calib_y is not None:
-            return self.calib_x, self.calib_y, "calibration images (no separate evaluation set)"
-        return None
-
-
-def _as_float_images(images, labels, normalize: str, what: str):
-    """numpy images -> float32 torch tensor (N, C, H, W); labels -> int64 tensor or None."""
-    import numpy as np
-    import torch
-
-    from .data import normalize as fashion_normalize
-
-    images = np.asarray(images)
-    if images.ndim == 3:
-        images = images[:, None]
-    if images.ndim != 4:
-        raise CLIError(f"{what}: images must have shape (N, H, W) or (N, C, H, W), got {images.shape}.")
-    if images.shape[0] == 0:
-        raise CLIError(f"{what}: no images.")
-    if not (np.issubdtype(images.dtype, np.integer) or np.issubdtype(images.dtype, np.floating)):
-        raise CLIError(f"{what}: images must be numeric, got dtype {images.dtype}.")
-    mode = normalize
-    if mode == "auto":
-        mode = "fashion" if images.dtype == np.uint8 else "none"
-    if mode in ("fashion", "unit") and images.dtype != np.uint8:
-        raise CLIError(f"{what}: --normalize {mode} needs uint8 images in 0..255, got {images.dtype}.")
-    if mode == "fashion":
-        if images.shape[1] != 1:
-            raise CLIError(
-                f"{what}: --normalize fashion is for one-channel images, got {images.shape[1]} channels; "
-                "use --normalize unit or none."
-            )
-        array = fashion_normalize(images)
-    elif mode == "unit":
-        array = images.astype(np.float32) / np.float32(255.0)
-    else:
-        array = images.astype(np.float32)
-    if not np.all(np.isfinite(array)):
-        raise CLIError(f"{what}: images contain NaN or Inf.")
-    x = torch.from_numpy(np.ascontiguousarray(array))
-    y = None
-    if labels is not None:
-        labels = np.asarray(labels)
-        if labels.shape != (images.shape[0],):
-            raise CLIError(f"{what}: {images.shape[0]} images but labels of shape {labels.shape}.")
-        if not np.issubdtype(labels.dtype, np.integer):
-            raise CLIError(f"{what}: labels must be integers, got dtype {labels.dtype}.")
-        y = torch.from_numpy(labels.astype(np.int64))
-    return x, y
-
-
-def _load_npz(path: Path, normalize: str) -> Data:
-    import numpy as np
-
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            arrays = {key: archive[key] for key in archive.files}
-    except (OSError, ValueError, zipfile.BadZipFile) as exc:
-        raise CLIError(f"cannot read {str(path)!r} as a .npz archive: {exc}") from None
-    if "images" not in arrays:
-        raise CLIError(f"{str(path)!r} has no array named 'images' (found {sorted(arrays)}).")
-    calib_x, calib_y = _as_float_images(arrays["images"], arrays.get("labels"), normalize, str(path))
-    eval_x = eval_y = None
-    if "eval_images" in arrays:
-        eval_x, eval_y = _as_float_images(arrays["eval_images"], arrays.get("eval_labels"), normalize, f"{path} (eval)")
-    return Data(calib_x, calib_y, eval_x, eval_y, source=str(path))
-
-
-def _load_npy(path: Path, normalize: str) -> Data:
-    import numpy as np
-
-    try:
-        images = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise CLIError(f"cannot read {str(path)!r} as a .npy array: {exc}") from None
-    labels = None
-    sibling = path.with_name("labels.npy")
-    if path.name == "images.npy" and sibling.is_file():
-        labels = np.load(sibling, allow_pickle=False)
-    x, y = _as_float_images(images, labels, normalize, str(path))
-    return Data(x, y, source=str(path))
-
-
-def _is_fashion_dir(folder: Path) -> bool:
-    return any((folder / f"train-images-idx3-ubyte{ext}").is_file() for ext in ("", ".gz"))
-
-
-def load_data(data_dir: str | None, embedded: bool, normalize: str) -> Data:
-    """The calibration (and evaluation) data named by ``--data-dir`` or ``--embedded``."""
-    if embedded:
-        from .data import load_embedded_subset
-
-        subset = load_embedded_subset()
-        cx, cy = _as_float_images(subset["calib_images"], subset["calib_labels"], normalize, "embedded subset")
-        ex, ey = _as_float_images(subset["eval_images"], subset["eval_labels"], normalize, "embedded subset")
-        return Data(cx, cy, ex, ey, source="embedded Fashion-MNIST subset (2000 train + 2000 test images)")
-    if data_dir is None:
-        raise CLIError("give calibration data: --data-dir PATH or --embedded.")
-    path = Path(data_dir)
-    if not path.exists():
-        raise CLIError(f"--data-dir {data_dir!r} does not exist.")
-    if path.is_file():
-        if path.suffix == ".npz":
-            return _load_npz(path, normalize)
-        if path.suffix == ".npy":
-            return _load_npy(path, normalize)
-        raise CLIError(f"--data-dir {data_dir!r}: expected a folder, a .npz or a .npy file.")
-    if _is_fashion_dir(path):
-        from .data import load_fashion_mnist
-
-        try:
-            images, labels = load_fashion_mnist("train", root=path)
-        except (OSError, ValueError) as exc:
-            raise CLIError(f"cannot read the Fashion-MNIST files in {data_dir!r}: {exc}") from None
-        cx, cy = _as_float_images(images, labels, normalize, str(path))
-        ex = ey = None
-        try:
-            test_images, test_labels = load_fashion_mnist("test", root=path)
-            ex, ey = _as_float_images(test_images, test_labels, normalize, str(path))
-        except FileNotFoundError:
-            pass
-        return Data(cx, cy, ex, ey, source=f"Fashion-MNIST IDX files in {path}")
-    if (path / "images.npy").is_file():
-        return _load_npy(path / "images.npy", normalize)
-    npz = sorted(path.glob("*.npz"))
-    if len(npz) == 1:
-        return _load_npz(npz[0], normalize)
-    if len(npz) > 1:
-        raise CLIError(f"--data-dir {data_dir!r} holds several .npz files ({[p.name for p in npz]}); pass one of them.")
-    raise CLIError(
-        f"--data-dir {data_dir!r} holds no usable data: expected the Fashion-MNIST IDX files "
-        "(train-images-idx3-ubyte[.gz], ...), images.npy (+ labels.npy) or one .npz with 'images'."
-    )
-
-
 def _batches(x, batch_size: int, limit: int | None = None):
     n = x.shape[0] if limit is None else min(limit, x.shape[0])
     for start in range(0, n, batch_size):
@@ -374,7 +303,10 @@ def evaluate(model, x, y, *, batch_size: int = 500, device=None) -> float | None
                 xb = x[start : start + batch_size]
                 if device is not None:
                     xb = xb.to(device)
-                out = model(xb)
+                try:
+                    out = model(xb)
+                except Exception as exc:  # noqa: BLE001 - the user's model on the user's images
+                    raise CLIError(f"running the model on the evaluation images failed: {_one_line(exc)}") from None
                 if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != xb.shape[0]:
                     return None
                 correct += int((out.argmax(1).cpu() == y[start : start + batch_size]).sum())
@@ -383,124 +315,6 @@ def evaluate(model, x, y, *, batch_size: int = 500, device=None) -> float | None
     return correct / x.shape[0]
 
 
-# ---------------------------------------------------------------------------------------
-# Models
-# ---------------------------------------------------------------------------------------
-def _import_class(spec: str):
-    if ":" not in spec:
-        raise CLIError(f"--model-class must look like package.module:ClassName, got {spec!r}.")
-    module_name, _, attr = spec.partition(":")
-    # Like `python -m`, look for the user's modules in the working folder too.
-    cwd = os.getcwd()
-    if cwd not in sys.path:
-        sys.path.insert(0, cwd)
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise CLIError(f"--model-class {spec!r}: cannot import {module_name!r} ({exc}).") from None
-    obj = module
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise CLIError(f"--model-class {spec!r}: {module_name!r} has no attribute {attr!r}.")
-        obj = getattr(obj, part)
-    return obj
-
-
-def _is_torchscript(path: Path) -> bool:
-    """TorchScript archives hold a ``code/`` folder and ``constants.pkl``; torch.save files do not."""
-    try:
-        with zipfile.ZipFile(path) as archive:
-            names = archive.namelist()
-    except (zipfile.BadZipFile, OSError):
-        return False
-    return any(n.endswith("constants.pkl") for n in names) and any("/code/" in n for n in names)
-
-
-def load_model(args) -> Any:
-    """The eager ``nn.Module`` named by ``--model`` or ``--model-file`` (+ ``--model-class``)."""
-    import torch
-    from torch import nn
-
-    if getattr(args, "model", None) is not None:
-        from .models import load_pretrained
-
-        try:
-            return load_pretrained(args.model)
-        except FileNotFoundError as exc:
-            raise CLIError(str(exc)) from None
-    if args.model_file is None:
-        raise CLIError("give the model: --model-file PATH (with --model-class for a state_dict) or --model NAME.")
-    path = Path(args.model_file)
-    if not path.is_file():
-        raise CLIError(f"--model-file {args.model_file!r} does not exist or is not a file.")
-    if _is_torchscript(path):
-        raise CLIError(
-            f"{args.model_file!r} is a TorchScript file (torch.jit.save). TorchScript modules cannot be "
-            "modified, so their layers cannot be replaced by factorized ones. Pass an eager model "
-            "instead: a file written by torch.save(model, path), or a state_dict saved with "
-            "torch.save(model.state_dict(), path) together with --model-class package.module:ClassName."
-        )
-    kwargs: dict[str, Any] = {}
-    if args.model_kwargs is not None:
-        if args.model_class is None:
-            raise CLIError("--model-kwargs needs --model-class.")
-        try:
-            kwargs = json.loads(args.model_kwargs)
-        except json.JSONDecodeError as exc:
-            raise CLIError(f"--model-kwargs is not valid JSON: {exc}") from None
-        if not isinstance(kwargs, dict):
-            raise CLIError("--model-kwargs must be a JSON object, e.g. '{\"num_classes\": 10}'.")
-    if args.model_class is not None:
-        cls = _import_class(args.model_class)
-        try:
-            model = cls(**kwargs)
-        except TypeError as exc:
-            raise CLIError(f"cannot build {args.model_class}(**{kwargs}): {exc}") from None
-        if not isinstance(model, nn.Module):
-            raise CLIError(f"--model-class {args.model_class!r} did not build a torch.nn.Module.")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - any unpickling failure is a bad file
-            raise CLIError(f"cannot read a state_dict from {args.model_file!r}: {exc}") from None
-        if isinstance(state, nn.Module):
-            state = state.state_dict()
-        if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-            state = state["state_dict"]
-        if not isinstance(state, dict):
-            raise CLIError(f"{args.model_file!r} does not hold a state_dict (got {type(state).__name__}).")
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as exc:
-            raise CLIError(f"the state_dict in {args.model_file!r} does not fit {args.model_class}: {exc}") from None
-        return model.eval()
-    # A full pickled module: needs its class importable, and runs pickle (trusted files only).
-    cwd = os.getcwd()
-    if cwd not in sys.path:
-        sys.path.insert(0, cwd)
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=False)
-    except (ModuleNotFoundError, AttributeError) as exc:
-        raise CLIError(
-            f"cannot unpickle the model in {args.model_file!r}: {exc}. The class of a torch.save'd module "
-            "must be importable (run from the folder of its module, or set PYTHONPATH)."
-        ) from None
-    except Exception as exc:  # noqa: BLE001
-        raise CLIError(f"cannot read {args.model_file!r} with torch.load: {exc}") from None
-    if isinstance(obj, nn.Module):
-        if isinstance(obj, torch.jit.ScriptModule):
-            raise CLIError(f"{args.model_file!r} holds a TorchScript module; pass an eager nn.Module.")
-        return obj.eval()
-    if isinstance(obj, dict):
-        raise CLIError(
-            f"{args.model_file!r} holds a state_dict, not a module: also pass --model-class "
-            "package.module:ClassName (and --model-kwargs JSON if its constructor needs arguments)."
-        )
-    raise CLIError(f"{args.model_file!r} holds a {type(obj).__name__}, not a torch.nn.Module.")
-
-
-# ---------------------------------------------------------------------------------------
-# Statistics
-# ---------------------------------------------------------------------------------------
 def _collect(model, x, layers, *, samples, batch_size, device, progress, seed=0, positions=None):
     from .torch import collect_covariances
 
@@ -517,18 +331,22 @@ def _collect(model, x, layers, *, samples, batch_size, device, progress, seed=0,
             max_positions_per_image=positions or None,
         )
     except (ValueError, TypeError) as exc:
-        raise CLIError(f"collecting statistics failed: {exc}") from None
+        raise CLIError(f"collecting statistics failed: {_one_line(exc)}") from None
+    except RuntimeError as exc:  # e.g. 3-channel images into a 1-channel model
+        raise CLIError(
+            f"running the model on the calibration images {tuple(x.shape[1:])} failed: {_one_line(exc)}"
+        ) from None
 
 
 def _load_stats(path: str, layers: list[str]):
     from .torch import load_statistics
 
     if not Path(path).is_file():
-        raise CLIError(f"--stats-in {path!r} does not exist.")
+        raise CLIError(f"--stats-in {path!r} does not exist or is not a file.")
     try:
         stats = load_statistics(path)
     except Exception as exc:  # noqa: BLE001 - a corrupt or foreign file
-        raise CLIError(f"cannot read statistics from {path!r}: {exc}") from None
+        raise CLIError(f"cannot read statistics from --stats-in {path!r}: {_one_line(exc)}") from None
     missing = [name for name in layers if name not in stats]
     if missing:
         raise CLIError(f"--stats-in {path!r} has no statistics for {missing}; it covers {sorted(stats)}.")
@@ -560,36 +378,23 @@ def _demo_line(row: dict) -> str:
 DEMO_HEADER = f"{'ratio':>6} {'method':<8} {'norm':<10} {'params':>9} {'kept':>7} {'accuracy':>9} {'drop':>7} {'time':>7}"
 
 
-def _write_table(path: Path, payload: dict) -> list[Path]:
-    """Write ``payload`` as JSON and its rows as CSV, each atomically; return the paths."""
-    if path.suffix.lower() in (".json", ".csv"):
-        base = path.with_suffix("")
-    else:
-        base = path
-    json_path, csv_path = base.with_name(base.name + ".json"), base.with_name(base.name + ".csv")
-    _atomic_write_text(json_path, json.dumps(payload, indent=2) + "\n")
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=DEMO_COLUMNS, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    for row in payload["rows"]:
-        writer.writerow(row)
-    _atomic_write_text(csv_path, buffer.getvalue())
-    return [json_path, csv_path]
-
-
 def cmd_demo(args) -> int:
-    output = _check_output_path(args.output)
+    output = None
+    if args.output is not None:
+        if Path(args.output).is_dir():
+            raise CLIError(f"--output {args.output!r} is a folder; give a file name (PATH.json and PATH.csv are written).")
+        # Both files are checked (against each other, the package's embedded files) before any work.
+        json_path, csv_path = table_paths(Path(args.output))
+        check_outputs([("--output (JSON)", str(json_path)), ("--output (CSV)", str(csv_path))], [])
+        output = Path(args.output)
     layers_arg = _split_layers(args.layers)
-    device = _setup_torch(args.threads, args.seed, args.device)
+    device = args.torch_device
     progress = not args.no_progress
 
-    from .models import load_metadata, load_pretrained
+    from .models import load_metadata
     from .torch import compress
 
-    try:
-        model = load_pretrained(args.model).to(device)
-    except FileNotFoundError as exc:
-        raise CLIError(str(exc)) from None
+    model = load_model(name=args.model).to(device)
     data = load_data(None, True, "fashion")
     n_calib = min(args.calib_samples, data.calib_x.shape[0])
     n_eval = min(args.eval_samples, data.eval_x.shape[0])
@@ -681,7 +486,7 @@ def cmd_demo(args) -> int:
             "total_seconds": round(total_seconds, 3),
             "rows": rows,
         }
-        for path in _write_table(output, payload):
+        for path in write_table(output, payload, DEMO_COLUMNS):
             print(f"wrote {path}")
     return 0
 
@@ -689,16 +494,33 @@ def cmd_demo(args) -> int:
 # ---------------------------------------------------------------------------------------
 # collect / compress
 # ---------------------------------------------------------------------------------------
+def _input_paths(args) -> list[tuple[str, Path]]:
+    """Every file the command reads, for the guard against overwriting an input."""
+    paths = model_input_paths(args.model_file) + data_input_paths(args.data_dir)
+    if getattr(args, "stats_in", None) is not None:
+        paths.append(("--stats-in", Path(args.stats_in)))
+    ranks_path = ranks_file(getattr(args, "ranks", None))
+    if ranks_path is not None:
+        paths.append(("--ranks", ranks_path))
+    return paths
+
+
 def _prepare_model_and_data(args):
-    device = _setup_torch(args.threads, args.seed, args.device)
     layers_arg = _split_layers(args.layers)
     data = load_data(args.data_dir, args.embedded, args.normalize)
-    model = load_model(args).to(device)
-    return device, layers_arg, data, model
+    model = load_model(
+        name=args.model, model_file=args.model_file, model_class=args.model_class,
+        model_kwargs=args.model_kwargs, allow_pickle=args.allow_pickle,
+    )
+    try:
+        model = model.to(args.torch_device)
+    except RuntimeError as exc:
+        raise CLIError(f"cannot move the model to --device {args.device}: {_one_line(exc)}") from None
+    return args.torch_device, layers_arg, data, model
 
 
 def cmd_collect(args) -> int:
-    output = _check_output_path(args.output)
+    (output,) = check_outputs([("--output", args.output)], _input_paths(args))
     device, layers_arg, data, model = _prepare_model_and_data(args)
     if args.all_layers:
         if layers_arg is not None:
@@ -711,57 +533,64 @@ def cmd_collect(args) -> int:
                      device=device, progress=not args.no_progress, seed=args.seed,
                      positions=args.positions_per_image)
     seconds = time.perf_counter() - start
+    if not stats:
+        raise CLIError("the forward passes never called the selected layers: nothing to save.")
     from .torch import save_statistics
 
     save_statistics(stats, output)
+    # samples: patch vectors that entered the statistics (images x positions per image)
     print(f"{'layer':<32} {'weight shape':<18} {'patch dim':>9} {'samples':>10}")
     for name, st in stats.items():
-        print(f"{name:<32} {'x'.join(map(str, st.weight_shape)):<18} {st.mean.shape[-1]:>9} {st.n:>10}")
+        print(f"{name:<32} {'x'.join(map(str, st.weight_shape)):<18} {st.n:>9} {st.count:>10}")
     print(f"collected {len(stats)} layers from {min(args.calib_samples, data.calib_x.shape[0])} images "
           f"({data.source}) in {_fmt_seconds(seconds)}; wrote {output}")
     return 0
 
 
-def cmd_compress(args) -> int:
-    output = _check_output_path(args.output)
-    stats_out = _check_output_path(args.stats_out, "--stats-out")
-    ranks = None
-    if args.ranks is not None:
-        text = args.ranks
-        if Path(text).is_file():
-            text = Path(text).read_text()
-        try:
-            ranks = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise CLIError(f"--ranks is neither a JSON object nor a JSON file: {exc}") from None
-        if not isinstance(ranks, dict) or not all(
-            isinstance(v, int) or (isinstance(v, list) and len(v) == 2 and all(isinstance(i, int) for i in v))
-            for v in ranks.values()
-        ):
-            raise CLIError('--ranks must map layer names to an int or a pair [R_out, R_in], e.g. \'{"layer1.0.conv1": [8, 8]}\'.')
-    ratio = args.ratio
+def _sizes(args, ranks) -> float | None:
+    """The --ratio to use: 0.5 when no size option (and no --ranks) is given."""
     if ranks is None and args.ratio is None and args.energy is None and args.budget is None:
-        ratio = 0.5
+        return 0.5
+    return args.ratio
+
+
+def cmd_compress(args) -> int:
+    output, stats_out = check_outputs(
+        [("--output", args.output), ("--stats-out", args.stats_out)], _input_paths(args)
+    )
+    ranks = parse_ranks(args.ranks)
+    ratio = _sizes(args, ranks)
+    if args.distributed and args.stats_in is not None:
+        raise CLIError("--distributed collects its own statistics: drop --stats-in.")
+    if not args.distributed:
+        for flag, value in (("--max-memory", args.max_memory), ("--backend", args.backend), ("--timeout", args.timeout)):
+            if value is not None:
+                raise CLIError(f"{flag} applies to --distributed runs only.")
+    max_memory = None
+    if args.max_memory is not None:
+        from .torch.distributed import parse_bytes
+
+        try:
+            max_memory = args.max_memory if args.max_memory == "auto" else parse_bytes(args.max_memory)
+        except (TypeError, ValueError) as exc:
+            raise CLIError(f"--max-memory {args.max_memory!r}: {_one_line(exc)}") from None
     device, layers_arg, data, model = _prepare_model_and_data(args)
     origin = "--layers"
     if layers_arg is None and ranks is not None and args.ratio is None and args.energy is None and args.budget is None:
         layers_arg, origin = list(ranks), "--ranks"  # only the layers with explicit ranks
     layers = _select_layers(model, layers_arg, args.include_first, origin)
-    if ranks is not None:
-        unknown = sorted(set(ranks) - set(layers))
-        if unknown:
-            raise CLIError(f"--ranks names layers that are not compressed: {unknown} (compressed: {layers}).")
+    _check_ranks(ranks, model, layers, args.method)
     progress = not args.no_progress
     if args.distributed:
-        if args.stats_in is not None:
-            raise CLIError("--distributed collects its own statistics: drop --stats-in.")
         from .torch.dist_main import run_distributed
 
+        n = min(args.calib_samples, data.calib_x.shape[0])
         return run_distributed(
-            model, data.calib_x, layers, method=args.method, ratio=ratio, energy=args.energy, budget=args.budget,
+            model, data.calib_x[:n], layers, method=args.method, ratio=ratio, energy=args.energy, budget=args.budget,
             ranks=ranks, norm=args.norm, centered=not args.uncentered, damping=args.damping,
-            n_iter_max=args.n_iter_max, seed=args.seed, calib_samples=args.calib_samples,
-            batch_size=args.batch_size, output=output, progress=progress,
+            n_iter_max=args.n_iter_max, seed=args.seed, calib_samples=n, batch_size=args.batch_size,
+            output=output, stats_out=stats_out, max_memory=max_memory, progress=progress,
+            backend=args.backend or "auto", timeout_s=args.timeout or 1800.0,
         )
 
     if args.stats_in is not None:
@@ -792,8 +621,8 @@ def cmd_compress(args) -> int:
             norm=args.norm, centered=not args.uncentered, layers=layers, device=device,
             damping=args.damping, progress=progress, return_report=True, **options,
         )
-    except ValueError as exc:
-        raise CLIError(f"compression failed: {exc}") from None
+    except (ValueError, TypeError) as exc:
+        raise CLIError(f"compression failed: {_one_line(exc)}") from None
     print()
     print(format_report(report))
     evaluation = data.evaluation()
@@ -864,8 +693,11 @@ def cmd_info(args) -> int:
         print(f"  {name:<9} {'weights present' if present else 'weights MISSING'}; {state}")
     print(f"embedded data subset: {'present' if SUBSET_PATH.is_file() else 'MISSING'} ({SUBSET_PATH})")
     root = Path(os.environ.get(FASHION_ROOT_ENV) or DEFAULT_FASHION_ROOT)
-    print(f"full Fashion-MNIST: {'found' if _is_fashion_dir(root) else 'not found'} in {root} "
-          f"(set {FASHION_ROOT_ENV}, or apt-get install dataset-fashion-mnist)")
+    if is_fashion_dir(root):
+        print(f"full Fashion-MNIST: found in {root}")
+    else:
+        print(f"full Fashion-MNIST: not found in {root} "
+              f"(set {FASHION_ROOT_ENV}, or apt-get install dataset-fashion-mnist)")
     return 0
 
 
@@ -889,7 +721,7 @@ MAIN_EPILOG = f"""\
 examples:
   {PROG}                                   # the demo (same as `{PROG} demo`)
   {PROG} demo --ratios 0.3 --methods tucker2 cp
-  {PROG} compress --model-file net.pt --data-dir calib.npz --ratio 0.3 --output net_small.pt
+  {PROG} compress --model-file sd.pt --model-class mypkg.nets:Net --data-dir calib.npz --ratio 0.3 --output small.pt
   {PROG} collect --model resnet20 --embedded --output stats.pt
   {PROG} info
   python -m {PROG.replace('-', '_')} --help         # the same program
@@ -927,10 +759,12 @@ and after. The result is saved with tensorly_dataaware.torch.save_compressed; re
     model = MyNet(); tensorly_dataaware.torch.load_compressed(model, "small.pt")
 
 Model (one of):
-  --model-file net.pt                   a module saved with torch.save(model, path) (unpickled:
-                                        only load files you trust; its class must be importable)
   --model-file sd.pt --model-class pkg.mod:MyNet [--model-kwargs JSON]
                                         a state_dict saved with torch.save(model.state_dict(), path)
+                                        (read with torch.load(weights_only=True): no code runs)
+  --model-file net.pt --allow-pickle    a whole module saved with torch.save(model, path); unpickling
+                                        runs code from the file: only for files you trust (its class
+                                        must be importable)
   --model resnet20|vgg                  an embedded pretrained network
 TorchScript files cannot be compressed (their layers cannot be replaced): pass an eager model.
 The working folder is added to the import path, as with `python -m`.
@@ -943,29 +777,39 @@ Data (one of):
                                         optional 'eval_images'/'eval_labels' for the accuracy
   --data-dir images.npy                 images only
   --embedded                            the embedded Fashion-MNIST subset
-uint8 images are standardized like Fashion-MNIST by default (--normalize)."""
+uint8 images are standardized like Fashion-MNIST by default (--normalize).
+
+No output (--output, --stats-out) may be the same file as an input or as another output
+(symbolic and hard links included): such a run stops before doing anything.
+
+Across processes (torchrun; every rank runs this same command, rank 0 prints and writes):
+  torchrun --standalone --nproc_per_node=4 -m tensorly_dataaware compress --distributed \
+      --model resnet20 --embedded --ratio 0.3 --output small.pt"""
 
 COMPRESS_EPILOG = f"""\
 examples:
   {PROG} compress --model resnet20 --embedded --ratio 0.25 --output resnet20_small.pt
-  {PROG} compress --model-file net.pt --data-dir calib.npz --energy 0.95 --output small.pt
+  {PROG} compress --model-file net.pt --allow-pickle --data-dir calib.npz --energy 0.95 --output small.pt
   {PROG} compress --model-file sd.pt --model-class mypkg.nets:Net --model-kwargs '{{"width": 32}}' \\
       --data-dir /usr/share/datasets/fashion-mnist --budget 0.3 --method cp --output small.pt
   {PROG} compress --model resnet20 --embedded --ranks '{{"layer3.2.conv2": [16, 16]}}'
   {PROG} compress --model resnet20 --embedded --stats-in stats.pt --norm frobenius --ratio 0.3
+  torchrun --standalone --nproc_per_node=2 -m tensorly_dataaware compress --distributed \
+      --model resnet20 --embedded --ratio 0.3 --output resnet20_small.pt
 """
 
 COLLECT_EPILOG = f"""\
 examples:
   {PROG} collect --model resnet20 --embedded --output stats.pt
-  {PROG} collect --model-file net.pt --data-dir calib.npz --all-layers --output stats.pt
-  {PROG} compress --model-file net.pt --data-dir calib.npz --stats-in stats.pt --ratio 0.3 --output small.pt
+  {PROG} collect --model-file sd.pt --model-class mypkg.nets:Net --data-dir calib.npz --all-layers --output stats.pt
+  {PROG} compress --model-file sd.pt --model-class mypkg.nets:Net --data-dir calib.npz --stats-in stats.pt \
+      --ratio 0.3 --output small.pt
 """
 
 
-def _add_common(p: argparse.ArgumentParser, threads: int | None = None, threads_help: str = "torch CPU threads (default: torch's own choice)") -> None:
+def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="torch device for collection, decompositions and evaluation (cpu, cuda, cuda:1, ...)")
-    p.add_argument("--threads", type=_positive_int, default=threads, help=threads_help)
+    p.add_argument("--threads", type=_positive_int, default=DEFAULT_THREADS, metavar="N", help=THREADS_HELP)
     p.add_argument("--seed", type=int, default=0, help="seed of torch and of the solvers' random choices")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -981,10 +825,17 @@ def _add_layers(p: argparse.ArgumentParser) -> None:
 def _add_model_and_data(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     src = g.add_mutually_exclusive_group()
-    src.add_argument("--model-file", metavar="PATH", help="torch.save'd nn.Module, or a state_dict with --model-class")
+    src.add_argument("--model-file", metavar="PATH",
+                     help="a state_dict (with --model-class) saved with torch.save; a whole pickled nn.Module needs --allow-pickle")
     src.add_argument("--model", choices=("resnet20", "vgg"), default=None, help="an embedded pretrained network instead")
     g.add_argument("--model-class", metavar="MODULE:CLASS", help="class that --model-file's state_dict belongs to, e.g. mypkg.nets:Net")
     g.add_argument("--model-kwargs", metavar="JSON", help="constructor arguments of --model-class as a JSON object")
+    g.add_argument(
+        "--allow-pickle", action="store_true",
+        help="read --model-file with full unpickling (torch.load(weights_only=False)), as needed for a whole module "
+             "saved with torch.save(model, path). Unpickling RUNS ARBITRARY CODE stored in the file: use it only for "
+             "files you trust. Without it the file is read with weights_only=True (tensors and plain containers only)",
+    )
     d = p.add_argument_group("data")
     dsrc = d.add_mutually_exclusive_group()
     dsrc.add_argument("--data-dir", metavar="PATH", help="Fashion-MNIST IDX folder, a folder with images.npy or one .npz, or a .npz/.npy file")
@@ -1033,9 +884,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "accuracies within 0.1%% here, in three times the time)")
     demo.add_argument("--output", metavar="PATH", help="also write the table to PATH.json and PATH.csv (a .json/.csv suffix is replaced)")
     _add_layers(demo)
-    _add_common(demo, threads=1, threads_help=(
-        "torch CPU threads. 1 by default: the demo's small decompositions gain little from more, and on a "
-        "machine busy with other work, extra threads that compete for the cores slowed it down 4-5x here"))
+    _add_common(demo)
     demo.set_defaults(func=cmd_demo)
 
     comp = sub.add_parser(
@@ -1061,11 +910,19 @@ def build_parser() -> argparse.ArgumentParser:
     io_.add_argument("--stats-in", metavar="PATH", help="read statistics (from `collect` or --stats-out) instead of collecting")
     io_.add_argument("--stats-out", metavar="PATH", help="also save the statistics used")
     io_.add_argument("--output", metavar="PATH", help="save the compressed model here (save_compressed, atomic)")
-    io_.add_argument(
+    dist = comp.add_argument_group("distributed (torchrun)")
+    dist.add_argument(
         "--distributed", action="store_true",
-        help="under torchrun: shard the statistics and the decompositions over all ranks; rank 0 writes --output "
-             "(torchrun --nproc_per_node=N -m tensorly_dataaware compress --distributed ...)",
+        help="shard the statistics and the decompositions over all ranks of torchrun "
+             "(torchrun --nproc_per_node=N -m tensorly_dataaware compress --distributed ...); without torchrun, a "
+             "world of one process. Rank 0 writes --output and --stats-out, only if every rank succeeded",
     )
+    dist.add_argument("--backend", choices=("auto", "nccl", "gloo"), default=None,
+                      help="process-group backend (default auto: nccl with CUDA, else gloo)")
+    dist.add_argument("--timeout", type=_positive_float, default=None, metavar="SECONDS",
+                      help="process-group timeout (default 1800)")
+    dist.add_argument("--max-memory", metavar="BYTES", default=None,
+                      help="per-process budget of one decomposition (e.g. 20GiB, or auto); checked before any work")
     _add_layers(comp)
     _add_common(comp)
     comp.set_defaults(func=cmd_compress)
@@ -1093,6 +950,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _run(args) -> int:
+    if not hasattr(args, "threads"):  # info
+        return int(args.func(args) or 0)
+    if importlib.util.find_spec("torch") is None:
+        raise CLIError(f"`{args.command}` needs PyTorch: pip install 'tensorly-dataaware[torch]'.")
+    with _torch_session(args.threads, args.seed, args.device) as device:
+        args.torch_device = device
+        return int(args.func(args) or 0)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit code (0 ok, 2 usage or input error)."""
     parser = build_parser()
@@ -1104,15 +971,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # --help, --version, usage errors (argparse prints them)
         return exc.code if isinstance(exc.code, int) else 2
     try:
-        return int(args.func(args) or 0)
+        return _run(args)
     except CLIError as exc:
-        _eprint(f"{PROG} {args.command}: error: {exc}")
+        message = " ".join(str(exc).split("\n"))
+        _eprint(f"{PROG} {args.command}: error: {message}")
         return 2
     except KeyboardInterrupt:
         _eprint(f"{PROG}: interrupted")
         return 130
-    except (FileNotFoundError, PermissionError, IsADirectoryError) as exc:
-        _eprint(f"{PROG} {args.command}: error: {exc}")
+    except OSError as exc:  # e.g. a full disk or a permission problem while writing an output
+        _eprint(f"{PROG} {args.command}: error: {_one_line(exc)}")
         return 2
 
 

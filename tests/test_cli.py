@@ -1,6 +1,9 @@
 """The ``tensorly-dataaware`` command line, run in-process through ``main([...])``."""
 
 import json
+import os
+import pathlib
+import stat
 import subprocess
 import sys
 import warnings
@@ -109,6 +112,11 @@ def test_demo_small_end_to_end(tmp_path, capsys):
         assert len(row["layers"]) == len(payload["config"]["layers"])
     csv_lines = (tmp_path / "demo.csv").read_text().strip().splitlines()
     assert csv_lines[0].startswith("model,ratio,method,norm") and len(csv_lines) == 1 + len(rows)
+    # written like a plain open() would (not the owner-only 0600 of a bare mkstemp)
+    plain = tmp_path / "plain"
+    plain.write_text("")
+    for name in ("demo.json", "demo.csv"):
+        assert stat.S_IMODE(os.stat(tmp_path / name).st_mode) == stat.S_IMODE(os.stat(plain).st_mode)
 
 
 @pytest.mark.parametrize("how", ["full", "state_dict"])
@@ -116,7 +124,7 @@ def test_compress_round_trip(tiny_files, tmp_path, how, capsys):
     out = tmp_path / "small.pt"
     stats_path = tmp_path / "stats.pt"
     if how == "full":
-        model_args = ["--model-file", str(tiny_files["full"])]
+        model_args = ["--model-file", str(tiny_files["full"]), "--allow-pickle"]
     else:
         model_args = ["--model-file", str(tiny_files["state"]), "--model-class", "tests.test_cli:TinyNet",
                       "--model-kwargs", '{"width": 12}']
@@ -146,11 +154,11 @@ def test_compress_round_trip(tiny_files, tmp_path, how, capsys):
 
 def test_collect_then_compress_with_stats_in(tiny_files, tmp_path, capsys):
     stats_path = tmp_path / "all.pt"
-    assert main(["collect", "--model-file", str(tiny_files["full"]), "--data-dir", str(tiny_files["data"]),
+    assert main(["collect", "--model-file", str(tiny_files["full"]), "--allow-pickle", "--data-dir", str(tiny_files["data"]),
                  "--all-layers", "--no-progress", "--output", str(stats_path)]) == 0
     assert sorted(load_statistics(stats_path)) == ["conv1", "conv2", "conv3", "fc"]
     out = tmp_path / "small.pt"
-    assert main(["compress", "--model-file", str(tiny_files["full"]), "--data-dir", str(tiny_files["data"]),
+    assert main(["compress", "--model-file", str(tiny_files["full"]), "--allow-pickle", "--data-dir", str(tiny_files["data"]),
                  "--stats-in", str(stats_path), "--ranks", '{"conv3": [6, 6]}', "--norm", "frobenius",
                  "--no-progress", "--output", str(out)]) == 0
     loaded = load_compressed(TinyNet(width=12), out)
@@ -158,33 +166,327 @@ def test_collect_then_compress_with_stats_in(tiny_files, tmp_path, capsys):
     assert "(6, 6)" in capsys.readouterr().out
 
 
+class Exploding(nn.Module):
+    """A model class whose constructor fails (any exception must become a one-line error)."""
+
+    def __init__(self, **kwargs):
+        super().__init__()
+        raise ZeroDivisionError("the constructor blew up")
+
+
+class GroupedNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1, groups=4)
+        self.conv3 = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = torch.relu(self.conv1(x))
+        x = torch.relu(self.conv2(x))
+        x = torch.relu(self.conv3(x))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
 def _error(capsys, argv):
-    code = main(argv)
+    """Run ``main(argv)``: exit code 2 and exactly one line on stderr, no traceback."""
+    code = main([*argv, "--no-progress"])  # progress bars also write to stderr
     err = capsys.readouterr().err
     assert code == 2, err
     assert "error" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1, err
     return err
 
 
-def test_bad_input_exits_2_with_message(tiny_files, tmp_path, capsys):
+def _tree(folder):
+    """Every file under ``folder`` with its bytes (to prove that nothing was written)."""
+    return {p: p.read_bytes() for p in sorted(pathlib.Path(folder).rglob("*")) if p.is_file()}
+
+
+def _state_args(tiny_files):
+    return ["--model-file", str(tiny_files["state"]), "--model-class", "tests.test_cli:TinyNet",
+            "--model-kwargs", '{"width": 12}']
+
+
+# ---------------------------------------------------------------------------------------
+# Item 1: no output may overwrite an input or another output
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("case", ["model", "data", "collect_model", "stats_vs_output", "stats_in",
+                                  "symlink", "hardlink", "ranks_file", "demo_json_csv"])
+def test_outputs_never_overwrite_inputs(tiny_files, tmp_path, capsys, case):
+    model = _state_args(tiny_files)
     data = ["--data-dir", str(tiny_files["data"])]
-    assert "does not exist" in _error(capsys, ["compress", "--model-file", str(tmp_path / "nope.pt"), *data])
-    assert "--model-class" in _error(capsys, ["compress", "--model-file", str(tiny_files["state"]), *data])
-    assert "does not exist" in _error(capsys, ["compress", "--model-file", str(tiny_files["full"]),
-                                               "--data-dir", str(tmp_path / "missing")])
-    np.savez(tmp_path / "bad.npz", pictures=np.zeros((4, 8, 8), np.uint8))
-    assert "'images'" in _error(capsys, ["compress", "--model-file", str(tiny_files["full"]),
-                                         "--data-dir", str(tmp_path / "bad.npz")])
-    assert "layer" in _error(capsys, ["compress", "--model-file", str(tiny_files["full"]), *data,
-                                      "--layers", "conv9"])
-    assert "folder" in _error(capsys, ["compress", "--model-file", str(tiny_files["full"]), *data,
-                                       "--output", str(tmp_path / "no" / "dir" / "x.pt")])
-    # TorchScript cannot be modified: the message says to pass an eager model.
+    stats = tmp_path / "stats.pt"
+    stats.write_bytes(b"pretend statistics")
+    ranks = tmp_path / "ranks.json"
+    ranks.write_text('{"conv2": [4, 4]}')
+    link = tmp_path / "link.pt"
+    if case == "symlink":
+        link.symlink_to(tiny_files["state"])
+    if case == "hardlink":
+        os.link(tiny_files["state"], link)
+    if case == "demo_json_csv":
+        (tmp_path / "table.csv").write_text("csv")
+        (tmp_path / "table.json").symlink_to(tmp_path / "table.csv")
+    argv = {
+        "model": ["compress", *model, *data, "--output", str(tiny_files["state"])],
+        "data": ["compress", *model, *data, "--output", str(tiny_files["data"])],
+        "collect_model": ["collect", *model, *data, "--output", str(tiny_files["state"])],
+        "stats_vs_output": ["compress", *model, *data, "--stats-out", str(tmp_path / "x.pt"),
+                            "--output", str(tmp_path / "x.pt")],
+        "stats_in": ["compress", *model, *data, "--stats-in", str(stats), "--output", str(stats)],
+        "symlink": ["compress", *model, *data, "--output", str(link)],
+        "hardlink": ["compress", *model, *data, "--output", str(link)],
+        "ranks_file": ["compress", *model, *data, "--ranks", str(ranks), "--output", str(ranks)],
+        "demo_json_csv": ["demo", "--output", str(tmp_path / "table")],
+    }[case]
+    before = _tree(tmp_path)
+    err = _error(capsys, argv)
+    assert "same file" in err
+    assert _tree(tmp_path) == before  # nothing written, nothing replaced
+
+
+def test_outputs_into_the_package_are_refused():
+    from tensorly_dataaware._cli_io import InputError, check_outputs
+    from tensorly_dataaware.models import weights_path
+
+    with pytest.raises(InputError, match="package"):
+        check_outputs([("--output", str(weights_path("resnet20")))], [])
+
+
+# ---------------------------------------------------------------------------------------
+# Item 2: no code from --model-file runs unless --allow-pickle
+# ---------------------------------------------------------------------------------------
+class _Payload:
+    """Unpickling this object creates a file: the signature of code execution."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (pathlib.Path.touch, (pathlib.Path(self.marker),))
+
+
+@pytest.mark.parametrize("with_class", [False, True])
+def test_model_file_runs_no_code_without_allow_pickle(tiny_files, tmp_path, capsys, with_class):
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pt"
+    torch.save({"conv1.weight": _Payload(marker)}, evil)
+    model = ["--model-file", str(evil)]
+    if with_class:
+        model += ["--model-class", "tests.test_cli:TinyNet"]
+    err = _error(capsys, ["compress", *model, "--data-dir", str(tiny_files["data"])])
+    assert not marker.exists()
+    assert "--allow-pickle" in err
+    # a whole pickled module: refused with the same hint, accepted with --allow-pickle
+    err = _error(capsys, ["collect", "--model-file", str(tiny_files["full"]), "--data-dir", str(tiny_files["data"]),
+                          "--output", str(tmp_path / "s.pt")])
+    assert "--allow-pickle" in err and "arbitrary code" in err
+    assert not (tmp_path / "s.pt").exists()
+
+
+def test_allow_pickle_help_says_what_it_means(capsys):
+    assert main(["compress", "--help"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--allow-pickle" in out and "ARBITRARY CODE" in out
+
+
+# ---------------------------------------------------------------------------------------
+# Items 9 and fuzzing: every bad input is one line on stderr and exit code 2
+# ---------------------------------------------------------------------------------------
+def _bad_inputs(tiny_files, tmp_path):
+    model = _state_args(tiny_files)
+    data = ["--data-dir", str(tiny_files["data"])]
+    rgb = tmp_path / "rgb.npz"
+    np.savez(rgb, images=np.zeros((8, 3, 12, 12), np.uint8), labels=np.zeros(8, np.int64))
+    (tmp_path / "empty.npz").write_bytes(b"")
+    (tmp_path / "text.npz").write_text("not a zip")
+    (tmp_path / "empty.pt").write_bytes(b"")
+    (tmp_path / "text.pt").write_text("hello")
+    np.savez(tmp_path / "noimg.npz", pictures=np.zeros((4, 8, 8), np.uint8))
+    np.savez(tmp_path / "zero.npz", images=np.zeros((0, 12, 12), np.uint8))
+    np.savez(tmp_path / "nan.npz", images=np.full((4, 1, 12, 12), np.nan, np.float32))
+    np.savez(tmp_path / "labels.npz", images=np.zeros((4, 12, 12), np.uint8), labels=np.zeros(3, np.int64))
+    np.savez(tmp_path / "flabels.npz", images=np.zeros((4, 12, 12), np.uint8), labels=np.zeros(4, np.float32))
+    np.savez(tmp_path / "strings.npz", images=np.array([["a"]]))
+    np.save(tmp_path / "obj.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    np.save(tmp_path / "img1d.npy", np.zeros(5, np.uint8))
+    (tmp_path / "empty_dir").mkdir()
+    (tmp_path / "two").mkdir()
+    for k in range(2):
+        np.savez(tmp_path / "two" / f"{k}.npz", images=np.zeros((4, 12, 12), np.uint8))
+    torch.save(torch.zeros(3), tmp_path / "tensor.pt")
+    torch.save({"conv1.weight": torch.zeros(1)}, tmp_path / "wrong_state.pt")
+    (tmp_path / "badmod.py").write_text("raise RuntimeError('import-time failure')\n")
+    stats_text = tmp_path / "stats.txt"
+    stats_text.write_text("not statistics")
+    return {
+        "ranks bool": ["compress", *model, *data, "--ranks", '{"conv2": true}'],
+        "ranks cp pair": ["compress", *model, *data, "--method", "cp", "--ranks", '{"conv2": [2, 2]}'],
+        "ranks zero": ["compress", *model, *data, "--ranks", '{"conv2": 0}'],
+        "ranks negative pair": ["compress", *model, *data, "--ranks", '{"conv2": [-1, 2]}'],
+        "ranks too large": ["compress", *model, *data, "--ranks", '{"conv2": [100, 4]}'],
+        "ranks string": ["compress", *model, *data, "--ranks", '{"conv2": "8"}'],
+        "ranks float": ["compress", *model, *data, "--ranks", '{"conv2": 2.5}'],
+        "ranks triple": ["compress", *model, *data, "--ranks", '{"conv2": [1, 2, 3]}'],
+        "ranks list": ["compress", *model, *data, "--ranks", "[1, 2]"],
+        "ranks empty": ["compress", *model, *data, "--ranks", "{}"],
+        "ranks bad json": ["compress", *model, *data, "--ranks", '{"conv2": [2, 2]'],
+        "ranks missing file": ["compress", *model, *data, "--ranks", str(tmp_path / "none.json")],
+        "ranks folder": ["compress", *model, *data, "--ranks", str(tmp_path)],
+        "ranks unknown layer": ["compress", *model, *data, "--ranks", '{"conv9": 2}'],
+        "ranks svd too large": ["compress", *model, *data, "--ranks", '{"fc": 1000}', "--ratio", "0.5"],
+        "3 channels into 1": ["compress", *model, "--data-dir", str(rgb), "--normalize", "unit"],
+        "constructor raises": ["compress", "--model-file", str(tiny_files["state"]), "--model-class",
+                               "tests.test_cli:Exploding", *data],
+        "import raises": ["compress", "--model-file", str(tiny_files["state"]), "--model-class", "badmod:Net", *data],
+        "class missing": ["compress", "--model-file", str(tiny_files["state"]), "--model-class", "tests.test_cli:Nope", *data],
+        "class no colon": ["compress", "--model-file", str(tiny_files["state"]), "--model-class", "tests.test_cli", *data],
+        "class not callable": ["compress", "--model-file", str(tiny_files["state"]), "--model-class",
+                               "tests.test_cli:DEADLINE", *data],
+        "kwargs bad json": [*["compress", *model[:4]], "--model-kwargs", "{width: 12}", *data],
+        "kwargs not object": [*["compress", *model[:4]], "--model-kwargs", "[12]", *data],
+        "kwargs wrong key": [*["compress", *model[:4]], "--model-kwargs", '{"depth": 3}', *data],
+        "kwargs without class": ["compress", "--model-file", str(tiny_files["state"]), "--model-kwargs", "{}", *data],
+        "state does not fit": ["compress", "--model-file", str(tmp_path / "wrong_state.pt"), "--model-class",
+                               "tests.test_cli:TinyNet", *data],
+        "model missing": ["compress", "--model-file", str(tmp_path / "nope.pt"), *data],
+        "model is folder": ["compress", "--model-file", str(tmp_path), *data],
+        "model empty": ["compress", "--model-file", str(tmp_path / "empty.pt"), *data],
+        "model text": ["compress", "--model-file", str(tmp_path / "text.pt"), *data],
+        "model tensor": ["compress", "--model-file", str(tmp_path / "tensor.pt"), *data],
+        "model state without class": ["compress", "--model-file", str(tiny_files["state"]), *data],
+        "no model": ["compress", *data],
+        "no data": ["compress", *model],
+        "data missing": ["compress", *model, "--data-dir", str(tmp_path / "missing")],
+        "data empty folder": ["compress", *model, "--data-dir", str(tmp_path / "empty_dir")],
+        "data two npz": ["compress", *model, "--data-dir", str(tmp_path / "two")],
+        "data empty npz": ["compress", *model, "--data-dir", str(tmp_path / "empty.npz")],
+        "data text npz": ["compress", *model, "--data-dir", str(tmp_path / "text.npz")],
+        "data no images": ["compress", *model, "--data-dir", str(tmp_path / "noimg.npz")],
+        "data zero images": ["compress", *model, "--data-dir", str(tmp_path / "zero.npz")],
+        "data nan": ["compress", *model, "--data-dir", str(tmp_path / "nan.npz")],
+        "data label count": ["compress", *model, "--data-dir", str(tmp_path / "labels.npz")],
+        "data float labels": ["compress", *model, "--data-dir", str(tmp_path / "flabels.npz")],
+        "data strings": ["compress", *model, "--data-dir", str(tmp_path / "strings.npz")],
+        "data object npy": ["compress", *model, "--data-dir", str(tmp_path / "obj.npy")],
+        "data 1-D npy": ["compress", *model, "--data-dir", str(tmp_path / "img1d.npy")],
+        "data wrong suffix": ["compress", *model, "--data-dir", str(tmp_path / "text.pt")],
+        "fashion on rgb": ["compress", *model, "--data-dir", str(rgb), "--normalize", "fashion"],
+        "unknown layer": ["compress", *model, *data, "--layers", "conv9"],
+        "empty layers": ["compress", *model, *data, "--layers", ","],
+        "container layer": ["compress", *model, *data, "--layers", ""],
+        "stats-in missing": ["compress", *model, *data, "--stats-in", str(tmp_path / "none.pt")],
+        "stats-in text": ["compress", *model, *data, "--stats-in", str(stats_text)],
+        "stats-in folder": ["compress", *model, *data, "--stats-in", str(tmp_path)],
+        "output folder": ["compress", *model, *data, "--output", str(tmp_path)],
+        "output no folder": ["compress", *model, *data, "--output", str(tmp_path / "no" / "dir" / "x.pt")],
+        "output empty": ["compress", *model, *data, "--output", ""],
+        "stats-out folder": ["compress", *model, *data, "--stats-out", str(tmp_path)],
+        "bad device": ["compress", *model, *data, "--device", "banana"],
+        "cuda missing": ["compress", *model, *data, "--device", "cuda:7"],
+        "dist option alone": ["compress", *model, *data, "--max-memory", "1GiB"],
+        "dist with stats-in": ["compress", *model, *data, "--distributed", "--stats-in", str(stats_text)],
+        "bad max memory": ["compress", *model, *data, "--distributed", "--max-memory", "lots"],
+        "collect both layer options": ["collect", *model, *data, "--layers", "conv2", "--all-layers",
+                                       "--output", str(tmp_path / "s.pt")],
+        "collect output folder": ["collect", *model, *data, "--output", str(tmp_path)],
+        "demo output folder": ["demo", "--output", str(tmp_path)],
+        "demo unknown layer": ["demo", "--layers", "nope", "--calib-samples", "8"],
+        # argparse's own errors
+        "ratio > 1": ["compress", *model, *data, "--ratio", "2"],
+        "ratio nan": ["compress", *model, *data, "--ratio", "nan"],
+        "two sizes": ["compress", *model, *data, "--ratio", "0.5", "--energy", "0.9"],
+        "threads 0": ["compress", *model, *data, "--threads", "0"],
+        "timeout negative": ["compress", *model, *data, "--distributed", "--timeout", "-1"],
+        "demo ratios": ["demo", "--ratios", "2"],
+        "demo method": ["demo", "--methods", "svdx"],
+        "unknown option": ["compress", "--frobnicate"],
+    }
+
+
+def test_bad_inputs_give_one_line_and_exit_2(tiny_files, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # `badmod` is importable from the working folder, like the user's modules
+    monkeypatch.syspath_prepend(str(pathlib.Path(__file__).resolve().parent.parent))
+    failures = []
+    for label, argv in _bad_inputs(tiny_files, tmp_path).items():
+        code = main([*argv, "--no-progress"])  # progress bars also write to stderr
+        err = capsys.readouterr().err
+        lines = err.strip().splitlines()
+        if argv[0] in ("compress", "collect", "demo") and "usage:" in err:
+            lines = [line for line in lines if not line.startswith(("usage:", " "))]  # argparse prints usage first
+        if code != 2 or len(lines) != 1 or "error" not in lines[0] or "Traceback" in err:
+            failures.append(f"{label}: exit {code}, stderr {err!r}")
+    assert not failures, "\n".join(failures)
+
+
+def test_explicit_messages(tiny_files, tmp_path, capsys):
+    model = _state_args(tiny_files)
+    data = ["--data-dir", str(tiny_files["data"])]
+    assert "positive int" in _error(capsys, ["compress", *model, *data, "--ranks", '{"conv2": true}'])
+    assert "cp" in _error(capsys, ["compress", *model, *data, "--method", "cp", "--ranks", '{"conv2": [2, 2]}'])
+    rgb = tmp_path / "rgb.npz"
+    np.savez(rgb, images=np.zeros((8, 3, 12, 12), np.float32))
+    assert "calibration images (3, 12, 12)" in _error(capsys, ["compress", *model, "--data-dir", str(rgb)])
+    err = _error(capsys, ["compress", "--model-file", str(tiny_files["state"]), "--model-class",
+                          "tests.test_cli:Exploding", *data])
+    assert "ZeroDivisionError" in err and "blew up" in err
     scripted = tmp_path / "scripted.pt"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit.script is deprecated in new torch
         torch.jit.script(tiny_files["model"]).save(str(scripted))
     assert "eager" in _error(capsys, ["compress", "--model-file", str(scripted), *data])
-    # argparse errors: exit code 2 and a usage message.
-    assert "--ratios" in _error(capsys, ["demo", "--ratios", "2"])
-    assert "invalid choice" in _error(capsys, ["demo", "--methods", "svdx"])
+
+
+DEADLINE = 3  # a module attribute that is not a class (for "class not callable")
+
+
+def test_grouped_convolutions_are_reported(tmp_path, capsys):
+    torch.manual_seed(0)
+    state = tmp_path / "grouped.pt"
+    torch.save(GroupedNet().state_dict(), state)
+    data = tmp_path / "d.npz"
+    np.savez(data, images=np.random.default_rng(0).integers(0, 256, (16, 10, 10), dtype=np.uint8))
+    assert main(["compress", "--model-file", str(state), "--model-class", "tests.test_cli:GroupedNet",
+                 "--data-dir", str(data), "--ratio", "0.5", "--n-iter-max", "2", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "conv2 (grouped convolutions (groups=4)" in out
+    assert "conv3" in out
+
+
+def test_collect_prints_the_sample_count(tiny_files, tmp_path, capsys):
+    assert main(["collect", *_state_args(tiny_files), "--data-dir", str(tiny_files["data"]),
+                 "--layers", "conv2", "--no-progress", "--output", str(tmp_path / "s.pt")]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split() == ["layer", "weight", "shape", "patch", "dim", "samples"]
+    row = next(line for line in out if line.startswith("conv2")).split()
+    # conv2 sees 96 images of 12 x 12 positions (padding 1): 13824 patches of 12 * 3 * 3 = 108
+    assert row[2:] == ["108", "13824"]
+
+
+def test_info_hint_only_when_the_data_is_missing(tmp_path, capsys, monkeypatch):
+    found = tmp_path / "fashion"
+    found.mkdir()
+    (found / "train-images-idx3-ubyte.gz").write_bytes(b"")
+    monkeypatch.setenv("TENSORLY_DATAAWARE_FASHION_ROOT", str(found))
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "found in" in out and "apt-get" not in out
+    monkeypatch.setenv("TENSORLY_DATAAWARE_FASHION_ROOT", str(tmp_path / "absent"))
+    assert main(["info"]) == 0
+    assert "apt-get install dataset-fashion-mnist" in capsys.readouterr().out
+
+
+def test_threads_default_to_one_and_are_restored(tiny_files, tmp_path, monkeypatch):
+    from tensorly_dataaware.cli import build_parser
+
+    for argv in (["demo"], ["compress"], ["collect", "--output", "x"]):
+        assert build_parser().parse_args(argv).threads == 1
+    seen = []
+    real = torch.set_num_threads
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: (seen.append(n), real(n)))
+    real(2)
+    assert main(["collect", *_state_args(tiny_files), "--data-dir", str(tiny_files["data"]), "--layers", "conv2",
+                 "--no-progress", "--output", str(tmp_path / "s.pt")]) == 0
+    assert seen[0] == 1 and torch.get_num_threads() == 2  # the caller's setting is back

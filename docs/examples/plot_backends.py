@@ -14,8 +14,13 @@ import time
 import matplotlib.pyplot as plt
 import numpy as np
 import tensorly as tl
+from threadpoolctl import threadpool_limits
 
 from tensorly_dataaware import tucker2_sigma
+
+# One thread for NumPy's BLAS (and torch below): the matrices are small, and on a busy machine
+# extra threads wait for each other (issue 9: 21 s instead of 0.6 s on a busy 2-core machine).
+threadpool_limits(1)
 
 rng = np.random.default_rng(0)
 
@@ -36,7 +41,7 @@ backends = ["numpy"]
 try:
     import torch
 
-    torch.set_num_threads(1)  # the same single thread as NumPy's BLAS in this build
+    torch.set_num_threads(1)  # the same single thread as NumPy's BLAS (threadpool_limits above)
     backends.append("pytorch")
 except ImportError:
     pass

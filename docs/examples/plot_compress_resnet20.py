@@ -19,12 +19,15 @@ import time
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
+from threadpoolctl import threadpool_limits
 
 from tensorly_dataaware.data import load_embedded_subset, make_loader
 from tensorly_dataaware.models import load_pretrained
 from tensorly_dataaware.torch import collect_covariances, compress, format_report
 
-torch.set_num_threads(1)  # small layers: one thread is fastest, especially on a busy machine
+# Small layers: one thread is fastest, especially on a busy machine (also for the BLAS behind NumPy).
+torch.set_num_threads(1)
+threadpool_limits(1)
 torch.manual_seed(0)
 
 model = load_pretrained("resnet20")

@@ -23,10 +23,13 @@ import numpy as np
 import tensorly as tl
 from scipy.ndimage import gaussian_filter
 from tensorly.decomposition import parafac, partial_tucker
+from threadpoolctl import threadpool_limits
 
 from tensorly_dataaware import parafac_sigma, relative_sigma_error, tucker2_sigma
 
 tl.set_backend("numpy")
+# One BLAS thread: small matrices, for which extra threads mostly wait on a busy machine.
+threadpool_limits(1)
 rng = np.random.default_rng(0)
 
 # %%

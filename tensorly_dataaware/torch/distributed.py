@@ -32,34 +32,36 @@ What it does
 
 How to run
 ----------
-The entry point :mod:`tensorly_dataaware.torch.dist_main` does everything: collect on sharded
-calibration data, all-reduce, compress in parallel, write on rank 0, print the report.
+The command line does everything (``tensorly-dataaware compress --distributed``, the same
+options and checks as ``compress``): collect on sharded calibration data, all-reduce,
+compress in parallel, write on rank 0, print the report.
 
 One machine, 8 GPUs (NCCL is chosen automatically when CUDA is available; each rank uses
 GPU ``LOCAL_RANK``)::
 
-    torchrun --standalone --nproc_per_node=8 -m tensorly_dataaware.torch.dist_main \
-        --model-file resnet50.pt --data calib.npz --method tucker2 --ratio 0.3 \
-        --max-memory auto --output resnet50_small.pt
+    torchrun --standalone --nproc_per_node=8 -m tensorly_dataaware compress --distributed \
+        --model-file resnet50_state.pt --model-class torchvision.models:resnet50 \
+        --data-dir calib.npz --method tucker2 --ratio 0.3 --max-memory auto --output resnet50_small.pt
 
 Several machines (run the same command on every node, ``--node_rank`` 0..N-1; ``host:port``
 is reachable from all nodes, e.g. node 0)::
 
     torchrun --nnodes=2 --nproc_per_node=8 --node_rank=0 \
         --rdzv_backend=c10d --rdzv_endpoint=node0.example.com:29400 --rdzv_id=compress1 \
-        -m tensorly_dataaware.torch.dist_main --model-file resnet50.pt --data calib.npz \
+        -m tensorly_dataaware compress --distributed --model-file resnet50_state.pt \
+        --model-class torchvision.models:resnet50 --data-dir calib.npz \
         --method tucker2 --ratio 0.3 --output /shared/resnet50_small.pt
 
 CPU only (gloo), e.g. 4 processes on one machine; give each process its share of the cores::
 
-    OMP_NUM_THREADS=4 torchrun --standalone --nproc_per_node=4 \
-        -m tensorly_dataaware.torch.dist_main --embedded --ratio 0.3 --output small.pt
+    torchrun --standalone --nproc_per_node=4 -m tensorly_dataaware compress --distributed \
+        --threads 4 --model resnet20 --embedded --ratio 0.3 --output small.pt
 
-The embedded example (``--embedded``: the Fashion-MNIST ResNet-20 and its calibration subset)
-needs no file. ``python -m tensorly_dataaware.torch.dist_main ...`` without ``torchrun`` runs
-as a world of one process. The output is written by rank 0 only: on several nodes, point
-``--output`` to the file system of node 0 (or a shared one). Load it with
-:func:`~tensorly_dataaware.torch.load_compressed`.
+The embedded example (``--model resnet20 --embedded``: the Fashion-MNIST ResNet-20 and its
+calibration subset) needs no file. ``python -m tensorly_dataaware compress --distributed ...``
+without ``torchrun`` runs as a world of one process. The output is written by rank 0 only:
+on several nodes, point ``--output`` to the file system of node 0 (or a shared one). Load it
+with :func:`~tensorly_dataaware.torch.load_compressed`.
 
 From Python, inside a process started by ``torchrun``::
 
@@ -331,11 +333,13 @@ class _Counting:
     def __init__(self, iterable: Iterable[Any]):
         self.iterable = iterable
         self.yielded = 0
+        self.exhausted = False  # iterated to the end: an empty shard only if nothing came out
 
     def __iter__(self):
         for item in self.iterable:
             self.yielded += 1
             yield item
+        self.exhausted = True
 
 
 def collect_covariances_distributed(
@@ -394,7 +398,9 @@ def collect_covariances_distributed(
     try:
         stats = collect_covariances(model, counted, layers, seed=seed + rank, progress=progress, **kwargs)
     except Exception as exc:  # noqa: BLE001 - reported to every rank below
-        if not (counted.yielded == 0 and isinstance(exc, ValueError)):
+        # Only "this rank's shard was empty" is not an error; a ValueError raised before the
+        # batches were read (e.g. an unknown layer name) is reported like any other.
+        if not (counted.exhausted and counted.yielded == 0 and isinstance(exc, ValueError)):
             error = _format_exception(exc)
     _agree(error is None, error, "collecting statistics", group)
     # Ranks with an empty shard build zero statistics for the layers the others saw.
