@@ -9,7 +9,6 @@ torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
 from tensorly_dataaware.torch import (  # noqa: E402
-    CrossMoments,
     collect_covariances,
     compress,
     compress_sequential,
@@ -68,41 +67,6 @@ def _output_mse(original, compressed, name, batches):
         total += float(((a - b) ** 2).sum())
         count += a.numel()
     return total / count
-
-
-# --------------------------------------------------------------------------------------------
-# Cross moments
-# --------------------------------------------------------------------------------------------
-
-
-def test_cross_moments_match_numpy_and_stream():
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((200, 5)) + 1.0
-    y = x @ rng.standard_normal((5, 5)) + 0.1 * rng.standard_normal((200, 5)) - 2.0
-    whole = CrossMoments(5)
-    whole.update(torch.from_numpy(x), torch.from_numpy(y))
-    parts = CrossMoments(5)
-    for sl in (slice(0, 7), slice(7, 120), slice(120, 200)):
-        parts.update(torch.from_numpy(x[sl]), torch.from_numpy(y[sl]))
-    c_yy, c_xy = parts.moments(centered=True)
-    xc, yc = x - x.mean(0), y - y.mean(0)
-    np.testing.assert_allclose(c_yy.numpy(), yc.T @ yc / 200, rtol=1e-10, atol=1e-12)
-    np.testing.assert_allclose(c_xy.numpy(), xc.T @ yc / 200, rtol=1e-10, atol=1e-12)
-    m_yy, m_xy = parts.moments(centered=False)
-    np.testing.assert_allclose(m_xy.numpy(), x.T @ y / 200, rtol=1e-10)
-    for a, b in zip(whole.tensors, parts.tensors):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-10)
-
-
-def test_cross_moments_reject_bad_input():
-    m = CrossMoments(3)
-    with pytest.raises(ValueError, match="No patches"):
-        m.moments()
-    with pytest.raises(ValueError, match=r"\(m, 3\)"):
-        m.update(torch.zeros(4, 3), torch.zeros(4, 2))
-    with pytest.raises(ValueError, match="NaN or Inf"):
-        m.update(torch.full((2, 3), float("nan")))
-    assert float(m.count) == 0
 
 
 # --------------------------------------------------------------------------------------------

@@ -12,11 +12,12 @@ from .compress import (
     format_report,
     plan_compression,
 )
-from .sequential import CrossMoments, compress_sequential, layer_call_order
+from .sequential import compress_sequential, layer_call_order
 from .layers import CPConv2d, LowRankConv2d, LowRankLinear, Tucker2Conv2d, build_from_spec
 from .ranks import allocate_budget, ranks_for_energy, ranks_for_ratio
 from .serialization import compression_spec, load_compressed, save_compressed
 from .statistics import (
+    CrossStatistics,
     LayerStatistics,
     collect_covariances,
     load_statistics,
@@ -29,12 +30,12 @@ __all__ = [
     "collect_covariances",
     "compress",
     "compress_sequential",
-    "CrossMoments",
     "layer_call_order",
     "plan_compression",
     "decompose_layer",
     "LayerJob",
     "LayerStatistics",
+    "CrossStatistics",
     "patches_for",
     "save_statistics",
     "load_statistics",

@@ -10,8 +10,6 @@ from __future__ import annotations
 import copy
 import inspect
 import numbers
-import os
-import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -26,7 +24,7 @@ from .._validation import validate_cp_rank, validate_tucker2_rank
 from ..decomposition import parafac_sigma, tucker2_sigma
 from ..norms import relative_sigma_error, whitened_svd
 from . import ranks as rk
-from .layers import CPConv2d, LowRankConv2d, LowRankLinear, Tucker2Conv2d, build_from_spec
+from .layers import CPConv2d, LowRankConv2d, LowRankLinear, Tucker2Conv2d
 from .statistics import LayerStatistics
 
 __all__ = ["compress", "plan_compression", "decompose_layer", "LayerJob", "LayerReport", "format_report"]

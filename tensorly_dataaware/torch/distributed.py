@@ -927,11 +927,14 @@ class _Collectives(_Local):
                 "(different models or arguments on different ranks?)."
             )
 
-    def reduce(self, tensors):
+    def reduce(self, moments):
         if self.world == 1:
             return
         comm = _comm_device(self.group)
-        for tensor in tensors:
+        count = torch.tensor([moments.count], dtype=torch.int64, device=comm)
+        dist.all_reduce(count, op=dist.ReduceOp.SUM, group=self.group)
+        moments.count = int(count.item())
+        for tensor in moments.sum_tensors():
             tensor.copy_(_reduce_tensor_(tensor, comm, self.group, self.chunk))
 
     def decide(self, compute, name):

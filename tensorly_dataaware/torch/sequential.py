@@ -73,9 +73,9 @@ from .compress import (
     dense_report_row,
     plan_compression,
 )
-from .statistics import _batch_input, collect_covariances, patches_for
+from .statistics import CrossStatistics, _batch_input, collect_covariances, patches_for
 
-__all__ = ["compress_sequential", "CrossMoments", "layer_call_order"]
+__all__ = ["compress_sequential", "layer_call_order"]
 
 
 class _StopForward(BaseException):
@@ -87,7 +87,7 @@ class _StopForward(BaseException):
 
 
 class _Local:
-    """The collective steps of a sequential run, for one process (all no-ops).
+    """The collective steps of a sequential run, for one process (no communication).
 
     :func:`~tensorly_dataaware.torch.distributed.compress_sequential_distributed` overrides
     them so that every rank streams its shard, the sums are all-reduced, rank 0 factorizes
@@ -101,7 +101,7 @@ class _Local:
     def same(self, value: Any, what: str) -> None:
         pass
 
-    def reduce(self, tensors: list[torch.Tensor]) -> None:
+    def reduce(self, moments: CrossStatistics) -> None:
         pass
 
     def decide(self, compute: Callable[[], tuple[nn.Module, LayerReport]], name: str) -> tuple[nn.Module, LayerReport]:
@@ -109,85 +109,6 @@ class _Local:
 
     def collect(self, model, batches, layers, max_batches):
         return collect_covariances(model, batches, layers, max_batches=max_batches, progress=False)
-
-
-class CrossMoments:
-    """Streaming float64 moments of paired patches ``(x, y)`` seen at the same positions.
-
-    ``x`` is the patch of the original network and ``y`` the patch of the partly compressed
-    network, at the same image and output position. Only sums are kept: ``count``,
-    ``sum_x``, ``sum_y``, ``sum_yy = sum y y^T`` and ``sum_xy = sum x y^T``; they add up
-    across batches and data shards (:attr:`tensors` lists them for an all-reduce).
-
-    Parameters
-    ----------
-    n : int
-        Patch length.
-    device : torch.device, optional
-        Where the sums live (default: the CPU).
-    """
-
-    def __init__(self, n: int, device: torch.device | None = None) -> None:
-        device = torch.device("cpu") if device is None else device
-        self.count = torch.zeros((), dtype=torch.float64, device=device)
-        self.sum_x = torch.zeros(n, dtype=torch.float64, device=device)
-        self.sum_y = torch.zeros(n, dtype=torch.float64, device=device)
-        self.sum_yy = torch.zeros(n, n, dtype=torch.float64, device=device)
-        self.sum_xy = torch.zeros(n, n, dtype=torch.float64, device=device)
-
-    @property
-    def tensors(self) -> list[torch.Tensor]:
-        """The raw sums, e.g. for ``torch.distributed.all_reduce``."""
-        return [self.count, self.sum_x, self.sum_y, self.sum_yy, self.sum_xy]
-
-    def update(self, x: torch.Tensor, y: torch.Tensor | None = None) -> None:
-        """Add a batch of paired patches, both ``(m, n)``; ``y=None`` means ``y = x``."""
-        x = x.to(torch.float64)
-        y = x if y is None else y.to(torch.float64)
-        if x.shape != y.shape or x.dim() != 2 or x.shape[1] != self.sum_x.shape[0]:
-            raise ValueError(f"Paired patches must both be (m, {self.sum_x.shape[0]}); got {tuple(x.shape)} and {tuple(y.shape)}.")
-        if x.shape[0] == 0:
-            return
-        yy = y.T @ y
-        xy = yy if y is x else x.T @ y
-        sums = (x.sum(0), y.sum(0))
-        # NaN/Inf anywhere in the batch shows in the column sums or on the Gram diagonal.
-        if not all(bool(torch.isfinite(t).all()) for t in (*sums, yy.diagonal())):
-            raise ValueError("The layer inputs contain NaN or Inf values (or overflow float64).")
-        dev = self.sum_x.device
-        self.count += x.shape[0]
-        self.sum_x += sums[0].to(dev)
-        self.sum_y += sums[1].to(dev)
-        self.sum_yy += yy.to(dev)
-        self.sum_xy += xy.to(dev)
-
-    def _n(self) -> float:
-        count = float(self.count)
-        if count <= 0:
-            raise ValueError("No patches accumulated (count == 0).")
-        return count
-
-    @property
-    def mean_x(self) -> torch.Tensor:
-        return self.sum_x / self._n()
-
-    @property
-    def mean_y(self) -> torch.Tensor:
-        return self.sum_y / self._n()
-
-    def moments(self, centered: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(C_yy, C_xy)``: covariances if ``centered``, else uncentred second moments.
-
-        ``C_yy`` is symmetrized; ``C_xy[i, j]`` pairs ``x_i`` with ``y_j``.
-        """
-        count = self._n()
-        yy = self.sum_yy / count
-        xy = self.sum_xy / count
-        if centered:
-            mx, my = self.mean_x, self.mean_y
-            yy = yy - torch.outer(my, my)
-            xy = xy - torch.outer(mx, my)
-        return 0.5 * (yy + yy.T), xy
 
 
 def _is_one_shot_iterator(batches: Any) -> bool:
@@ -606,14 +527,16 @@ def _plan_order(reference, batches, names, named, max_batches, run_device, ranks
     return order
 
 
-def _layer_moments(reference, target, batches, name, first_layer, max_batches, run_device, comm, cached=None) -> CrossMoments:
+def _layer_moments(
+    reference, target, batches, name, first_layer, max_batches, run_device, comm, cached=None
+) -> CrossStatistics:
     """Stream the paired input patches of layer ``name`` over ``batches`` (all-reduced).
 
     ``cached``: the original network's inputs of the layer, batch by batch, if kept.
     """
     ref_module = reference.get_submodule(name)
     module = target.get_submodule(name)  # still the dense layer: it is replaced after the fit
-    moments = CrossMoments(ref_module.weight[0].numel(), device=run_device)
+    moments = CrossStatistics(ref_module.weight[0].numel(), device=run_device)
     error = None
     try:
         for index, batch in _iterate(batches, max_batches):
@@ -625,9 +548,11 @@ def _layer_moments(reference, target, batches, name, first_layer, max_batches, r
             else:
                 x_ref = _capture_input(reference, ref_module, x, name)
             # Before the first replacement both networks are the same: x~ = x.
-            x_new = None if first_layer else _capture_input(target, module, x, name)
-            p_ref = patches_for(ref_module, x_ref.to(torch.float64))[0]
-            p_new = None if x_new is None else patches_for(ref_module, x_new.to(torch.float64))[0]
+            x_new = x_ref if first_layer else _capture_input(target, module, x, name)
+            # Patches in the network's dtype: float32 products are blocked and summed in
+            # float64 (see LayerStatistics.update for the error bound).
+            p_ref = patches_for(ref_module, x_ref)
+            p_new = p_ref if first_layer else patches_for(ref_module, x_new)
             try:
                 moments.update(p_ref, p_new)
             except ValueError as exc:
@@ -635,8 +560,8 @@ def _layer_moments(reference, target, batches, name, first_layer, max_batches, r
     except Exception as exc:  # noqa: BLE001 - every process must learn of it
         error = exc
     comm.agree(error, f"layer {name!r}")
-    comm.reduce(moments.tensors)
-    if float(moments.count) == 0:
+    comm.reduce(moments)
+    if moments.count == 0:
         raise ValueError(
             f"Layer {name!r}: no input patch on this pass over `batches` (does it yield the same batches every time?)."
         )
@@ -651,8 +576,11 @@ def _fit_layer(
     module = target.get_submodule(name)
     dev = device if device is not None else module.weight.device
     weight = module.weight.detach().to(device=dev, dtype=torch.float64)
-    c_yy, c_xy = (t.to(dev) for t in moments.moments(centered))
-    mean_x, mean_y = moments.mean_x.to(dev), moments.mean_y.to(dev)
+    if centered:
+        c_yy, c_xy = moments.cov_yy[0].to(dev), moments.cov_xy[0].to(dev)
+    else:
+        c_yy, c_xy = moments.second_moment_yy[0].to(dev), moments.cross_moment_xy[0].to(dev)
+    mean_x, mean_y = moments.mean_x[0].to(dev), moments.mean_y[0].to(dev)
     # x~ = x for the first layer, and then W' = W exactly (no round-off from a solve).
     goal = weight if first_layer else _sequential_target(weight, c_yy, c_xy, damping)
     layer_method = _layer_method(module, method)
