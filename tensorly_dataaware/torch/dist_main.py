@@ -92,12 +92,16 @@ def run_distributed(
     backend: str = "auto",
     timeout_s: float = 1800.0,
     quiet: bool = False,
+    sequential: bool = False,
 ) -> int:
     """Join the process group, compress ``model`` on ``images`` across all ranks, clean up.
 
     The body of the entry point, callable from other front ends (e.g. the CLI's
     ``compress --distributed``) with an already loaded model and calibration tensor
     ``images`` (``(N, C, H, W)`` float, normalized). Returns the exit code (0 or 1).
+    With ``sequential=True`` the layers are fitted one after the other
+    (:func:`~tensorly_dataaware.torch.distributed.compress_sequential_distributed`): every
+    rank streams its shard, rank 0 factorizes; ``stats_out`` does not apply then.
     """
     import torch.distributed as dist
 
@@ -107,6 +111,7 @@ def run_distributed(
         MemoryBudgetError,
         collect_covariances_distributed,
         compress_distributed,
+        compress_sequential_distributed,
         save_on_root,
         shard,
     )
@@ -127,6 +132,20 @@ def run_distributed(
             layers = default_layers(model)
         n = images.shape[0] if calib_samples is None else min(calib_samples, images.shape[0])
         batches = [images[s : min(s + batch_size, n)] for s in range(0, n, batch_size)]
+        if sequential:
+            start = time.perf_counter()
+            compressed, report = compress_sequential_distributed(
+                model, shard(batches, rank, world), method, ranks=ranks, ratio=ratio, energy=energy, budget=budget,
+                norm=norm, centered=centered, layers=layers, damping=damping, progress=progress and rank == 0,
+                return_report=True, n_iter_max=n_iter_max, random_state=seed,
+            )
+            say(f"sequential calibration of {len(report)} layers from {n} images on {world} rank(s) "
+                f"({dist.get_backend()}) in {time.perf_counter() - start:.1f}s\n")
+            say(format_report(report))
+            if output is not None:
+                save_on_root(compressed, output)
+                say(f"\nwrote the compressed model to {output}")
+            return 0
         start = time.perf_counter()
         stats = collect_covariances_distributed(
             model, shard(batches, rank, world), layers, seed=seed, progress=progress and rank == 0
