@@ -91,13 +91,13 @@ def test_demo_small_end_to_end(tmp_path, capsys):
     ])
     assert code == 0
     printed = capsys.readouterr().out
-    assert "sigma" in printed and "frobenius" in printed and "original" in printed
+    assert "sigma" in printed and "frobenius" in printed and "original" in printed and "sequential" in printed
 
     payload = json.loads(out_base.read_text())
     assert payload["config"]["calib_samples"] == 200 and payload["config"]["eval_samples"] == 300
     assert "conv1" not in payload["config"]["layers"]  # the first conv stays dense by default
     rows = payload["rows"]
-    assert [r["norm"] for r in rows] == ["original", "sigma", "frobenius"]
+    assert [r["norm"] for r in rows] == ["original", "sigma", "frobenius", "sequential"]
     for row in rows:
         assert 0.0 <= row["accuracy"] <= 1.0
     original = rows[0]
@@ -150,6 +150,35 @@ def test_compress_round_trip(tiny_files, tmp_path, how, capsys):
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), expected(x), rtol=1e-5, atol=1e-6)
         assert not torch.allclose(loaded(x), tiny_files["model"](x))
+
+
+def test_compress_sequential(tiny_files, tmp_path, capsys):
+    from tensorly_dataaware.torch import compress_sequential
+
+    out = tmp_path / "seq.pt"
+    code = main([
+        "compress", "--model-file", str(tiny_files["full"]), "--allow-pickle", "--data-dir", str(tiny_files["data"]),
+        "--ratio", "0.5", "--sequential", "--batch-size", "32", "--n-iter-max", "10", "--no-progress",
+        "--output", str(out),
+    ])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "sequential calibration of 2 layers on 96 images" in printed
+    loaded = load_compressed(TinyNet(width=12), out).eval()
+    x = torch.from_numpy(((tiny_files["images"][:, None] / 255.0 - 0.286) / 0.353).astype(np.float32))
+    expected = compress_sequential(
+        tiny_files["model"], [x[s : s + 32] for s in range(0, 96, 32)], "tucker2", ratio=0.5,
+        layers=["conv2", "conv3"], progress=False, n_iter_max=10, random_state=0,
+    ).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x[:16]), expected(x[:16]), rtol=1e-5, atol=1e-6)
+    # It streams its own statistics: files of statistics do not apply.
+    code = main([
+        "compress", "--model-file", str(tiny_files["full"]), "--allow-pickle", "--data-dir", str(tiny_files["data"]),
+        "--ratio", "0.5", "--sequential", "--stats-out", str(tmp_path / "s.pt"), "--no-progress",
+    ])
+    err = capsys.readouterr().err
+    assert code == 2 and "--sequential" in err and len(err.strip().splitlines()) == 1
 
 
 def test_collect_then_compress_with_stats_in(tiny_files, tmp_path, capsys):
