@@ -33,6 +33,9 @@ import numpy as np
 import tensorly as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+# Benchmark this checkout's package, not whichever copy is installed (an editable install
+# may point to another worktree).
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from reference_tucker import reference_tucker2  # noqa: E402
 
 from tensorly_dataaware import parafac_sigma, relative_sigma_error, tucker2_sigma  # noqa: E402
@@ -153,7 +156,7 @@ def run_shape(shape, args, dtype_name):
     from tensorly.decomposition import parafac, partial_tucker
 
     # Warm-up (JIT compilation, CUDA context, BLAS threads) outside the timings.
-    tucker2_sigma(W, r_tucker, sigma, n_iter_max=2)
+    tucker2_sigma(W, r_tucker, sigma, n_iter_max=2, threads=args.solver_threads)
     partial_tucker(W, rank=list(r_tucker), modes=[0, 1], n_iter_max=2)
 
     if "tucker" in args.methods:
@@ -164,7 +167,9 @@ def run_shape(shape, args, dtype_name):
         (core, factors), tl_err = res
         base = row("tensorly partial_tucker", secs, len(tl_err), tl.tucker_to_tensor((core, factors)), peak)
         (res, secs, peak) = timed(
-            lambda: tucker2_sigma(W, r_tucker, sigma, tol=args.tol, n_iter_max=args.n_iter_max, return_errors=True),
+            lambda: tucker2_sigma(
+                W, r_tucker, sigma, tol=args.tol, n_iter_max=args.n_iter_max, return_errors=True, threads=args.solver_threads
+            ),
             device=args.device,
         )
         tucker, errors = res
@@ -207,7 +212,9 @@ def run_shape(shape, args, dtype_name):
         cp, tl_err = res
         base = row("tensorly parafac", secs, len(tl_err), tl.cp_to_tensor(cp), peak)
         (res, secs, peak) = timed(
-            lambda: parafac_sigma(W, r_cp, sigma, tol=args.tol, n_iter_max=args.n_iter_max, return_errors=True),
+            lambda: parafac_sigma(
+                W, r_cp, sigma, tol=args.tol, n_iter_max=args.n_iter_max, return_errors=True, threads=args.solver_threads
+            ),
             device=args.device,
         )
         cp, errors = res
@@ -215,6 +222,18 @@ def run_shape(shape, args, dtype_name):
         ours["ratio_vs_tensorly"] = ours["seconds"] / base["seconds"]
         print(f"{'':>14} {'':>7} parafac_sigma / parafac time ratio: {ours['ratio_vs_tensorly']:.2f}", flush=True)
     return rows
+
+
+def _process_threads():
+    """Thread pools the baselines run with (what OMP_NUM_THREADS & co. gave the process)."""
+    from threadpoolctl import threadpool_info
+
+    pools = {f"{lib['internal_api']}:{lib['prefix']}": lib["num_threads"] for lib in threadpool_info()}
+    if tl.get_backend() == "pytorch":
+        import torch
+
+        pools["torch"] = torch.get_num_threads()
+    return pools
 
 
 def main(argv=None):
@@ -233,6 +252,11 @@ def main(argv=None):
     parser.add_argument("--reference-budget", type=float, default=300.0, help="seconds before the reference is cut")
     parser.add_argument("--out", default=None, help="JSON file for the results")
     parser.add_argument("--memory", action="store_true", help="also measure NumPy peak memory (extra untimed run)")
+    parser.add_argument(
+        "--solver-threads", type=int, default=None,
+        help="threads= for our solvers (default: their policy, 1 thread; 0: the process's settings). "
+        "TensorLy's solvers always run with the process's settings (OMP_NUM_THREADS etc.).",
+    )
     args = parser.parse_args(argv)
     global MEASURE_HOST_MEMORY
     MEASURE_HOST_MEMORY = args.memory
@@ -251,6 +275,8 @@ def main(argv=None):
         "python": platform.python_version(),
         "tensorly": tl.__version__,
         "numpy": np.__version__,
+        "solver_threads": args.solver_threads,
+        "process_threads": _process_threads(),
     }
     if args.backend == "pytorch":
         import torch

@@ -9,10 +9,30 @@ backend's own routine. It reports failure (a singular or indefinite matrix) by r
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import tensorly as tl
 
-__all__ = ["cholesky_solve", "host_dtype", "dtype_kind", "framework_of"]
+__all__ = ["cholesky_solve", "contract", "host_dtype", "dtype_kind", "framework_of"]
+
+
+@functools.lru_cache(maxsize=512)
+def _contraction(expression: str, shapes: tuple):
+    import opt_einsum
+
+    return opt_einsum.contract_expression(expression, *shapes)
+
+
+def contract(expression: str, *operands):
+    """``opt_einsum.contract`` with the contraction path cached per expression and shapes.
+
+    The ALS evaluates the same dozen contractions at the same shapes every sweep; finding
+    the path each time took 45% of a small CP run's time (measured with cProfile on a
+    ``10 x 8 x 3 x 3`` tensor), more than the arithmetic itself.
+    """
+    shapes = tuple(tuple(int(d) for d in tl.shape(op)) for op in operands)
+    return _contraction(expression, shapes)(*operands)
 
 
 def host_dtype(tensor) -> np.dtype:

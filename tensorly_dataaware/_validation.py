@@ -183,7 +183,7 @@ def validate_tucker2_rank(shape: Sequence[int], rank) -> tuple[int, int]:
         return min(r_out, n_out), min(r_in, n_in)
     if isinstance(rank, (tuple, list)):
         if len(rank) != 2:
-            raise ValueError(f"A Tucker-2 rank must be an int, a float or a pair (R_out, R_in); got {rank!r}.")
+            raise ValueError(f"A Tucker-2 `rank` must be an int, a float or a pair (R_out, R_in); got {rank!r}.")
         r_out, r_in = _check_int(rank[0], "rank[0]"), _check_int(rank[1], "rank[1]")
     else:
         r = _check_int(rank, "rank")
@@ -191,9 +191,9 @@ def validate_tucker2_rank(shape: Sequence[int], rank) -> tuple[int, int]:
             raise ValueError(f"`rank` must be >= 1, got {r}.")
         r_out, r_in = min(r, n_out), min(r, n_in)
     if not (1 <= r_out <= n_out):
-        raise ValueError(f"R_out = {r_out} is out of range: it must be in [1, {n_out}] (output mode size).")
+        raise ValueError(f"`rank`: R_out = {r_out} is out of range: it must be in [1, {n_out}] (output mode size).")
     if not (1 <= r_in <= n_in):
-        raise ValueError(f"R_in = {r_in} is out of range: it must be in [1, {n_in}] (input mode size).")
+        raise ValueError(f"`rank`: R_in = {r_in} is out of range: it must be in [1, {n_in}] (input mode size).")
     return r_out, r_in
 
 

@@ -74,7 +74,7 @@ def _sigma_gradients_tucker(W, tucker, sigma):
 
 
 class TestTucker2:
-    def test_identity_sigma_matches_partial_tucker(self, backend, rng):
+    def test_identity_sigma_matches_partial_tucker(self, heavy_backend, rng):
         W = _low_rank_plus_noise(rng, SHAPE, (4, 3))
         tucker, errors = tucker2_sigma(_t(W), (4, 3), _t(np.eye(N)), tol=1e-12, return_errors=True)
         (core, factors), _ = partial_tucker(_t(W), rank=[4, 3], modes=[0, 1], tol=1e-12, n_iter_max=500)
@@ -84,7 +84,7 @@ class TestTucker2:
 
     @pytest.mark.parametrize("init", ["svd", "frobenius", "random"])
     @pytest.mark.parametrize("solver", ["direct", "cg"])
-    def test_errors_non_increasing_and_match_reconstruction(self, backend, rng, init, solver):
+    def test_errors_non_increasing_and_match_reconstruction(self, heavy_backend, rng, init, solver):
         W = rng.standard_normal(SHAPE)
         sigma = correlated_sigma(rng, N)
         tucker, errors = _fit(
@@ -100,7 +100,7 @@ class TestTucker2:
         assert_array_almost_equal(tl.dot(tl.transpose(factors[1]), factors[1]), tl.eye(4, dtype=tl.backend.float64))
 
     @pytest.mark.parametrize("solver", ["direct", "cg"])
-    def test_first_order_optimality(self, backend, rng, solver):
+    def test_first_order_optimality(self, heavy_backend, rng, solver):
         # A well-posed problem (clear low-rank structure), so that ALS converges to a
         # stationary point in a reasonable number of sweeps (on unstructured noise, ALS
         # can crawl through a "swamp" for hundreds of sweeps), and a moderately conditioned
@@ -112,7 +112,7 @@ class TestTucker2:
         for grad in _sigma_gradients_tucker(W, tucker, sigma):
             assert np.linalg.norm(grad) / scale < 1e-5
 
-    def test_beats_frobenius_in_sigma_norm(self, backend, rng):
+    def test_beats_frobenius_in_sigma_norm(self, heavy_backend, rng):
         W = rng.standard_normal(SHAPE)
         sigma = correlated_sigma(rng, N)
         (core, factors), _ = partial_tucker(_t(W), rank=[5, 4], modes=[0, 1], tol=1e-10)
@@ -123,14 +123,14 @@ class TestTucker2:
         # The first step from the Frobenius input factor can only improve on it.
         assert relative_sigma_error(_t(W), warm, _t(sigma)) <= frob + 1e-12
 
-    def test_scaling_sigma_changes_nothing(self, backend, rng):
+    def test_scaling_sigma_changes_nothing(self, heavy_backend, rng):
         W = rng.standard_normal(SHAPE)
         sigma = correlated_sigma(rng, N)
         a = tl.tucker_to_tensor(tucker2_sigma(_t(W), (5, 4), _t(sigma), n_iter_max=15))
         b = tl.tucker_to_tensor(tucker2_sigma(_t(W), (5, 4), _t(37.5 * sigma), n_iter_max=15))
         assert_array_almost_equal(a, b, decimal=8)
 
-    def test_pointwise_conv_is_whitened_svd(self, backend, rng):
+    def test_pointwise_conv_is_whitened_svd(self, heavy_backend, rng):
         # For a 1x1 kernel Tucker-2 is a rank-min(R_out, R_in) problem solved by the whitened SVD.
         W = rng.standard_normal((9, 7, 1, 1))
         sigma = correlated_sigma(rng, 7)
@@ -147,9 +147,10 @@ class TestTucker2:
         assert np.all(np.diff(errors) <= 0)
 
     @pytest.mark.parametrize("shape", [(6, 5), (6, 5, 3), (4, 3, 2, 2, 2)])
-    def test_other_orders(self, backend, rng, shape):
+    def test_other_orders(self, heavy_backend, rng, shape):
         n = int(np.prod(shape[1:]))
-        tucker, errors = _fit(Tucker2Sigma, _t(rng.standard_normal(shape)), (3, 2), _t(correlated_sigma(rng, n)))
+        # Shapes and monotonicity need a few sweeps, not convergence.
+        tucker, errors = _fit(Tucker2Sigma, _t(rng.standard_normal(shape)), (3, 2), _t(correlated_sigma(rng, n)), n_iter_max=12)
         assert tl.shape(tl.tucker_to_tensor(tucker)) == shape
         assert np.all(np.diff(errors) <= 0)
 
@@ -175,7 +176,7 @@ class TestTucker2:
 
 
 class TestParafac:
-    def test_identity_sigma_matches_parafac(self, backend, rng):
+    def test_identity_sigma_matches_parafac(self, heavy_backend, rng):
         factors = [rng.standard_normal((d, 4)) for d in SHAPE]
         W = np.einsum("tr,sr,ir,jr->tsij", *factors) + 1e-3 * rng.standard_normal(SHAPE)
         _, errors = parafac_sigma(_t(W), 4, _t(np.eye(N)), tol=1e-12, n_iter_max=500, return_errors=True)
@@ -185,7 +186,7 @@ class TestParafac:
 
     @pytest.mark.parametrize("init", ["svd", "frobenius", "random"])
     @pytest.mark.parametrize("solver", ["direct", "cg"])
-    def test_errors_non_increasing(self, backend, rng, init, solver):
+    def test_errors_non_increasing(self, heavy_backend, rng, init, solver):
         W = rng.standard_normal(SHAPE)
         sigma = correlated_sigma(rng, N)
         cp, errors = _fit(ParafacSigma, _t(W), 6, _t(sigma), init=init, solver=solver, random_state=0, n_iter_max=30)
@@ -193,10 +194,12 @@ class TestParafac:
         assert errors[-1] < errors[0]
         assert relative_sigma_error(_t(W), cp, _t(sigma)) == pytest.approx(errors[-1], rel=1e-8)
 
-    def test_first_order_optimality(self, backend, rng):
+    def test_first_order_optimality(self, heavy_backend, rng):
         factors = [rng.standard_normal((d, 3)) for d in SHAPE]
         W = np.einsum("tr,sr,ir,jr->tsij", *factors) + 0.1 * rng.standard_normal(SHAPE)
-        sigma = correlated_sigma(rng, N)
+        # Moderately conditioned sigma, as for Tucker-2: with cond ~ 1e10 (decay=8) the ALS
+        # needs ~480 sweeps to reach the same stationarity (45 here); the property is the same.
+        sigma = correlated_sigma(rng, N, decay=40.0)
         cp = parafac_sigma(_t(W), 3, _t(sigma), tol=1e-15, n_iter_max=2000, cg_tol=1e-12)
         weights, fs = cp
         fs = [_np(f) for f in fs]
@@ -210,7 +213,7 @@ class TestParafac:
             grad = np.moveaxis(E, mode, 0).reshape(SHAPE[mode], -1) @ kr
             assert np.linalg.norm(grad) / scale < 1e-5
 
-    def test_beats_frobenius_in_sigma_norm(self, backend, rng):
+    def test_beats_frobenius_in_sigma_norm(self, heavy_backend, rng):
         W = rng.standard_normal(SHAPE)
         sigma = correlated_sigma(rng, N)
         frob = relative_sigma_error(_t(W), parafac(_t(W), 6, tol=1e-10), _t(sigma))
@@ -219,14 +222,14 @@ class TestParafac:
         assert ours < 0.9 * frob
         assert relative_sigma_error(_t(W), warm, _t(sigma)) <= frob + 1e-12
 
-    def test_scaling_sigma_changes_nothing(self, backend, rng):
+    def test_scaling_sigma_changes_nothing(self, heavy_backend, rng):
         W = rng.standard_normal(SHAPE)
         sigma = correlated_sigma(rng, N)
         a = tl.cp_to_tensor(parafac_sigma(_t(W), 5, _t(sigma), n_iter_max=10, random_state=0))
         b = tl.cp_to_tensor(parafac_sigma(_t(W), 5, _t(0.01 * sigma), n_iter_max=10, random_state=0))
         assert_array_almost_equal(a, b, decimal=7)
 
-    def test_init_from_tensorly_cp_tensor(self, backend, rng):
+    def test_init_from_tensorly_cp_tensor(self, heavy_backend, rng):
         W = _t(rng.standard_normal(SHAPE))
         sigma = _t(correlated_sigma(rng, N))
         start = parafac(W, 5, n_iter_max=5)
@@ -236,9 +239,9 @@ class TestParafac:
         assert isinstance(cp, tl.cp_tensor.CPTensor)
 
     @pytest.mark.parametrize("shape", [(6, 5), (6, 5, 3), (4, 3, 2, 2, 2)])
-    def test_other_orders(self, backend, rng, shape):
+    def test_other_orders(self, heavy_backend, rng, shape):
         n = int(np.prod(shape[1:]))
-        cp, errors = _fit(ParafacSigma, _t(rng.standard_normal(shape)), 3, _t(correlated_sigma(rng, n)))
+        cp, errors = _fit(ParafacSigma, _t(rng.standard_normal(shape)), 3, _t(correlated_sigma(rng, n)), n_iter_max=12)
         assert tl.shape(tl.cp_to_tensor(cp)) == shape
         assert np.all(np.diff(errors) <= 0)
 
@@ -489,9 +492,11 @@ class TestThreads:
             seen = []
             tucker2_sigma(W, 3, sigma, n_iter_max=2, callback=lambda *_: seen.append(self._settings()))
             assert seen[0][0] == 1 and all(n == 1 for n in seen[0][1])
+            seen.clear()
             with solver_threads(2):
-                _, details = tucker2_sigma(W, 3, sigma, n_iter_max=2, return_details=True)
+                _, details = tucker2_sigma(W, 3, sigma, n_iter_max=2, return_details=True, callback=lambda *_: seen.append(self._settings()))
                 assert details["threads"] == 2
+            assert seen[0][0] == 2 and all(n == 2 for n in seen[0][1])
             _, details = tucker2_sigma(W, 3, sigma, n_iter_max=2, threads=0, return_details=True)
             assert details["threads"] == 0
             assert self._settings() == before

@@ -31,9 +31,9 @@ import string
 import warnings
 
 import tensorly as tl
-from opt_einsum import contract
 from tensorly.cp_tensor import CPTensor
 
+from .._backend_ops import contract
 from .._validation import validate_cp_rank
 from ..norms import psd_solve
 from ._als import finish, run_als

@@ -44,9 +44,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import tensorly as tl
-from opt_einsum import contract
 
-from .._backend_ops import host_dtype
+from .._backend_ops import contract, host_dtype
 from ..norms import psd_solve
 
 __all__ = ["InputFactorSystem", "SolveInfo"]

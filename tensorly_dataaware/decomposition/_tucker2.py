@@ -28,9 +28,9 @@ the fixed points are those of Frobenius HOOI (TensorLy's ``partial_tucker``).
 from __future__ import annotations
 
 import tensorly as tl
-from opt_einsum import contract
 from tensorly.tucker_tensor import TuckerTensor
 
+from .._backend_ops import contract
 from .._validation import validate_tucker2_rank
 from ..norms import psd_solve, top_eigvecs
 from ._als import finish, run_als
