@@ -1,72 +1,145 @@
-"""Time :func:`collect_covariances` against a plain forward pass over the same batches.
+"""Time covariance collection against a plain forward pass, in one process (issue 10, item 4).
 
 Run from the repository root::
 
-    python benchmarks/collect_speed.py [--batches 8] [--batch-size 32] [--threads 2]
+    OMP_NUM_THREADS=1 python benchmarks/collect_speed.py [--models resnet20 vgg] [--images 500]
+        [--batch-size 250] [--repeats 5] [--threads N] [--out benchmarks/results/collect_speed.json]
 
-The network is a small CIFAR-sized CNN (3x32x32 inputs, four 3x3 convolutions and a linear
-head) with random weights: the cost of collecting statistics depends on the layer shapes,
-not on the weight values.  The printed ratio is collection time / forward time.
+For each embedded model (``tensorly_dataaware.models.load_pretrained``) and the embedded
+calibration images (``tensorly_dataaware.data.load_embedded_subset``), every repeat times, in
+turn (interleaved, so that a change of machine load hits all variants alike):
+
+``forward``
+    the model over the batches under ``torch.no_grad()``;
+``old exact``
+    the collection as it was before issue 10.4: forward pre-hooks that form every patch
+    vector in float64 (:func:`patches_for`) and accumulate ``P^T P`` in float64
+    (:meth:`LayerStatistics.update` with ``precision='float64'``);
+``collect float64``
+    :func:`collect_covariances` with ``precision='float64'`` (exact products);
+``collect auto``
+    :func:`collect_covariances` with the default ``precision='auto'`` (float32 products of
+    the float32 activations, accumulated in float64).
+
+All variants keep every position (full statistics).  The report gives, per variant, the
+median time and its spread (min-max) over the repeats, and the ratio of medians to the
+forward pass; the thread settings are printed and saved with the numbers.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import platform
+import statistics
 import time
 
 import torch
 from torch import nn
 
-from tensorly_dataaware.torch.statistics import collect_covariances
+from tensorly_dataaware.data import load_embedded_subset, normalize
+from tensorly_dataaware.models import load_pretrained
+from tensorly_dataaware.torch.statistics import LayerStatistics, collect_covariances, patches_for
 
 
-def small_cnn() -> nn.Module:
-    return nn.Sequential(
-        nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-        nn.Linear(64, 10),
-    )
+def old_exact_collect(model: nn.Module, batches: list[torch.Tensor]) -> dict[str, LayerStatistics]:
+    """The pre-10.4 collection: float64 patches, float64 ``P^T P``, for every conv/linear layer."""
+    stats: dict[str, LayerStatistics] = {}
+    handles = []
+
+    def make_hook(name):
+        def hook(module, args):
+            patches = patches_for(module, args[0].detach().to(torch.float64))
+            if name not in stats:
+                stats[name] = LayerStatistics.from_module(module)
+            stats[name].update(patches, precision="float64")
+
+        return hook
+
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Conv2d, nn.Conv1d, nn.Linear)):
+            handles.append(module.register_forward_pre_hook(make_hook(name)))
+    try:
+        with torch.no_grad():
+            for x in batches:
+                model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return stats
 
 
-def best_of(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+def thread_settings() -> dict[str, object]:
+    return {
+        "torch.get_num_threads": torch.get_num_threads(),
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+        "MKL_NUM_THREADS": os.environ.get("MKL_NUM_THREADS"),
+        "cpu_count": os.cpu_count(),
+        "loadavg_at_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batches", type=int, default=8)
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--models", nargs="+", default=["resnet20", "vgg"])
+    parser.add_argument("--images", type=int, default=500, help="calibration images (embedded subset)")
+    parser.add_argument("--batch-size", type=int, default=250)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--skip-old", action="store_true", help="do not time the pre-10.4 path")
+    parser.add_argument("--out", default=None, help="optional JSON output path")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    model = small_cnn().eval()
-    batches = [torch.randn(args.batch_size, 3, 32, 32) for _ in range(args.batches)]
+    threads = thread_settings()
+    images = torch.from_numpy(normalize(load_embedded_subset()["calib_images"][: args.images]))
+    batches = [images[i:i + args.batch_size] for i in range(0, len(images), args.batch_size)]
+    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, threads: {threads}")
+    print(f"{len(images)} embedded calibration images in batches of {args.batch_size}, "
+          f"{args.repeats} interleaved repeats, all positions kept")
+    results = {"command": "python benchmarks/collect_speed.py " + " ".join(
+        f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
+        for k, v in vars(args).items() if v not in (None, False)), "threads": threads, "models": {}}
 
-    def forward() -> None:
-        with torch.no_grad():
-            for x in batches:
-                model(x)
+    for name in args.models:
+        model = load_pretrained(name).eval()
 
-    forward()  # warm-up
-    t_forward = best_of(forward, args.repeats)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"{args.batches} batches of {args.batch_size} x 3 x 32 x 32")
-    print(f"{'plain forward':<52} {t_forward:8.3f} s")
-    for positions in (None, 64):
-        t = best_of(lambda: collect_covariances(model, batches, progress=False, max_positions_per_image=positions),
-                    args.repeats)
-        label = "collect_covariances" + ("" if positions is None else f" (max_positions_per_image={positions})")
-        print(f"{label:<52} {t:8.3f} s   ({t / t_forward:5.1f} x forward)")
+        def forward():
+            with torch.no_grad():
+                for x in batches:
+                    model(x)
+
+        variants = {"forward": forward}
+        if not args.skip_old:
+            variants["old exact"] = lambda: old_exact_collect(model, batches)
+        variants["collect float64"] = lambda: collect_covariances(model, batches, progress=False, precision="float64")
+        variants["collect auto"] = lambda: collect_covariances(model, batches, progress=False)
+        for fn in variants.values():  # warm-up (allocator, oneDNN kernels)
+            fn()
+        times = {label: [] for label in variants}
+        for _ in range(args.repeats):
+            for label, fn in variants.items():
+                start = time.perf_counter()
+                fn()
+                times[label].append(time.perf_counter() - start)
+        forward_median = statistics.median(times["forward"])
+        print(f"\n{name}")
+        print(f"  {'variant':<18} {'median s':>9} {'min-max s':>17} {'x forward':>10}")
+        rows = {}
+        for label, ts in times.items():
+            median = statistics.median(ts)
+            rows[label] = {"median_s": median, "min_s": min(ts), "max_s": max(ts), "ratio": median / forward_median,
+                           "times_s": ts}
+            print(f"  {label:<18} {median:9.3f} {min(ts):8.3f}-{max(ts):<8.3f} {median / forward_median:10.2f}")
+        results["models"][name] = rows
+    results["loadavg_at_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+    if args.out:
+        tmp = args.out + ".tmp"
+        with open(tmp, "w") as handle:
+            json.dump(results, handle, indent=2)
+        os.replace(tmp, args.out)
+        print(f"\nwritten {args.out}")
 
 
 if __name__ == "__main__":

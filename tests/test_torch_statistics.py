@@ -302,6 +302,23 @@ def _manual(model, data):
     return ref
 
 
+def _assert_within_float32_bound(fast, ref):
+    """Each entry within 4 * gamma * sqrt(s_i s_j) (the documented bound; s from the diagonal).
+
+    The documented bound uses the sums of squares over the whole padded input, which are at
+    least the patch Gram diagonal; the diagonal gives a bound that is tighter by at most
+    ``(padded area / output area)``, comfortably covered by the extra factor 2 here.
+    """
+    from tensorly_dataaware.torch.statistics import float32_error_bound
+
+    for name in ref:
+        exact = ref[name].sum_outer
+        d = exact.diagonal(dim1=1, dim2=2)
+        bound = 8 * float32_error_bound() * torch.sqrt(d[:, :, None] * d[:, None, :])
+        assert bool(((fast[name].sum_outer - exact).abs() <= bound).all()), name
+        assert fast[name].count == ref[name].count
+
+
 def test_collect_matches_manual_and_cleans_up():
     torch.manual_seed(0)
     model = _Net()
@@ -309,12 +326,16 @@ def test_collect_matches_manual_and_cleans_up():
     model.pool.eval()  # a mixed-mode model: every flag must come back as it was
     flags = {name: m.training for name, m in model.named_modules()}
     data = _data()
-    result = collect_covariances(model, data, progress=False)
+    result = collect_covariances(model, data, progress=False, precision="float64")
     assert list(result) == ["conv1", "conv2", "fc"]
     ref = _manual(model, data)
     for name in result:
         assert result[name].count == ref[name].count
         torch.testing.assert_close(result[name].sum_outer, ref[name].sum_outer)
+        torch.testing.assert_close(result[name].sum, ref[name].sum)
+    # The default multiplies the float32 activations in float32: within the documented bound.
+    fast = collect_covariances(model, data, progress=False)
+    _assert_within_float32_bound(fast, ref)
     assert result["conv2"].groups == 2
     assert {name: m.training for name, m in model.named_modules()} == flags
     assert all(not m._forward_pre_hooks for m in model.modules())
@@ -516,3 +537,140 @@ def test_cross_statistics_all_reduce_single_process(tmp_path):
             torch.testing.assert_close(t, ref)
     finally:
         dist.destroy_process_group()
+
+
+# --------------------------------------------------------------------------------------------
+# Shift-structure moments (stride-1 convolutions, no patch matrix)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_shift_moments_equal_patch_moments(kernel):
+    """Every padding mode / dilation / groups: same sums as P^T P of the patches, same column order."""
+    from tensorly_dataaware.torch.statistics import _batch_moments
+
+    x = torch.randn(2, 4, 9, 8, dtype=F64, generator=torch.Generator().manual_seed(4))
+    for padding, mode, dilation, groups in itertools.product(
+        [0, 1, "same", (2, 0)], ["zeros", "reflect", "circular", "replicate"], [1, 2, (2, 1)], [1, 2]
+    ):
+        config = f"kernel={kernel} padding={padding!r} mode={mode} dilation={dilation} groups={groups}"
+        conv = nn.Conv2d(4, 6, kernel, padding=padding, padding_mode=mode, dilation=dilation, groups=groups,
+                         dtype=F64)
+        try:
+            p = patches_for(conv, x)
+        except (ValueError, RuntimeError):
+            continue  # padding larger than the input for reflect, or kernel larger than the input
+        count, total, outer = _batch_moments(conv, x, max_positions_per_image=None, generator=None,
+                                             precision="float64")
+        assert count == p.shape[1], config
+        torch.testing.assert_close(outer, torch.bmm(p.transpose(1, 2), p), rtol=1e-12, atol=1e-11,
+                                   msg=lambda m: f"{config}: {m}")
+        torch.testing.assert_close(total, p.sum(1), rtol=1e-12, atol=1e-11, msg=lambda m: f"{config}: {m}")
+
+
+def test_shift_moments_conv1d_and_float32_bound():
+    from tensorly_dataaware.torch.statistics import _batch_moments, float32_error_bound
+
+    conv = nn.Conv1d(3, 5, 3, padding=2, dilation=2, padding_mode="reflect")
+    x = torch.randn(4, 3, 17, generator=torch.Generator().manual_seed(6)) + 2.0  # mean >> std
+    p = patches_for(conv, x.double())
+    exact = torch.bmm(p.transpose(1, 2), p)
+    count, total, outer = _batch_moments(conv, x, max_positions_per_image=None, generator=None, precision="auto")
+    assert count == p.shape[1]
+    # Documented bound: 4 * gamma * sqrt(s_i s_j), s = sums of squares over the padded input.
+    padded = F.pad(x.double(), (2, 2), mode="reflect")
+    s = (padded**2).sum((0, 2))  # per channel
+    s = s.repeat_interleave(3)  # column order: channel-major, then kernel tap
+    bound = 4 * float32_error_bound() * torch.sqrt(s[:, None] * s[None, :])
+    assert bool(((outer[0] - exact[0]).abs() <= bound).all())
+    assert float((outer[0] - exact[0]).abs().max()) > 0  # really the float32 path
+    torch.testing.assert_close(total, p.sum(1), rtol=1e-5, atol=1e-4)
+
+
+# --------------------------------------------------------------------------------------------
+# Issue 9 item 8: bad statistics files and empty batches
+# --------------------------------------------------------------------------------------------
+
+
+def _saved_stats(tmp_path):
+    conv = _conv((3, 3), 1, 1, "zeros", 1, 1)
+    stats = LayerStatistics.from_module(conv)
+    stats.update(patches_for(conv, torch.randn(2, 4, 6, 6, dtype=F64)))
+    save_statistics({"c": stats}, tmp_path / "all.pt")
+    stats.save(tmp_path / "one.pt")
+    return stats
+
+
+@pytest.mark.parametrize("content", [b"", b"hello, I am a text file\n", "truncate"])
+def test_unreadable_statistics_files_raise_value_error_naming_the_path(tmp_path, content):
+    _saved_stats(tmp_path)
+    for name, loader in (("all.pt", load_statistics), ("one.pt", LayerStatistics.load)):
+        path = tmp_path / f"bad-{name}"
+        good = (tmp_path / name).read_bytes()
+        path.write_bytes(good[: len(good) // 2] if content == "truncate" else content)
+        with pytest.raises(ValueError, match="bad-" + name):
+            loader(path)
+    with pytest.raises(FileNotFoundError):
+        load_statistics(tmp_path / "missing.pt")
+
+
+def _edited(state, **changes):
+    layer = dict(state["layers"]["c"])
+    layer.update(changes)
+    return {**state, "layers": {"c": layer}}
+
+
+def test_hand_edited_statistics_are_rejected(tmp_path):
+    stats = _saved_stats(tmp_path)
+    state = torch.load(tmp_path / "all.pt", weights_only=True)
+    outer = stats.sum_outer.clone()
+    asym = outer.clone()
+    asym[0, 0, 1] += 0.5 * float(outer[0, 0, 0])
+    nan_sum = stats.sum.clone()
+    nan_sum[0, 2] = float("nan")
+    cases = {
+        "not symmetric": dict(sum_outer=asym),
+        "NaN": dict(sum=nan_sum),
+        "count is 0": dict(count=0),
+        "'count'": dict(count="12"),
+        "'sum_outer'": dict(sum_outer=outer.tolist()),
+        "shape": dict(sum=stats.sum[:, :5].clone()),
+        "weight_shape": dict(weight_shape="6x4x3x3"),
+        "hyper_parameters": dict(hyper_parameters=None),
+        "negative": dict(sum_outer=-outer),
+        "too large": dict(sum=stats.sum * 1e3),
+        "kind": dict(kind=["conv2d"]),
+        "groups": dict(groups=2.0),
+    }
+    for i, (message, change) in enumerate(cases.items()):
+        path = tmp_path / f"edit{i}.pt"
+        torch.save(_edited(state, **change), path)
+        with pytest.raises(ValueError, match=message) as info:
+            load_statistics(path)
+        assert f"edit{i}.pt" in str(info.value), message
+    layer_without_count = dict(state["layers"]["c"])
+    del layer_without_count["count"]
+    with pytest.raises(ValueError, match="count"):
+        LayerStatistics.from_state_dict(layer_without_count)
+    torch.save({**state, "layers": ["c"]}, tmp_path / "list.pt")
+    with pytest.raises(ValueError, match="list.pt"):
+        load_statistics(tmp_path / "list.pt")
+
+
+def test_empty_batch_into_linear_and_conv():
+    lin = nn.Linear(5, 2)
+    assert patches_for(lin, torch.randn(0, 5)).shape == (1, 0, 5)
+    assert patches_for(lin, torch.randn(0, 3, 5)).shape == (1, 0, 5)
+    stats = LayerStatistics.from_module(lin)
+    stats.update(patches_for(lin, torch.randn(0, 5)))
+    assert stats.count == 0
+    model = _Net()
+    data = _data()
+    empty_first = [(data[0][0][:0], None)] + data
+    res = collect_covariances(model, empty_first, progress=False, precision="float64")
+    ref = collect_covariances(model, data, progress=False, precision="float64")
+    for name in ref:
+        assert res[name].count == ref[name].count
+        torch.testing.assert_close(res[name].sum_outer, ref[name].sum_outer)
+    with pytest.raises(ValueError, match="no samples"):
+        collect_covariances(model, [(data[0][0][:0], None)], progress=False)
