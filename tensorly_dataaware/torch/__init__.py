@@ -51,3 +51,8 @@ __all__ = [
     "ranks_for_energy",
     "allocate_budget",
 ]
+
+# Deployment (issue 11): fastest equivalent layer forms, export.
+from .deploy import DeployReport, LayerLatency, format_deploy_report, optimize_for_inference  # noqa: E402
+
+__all__ += ["optimize_for_inference", "DeployReport", "LayerLatency", "format_deploy_report"]

@@ -200,10 +200,11 @@ class _FormMixin(nn.Module):
             kernel = torch.empty(0, dtype=self._factor_dtype(), device=self._form_weight.device)
         else:
             kernel = self._form_kernel(self.form)
-        # Keep a channels-last layout if the module was converted to it (model.to(memory_format=...)).
-        if kernel.dim() == 4 and self._form_weight.dim() == 4 and self._form_weight.is_contiguous(
-            memory_format=torch.channels_last
-        ) and not self._form_weight.is_contiguous():
+        # Follow the layout of the factors (model.to(memory_format=torch.channels_last)), so
+        # that oneDNN does not reorder the cached kernel at every call.
+        factor = self.last.weight  # type: ignore[union-attr]
+        if kernel.dim() == 4 and factor.dim() == 4 and factor.is_contiguous(memory_format=torch.channels_last) \
+                and not factor.is_contiguous():
             kernel = kernel.contiguous(memory_format=torch.channels_last)
         self._form_weight = kernel
 
