@@ -56,3 +56,6 @@ __all__ = [
 from .deploy import DeployReport, LayerLatency, format_deploy_report, optimize_for_inference  # noqa: E402
 
 __all__ += ["optimize_for_inference", "DeployReport", "LayerLatency", "format_deploy_report"]
+from .export import check_onnx, export_onnx  # noqa: E402
+
+__all__ += ["export_onnx", "check_onnx"]
