@@ -39,6 +39,9 @@ __all__ = ["optimize_for_inference", "LayerLatency", "DeployReport", "format_dep
 MEMORY_FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
 #: Every form name a factorized layer may have.
 FORMS = ("chain", "merged", "dense")
+# Below this many multiply-accumulates per call a layer's time is dominated by per-kernel
+# overhead, so the cost model says nothing and every form is timed.
+_PRUNE_MIN_MACS = 20_000_000
 
 
 @dataclass
@@ -258,7 +261,8 @@ def _choose_forms(model, x, candidates, repeats, max_macs_ratio) -> dict[str, tu
         for form in forms:
             # Cost-model pruning: a form with many times the arithmetic of the cheapest one
             # cannot win on overhead alone, and timing it would dominate the pass's run time.
-            if form == "chain" or macs[form] <= max_macs_ratio * cheapest:
+            # Small layers (batch 1, tiny images) are overhead-bound: always time every form.
+            if form == "chain" or macs[form] <= max_macs_ratio * cheapest or macs[form] < _PRUNE_MIN_MACS:
                 variant = copy.deepcopy(module).set_form(form).eval()
                 variants[form] = variant
         xin = inputs[name]
@@ -329,7 +333,7 @@ def optimize_for_inference(
         Interleaved timed repeats per alternative (after one warm-up call); medians decide.
     max_macs_ratio : float, default 4.0
         Cost-model pruning: a form whose multiply-accumulates exceed this multiple of the
-        layer's cheapest form is not timed (``float('inf')`` times every form).
+        layer's cheapest form, and 2e7, is not timed (``float('inf')`` times every form).
     inplace : bool, default False
         Modify ``model`` itself.
     return_report : bool, default False
