@@ -59,3 +59,6 @@ __all__ += ["optimize_for_inference", "DeployReport", "LayerLatency", "format_de
 from .export import check_onnx, export_onnx  # noqa: E402
 
 __all__ += ["export_onnx", "check_onnx"]
+from .tltorch import to_tltorch  # noqa: E402  (imports tensorly-torch only when called)
+
+__all__ += ["to_tltorch"]
