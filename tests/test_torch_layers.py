@@ -91,7 +91,10 @@ def test_factorized_conv_is_exact(kind, kernel):
         module, weight = _make(kind, kernel, stride, padding, mode, dilation, bias, gen)
         torch.testing.assert_close(module.weight_approx(), weight, msg=lambda m: f"{config}: {m}")
         expected = _reference(x, weight, bias, stride, padding, mode, dilation)
-        torch.testing.assert_close(module(x), expected, rtol=1e-10, atol=1e-10, msg=lambda m: f"{config}: {m}")
+        # Every inference form (chain, merged CP depthwise, dense kernel) computes the same layer.
+        for form in module.forms:
+            module.set_form(form).eval()
+            torch.testing.assert_close(module(x), expected, rtol=1e-10, atol=1e-10, msg=lambda m: f"{config} form={form}: {m}")
         assert (module.last.bias is not None) == has_bias, config
 
 
@@ -184,3 +187,33 @@ def test_bad_arguments_raise():
         build_from_spec({"class": "Conv2d"})
     with pytest.raises(ValueError, match="lacks"):
         build_from_spec({"class": "LowRankLinear", "rank": 2})
+
+
+@pytest.mark.parametrize("kind", ["tucker2", "cp", "lowrank", "linear"])
+def test_inference_forms_spec_cache_and_training(kind):
+    gen = torch.Generator().manual_seed(5)
+    if kind == "linear":
+        module, x = LowRankLinear(_randn(3, 7, gen=gen), _randn(4, 3, gen=gen), _randn(4, gen=gen)), _randn(2, 7, gen=gen)
+    else:
+        module, _ = _make(kind, (3, 3), 1, 1, "reflect", 1, _randn(T, gen=gen), gen)
+        x = _randn(2, S, 8, 8, gen=gen)
+    expected = module(x)
+    assert module.spec().get("form") is None  # the chain keeps the old spec format
+    for form in module.forms[1:]:
+        module.set_form(form).eval()
+        spec = module.spec()
+        assert spec["form"] == form and f"form={form!r}" in repr(module)
+        # Old readers ignore the extra key; new readers rebuild the form and refresh its cache on load.
+        rebuilt = build_from_spec(json.loads(json.dumps(spec)))
+        assert rebuilt.form == form and set(rebuilt.state_dict()) == set(module.state_dict())
+        rebuilt.load_state_dict(module.state_dict())
+        torch.testing.assert_close(rebuilt.eval()(x), expected, rtol=1e-10, atol=1e-10)
+        # Training runs the chain (gradients reach the factors); eval() rebuilds the stale cache.
+        rebuilt.train()
+        with torch.no_grad():
+            rebuilt.last.weight.mul_(2.0)
+        doubled = rebuilt(x)
+        assert not torch.allclose(doubled, expected)
+        torch.testing.assert_close(rebuilt.eval()(x), doubled, rtol=1e-10, atol=1e-10)
+    with pytest.raises(ValueError, match="form"):
+        module.set_form("winograd")

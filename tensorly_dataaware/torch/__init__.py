@@ -54,3 +54,14 @@ __all__ = [
     "ranks_for_energy",
     "allocate_budget",
 ]
+
+# Deployment (issue 11): fastest equivalent layer forms, export.
+from .deploy import DeployReport, LayerLatency, format_deploy_report, optimize_for_inference  # noqa: E402
+
+__all__ += ["optimize_for_inference", "DeployReport", "LayerLatency", "format_deploy_report"]
+from .export import check_onnx, export_onnx  # noqa: E402
+
+__all__ += ["export_onnx", "check_onnx"]
+from .tltorch import to_tltorch  # noqa: E402  (imports tensorly-torch only when called)
+
+__all__ += ["to_tltorch"]

@@ -18,6 +18,26 @@ Every module has ``weight_approx()`` (the dense ``W~``, for checks), ``spec()`` 
 description) and :func:`build_from_spec` rebuilds an uninitialized module of the same
 structure, so that ``build_from_spec(m.spec()).load_state_dict(m.state_dict())`` round-trips.
 Grouped convolutions are not supported.
+
+Inference forms
+---------------
+The same ``W~`` can be computed in several ways whose speed depends on the hardware and the
+input shape; ``set_form(name)`` picks one (``forms`` lists those of a class):
+
+* ``'chain'`` (default): the factorized pipeline of the table above;
+* ``'dense'``: one convolution (or linear map) with the reconstructed ``W~``, for layers
+  whose factorized chain is slower than the dense kernel (small ranks on small images,
+  where the per-call overhead of three or four kernels dominates);
+* ``'merged'`` (CP only): the two depthwise convolutions merged into one ``kh x kw``
+  depthwise convolution whose per-channel kernels are the rank-one outer products
+  ``C[:, r] D[:, r]^T``.
+
+A non-chain form is an inference cache: its kernel is a non-persistent buffer computed in
+float64 from the factors by ``set_form``, again after ``load_state_dict`` and whenever the
+module is switched to eval mode; in training mode the chain runs, so gradients always reach
+the factors and the ``state_dict`` is the same for every form.  ``spec()`` records a
+non-chain form under the key ``'form'`` (absent means ``'chain'``, so older specs load).
+:func:`tensorly_dataaware.torch.deploy.optimize_for_inference` chooses forms by measurement.
 """
 
 from __future__ import annotations
@@ -128,17 +148,97 @@ def _set(parameter: torch.Tensor, value: torch.Tensor) -> None:
         parameter.copy_(value.reshape(parameter.shape))
 
 
-class _FactorizedConv2d(nn.Module):
-    """Shared hyper-parameter bookkeeping of the factorized 2-D convolutions."""
+def _f64(t: torch.Tensor) -> torch.Tensor:
+    # Kernels of the inference forms are products of factors: accumulate them in float64.
+    # (Devices without float64, e.g. MPS, fall back to float32.)
+    return t.detach().to(torch.float64) if t.device.type != "mps" else t.detach().float()
 
-    in_channels: int
-    out_channels: int
-    kernel_size: tuple[int, int]
-    stride: tuple[int, int]
-    padding: tuple[int, int] | str
-    dilation: tuple[int, int]
-    padding_mode: str
-    groups: int = 1
+
+def _as_param(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return value.to(dtype=like.dtype, device=like.device).contiguous()
+
+
+def _refresh_after_load(module: nn.Module, incompatible_keys: Any) -> None:
+    """``load_state_dict`` post-hook: the cached kernel of a non-chain form follows the new factors."""
+    module._refresh_form()  # type: ignore[operator]
+
+
+class _FormMixin(nn.Module):
+    """Selectable inference form (see the module docstring): validation, cache, spec key."""
+
+    forms = ("chain", "dense")
+
+    def _init_form(self) -> None:
+        self.form = "chain"
+        # Empty until a non-chain form is chosen; a tensor (never None) keeps TorchScript simple.
+        self.register_buffer("_form_weight", torch.empty(0, dtype=self._factor_dtype()), persistent=False)
+        self.register_load_state_dict_post_hook(_refresh_after_load)
+
+    def _factor_dtype(self) -> torch.dtype:
+        return self.last.weight.dtype  # type: ignore[union-attr]
+
+    def _form_kernel(self, form: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def set_form(self, form: str) -> "_FormMixin":
+        """Compute the layer as ``form`` (one of ``self.forms``) from now on; returns ``self``.
+
+        Raises
+        ------
+        ValueError
+            If ``form`` is not one of ``self.forms``.
+        """
+        if form not in self.forms:
+            raise ValueError(f"`form` must be one of {self.forms} for {type(self).__name__}; got {form!r}.")
+        self.form = form
+        self._refresh_form()
+        return self
+
+    @torch.no_grad()
+    def _refresh_form(self) -> None:
+        if self.form == "chain":
+            kernel = torch.empty(0, dtype=self._factor_dtype(), device=self._form_weight.device)
+        else:
+            kernel = self._form_kernel(self.form)
+        # Follow the layout of the factors (model.to(memory_format=torch.channels_last)), so
+        # that oneDNN does not reorder the cached kernel at every call.
+        factor = self.last.weight  # type: ignore[union-attr]
+        if kernel.dim() == 4 and factor.dim() == 4 and factor.is_contiguous(memory_format=torch.channels_last) \
+                and not factor.is_contiguous():
+            kernel = kernel.contiguous(memory_format=torch.channels_last)
+        self._form_weight = kernel
+
+    def train(self, mode: bool = True) -> "_FormMixin":
+        super().train(mode)
+        if not mode and self.form != "chain":
+            # Factors may have changed while training: rebuild the cached kernel.
+            self._refresh_form()
+        return self
+
+    def _form_repr(self) -> str:
+        return "" if self.form == "chain" else f", form={self.form!r}"
+
+    def _form_spec(self) -> dict[str, Any]:
+        return {} if self.form == "chain" else {"form": self.form}
+
+
+def _apply_spec_form(module: "_FormMixin", spec: dict[str, Any]) -> "_FormMixin":
+    form = spec.get("form", "chain")
+    if form != "chain":
+        module.set_form(form)
+    return module
+
+
+class _FactorizedConv2d(_FormMixin):
+    """Shared hyper-parameter bookkeeping of the factorized 2-D convolutions.
+
+    Attributes ``in_channels``, ``out_channels``, ``kernel_size``, ``stride``, ``padding``,
+    ``dilation``, ``padding_mode`` and ``groups`` mean what they mean for ``nn.Conv2d``.
+    (No class-level annotations: under ``from __future__ import annotations`` they are
+    strings, which ``torch.jit.script`` cannot resolve.)
+    """
+
+    groups = 1
 
     def _init_conv(
         self, in_channels: int, out_channels: int, kernel_size: tuple[int, int],
@@ -150,7 +250,26 @@ class _FactorizedConv2d(nn.Module):
         self.in_channels, self.out_channels = int(in_channels), int(out_channels)
         self.kernel_size = (int(kernel_size[0]), int(kernel_size[1]))
         self.stride, self.padding, self.dilation, self.padding_mode = stride, padding, dilation, padding_mode
+        left, right, top, bottom = pad
+        native = padding_mode == "zeros" and left == right and top == bottom
+        # Padding of the single-kernel forms and of CP's depthwise pair: native (symmetric
+        # zeros, ``(top, left)``) or an explicit F.pad applied first (other modes, asymmetric
+        # 'same').  Always-filled int lists, so that TorchScript infers their types.
+        self._native_pad = [top, left] if native else [0, 0]
+        self._use_explicit_pad = not native and any(pad)
+        self._explicit_pad = list(pad)
+        self._pad_mode = "constant" if padding_mode == "zeros" else padding_mode
+        self._stride_list, self._dilation_list = list(stride), list(dilation)
         return pad
+
+    def _single_conv(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, groups: int) -> torch.Tensor:
+        """One convolution with the layer's stride, dilation and padding (any padding mode)."""
+        if self._use_explicit_pad:
+            x = F.pad(x, self._explicit_pad, mode=self._pad_mode)
+        return F.conv2d(x, weight, bias, self._stride_list, self._native_pad, self._dilation_list, groups)
+
+    def _dense_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._single_conv(x, self._form_weight, self.last.bias, 1)  # type: ignore[union-attr]
 
     def _conv_spec(self) -> dict[str, Any]:
         return {
@@ -246,8 +365,11 @@ class Tucker2Conv2d(_FactorizedConv2d):
         _set(self.last.weight, last)
         if bias is not None:
             _set(self.last.bias, bias)
+        self._init_form()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.form == "dense" and not self.training:
+            return self._dense_forward(x)
         return self.last(self.core(self.first(x)))
 
     def weight_approx(self) -> torch.Tensor:
@@ -256,8 +378,15 @@ class Tucker2Conv2d(_FactorizedConv2d):
         last = self.last.weight[:, :, 0, 0]  # (T, R_out)
         return torch.einsum("ta,bs,abij->tsij", last, first, self.core.weight)
 
+    def _form_kernel(self, form: str) -> torch.Tensor:
+        # Only 'dense' besides the chain: float64 reconstruction, rounded once.
+        return _as_param(torch.einsum(
+            "ta,bs,abij->tsij", _f64(self.last.weight[:, :, 0, 0]), _f64(self.first.weight[:, :, 0, 0]),
+            _f64(self.core.weight),
+        ), self.last.weight)
+
     def extra_repr(self) -> str:
-        return f"{self._conv_repr()}, ranks={self.ranks}, bias={self.last.bias is not None}"
+        return f"{self._conv_repr()}, ranks={self.ranks}, bias={self.last.bias is not None}{self._form_repr()}"
 
     def spec(self) -> dict[str, Any]:
         """Plain-python description of the structure (see :func:`build_from_spec`)."""
@@ -267,6 +396,7 @@ class Tucker2Conv2d(_FactorizedConv2d):
             "ranks": list(self.ranks),
             "bias": self.last.bias is not None,
             "dtype": _dtype_name(self.core.weight.dtype),
+            **self._form_spec(),
         }
 
     @classmethod
@@ -274,13 +404,13 @@ class Tucker2Conv2d(_FactorizedConv2d):
         kh, kw = spec["kernel_size"]
         rank_out, rank_in = spec["ranks"]
         kwargs = {"dtype": dtype, "device": device}
-        return cls(
+        return _apply_spec_form(cls(
             torch.zeros(rank_out, rank_in, kh, kw, **kwargs),
             torch.zeros(spec["in_channels"], rank_in, **kwargs),
             torch.zeros(spec["out_channels"], rank_out, **kwargs),
             **_conv_kwargs(spec),
             bias=torch.zeros(spec["out_channels"], **kwargs) if spec["bias"] else None,
-        )
+        ), spec)
 
 
 # --------------------------------------------------------------------------------------------
@@ -322,8 +452,11 @@ class CPConv2d(_FactorizedConv2d):
     Notes
     -----
     Parameters take the dtype and device of ``A``.  Submodules: ``first``, ``vertical``,
-    ``horizontal``, ``last``.
+    ``horizontal``, ``last``.  Inference forms (:meth:`set_form`): ``'chain'``, ``'merged'``
+    (one ``kh x kw`` depthwise convolution), ``'dense'``.
     """
+
+    forms = ("chain", "merged", "dense")
 
     def __init__(
         self,
@@ -358,12 +491,9 @@ class CPConv2d(_FactorizedConv2d):
         bias = _bias(bias, out_channels, a)
         pad = self._init_conv(in_channels, out_channels, (kh, kw), stride, padding, dilation, padding_mode, groups)
         self.rank = int(rank)
-        left, right, top, bottom = pad
-        native = self.padding_mode == "zeros" and left == right and top == bottom
-        # None when the depthwise convolutions pad natively; else the F.pad arguments.
-        self._explicit_pad: tuple[int, int, int, int] | None = None if native or not any(pad) else pad
-        self._pad_mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
-        vertical_pad, horizontal_pad = ((top, 0), (0, left)) if native else ((0, 0), (0, 0))
+        # The depthwise pair pads natively (symmetric zeros) or the input is padded once first.
+        top, left = self._native_pad
+        vertical_pad, horizontal_pad = (top, 0), (0, left)
         self.first = nn.Conv2d(in_channels, rank, 1, bias=False, **kwargs)
         self.vertical = nn.Conv2d(
             rank, rank, (kh, 1), stride=(self.stride[0], 1), padding=vertical_pad,
@@ -380,12 +510,27 @@ class CPConv2d(_FactorizedConv2d):
         _set(self.last.weight, a * weights[None, :])
         if bias is not None:
             _set(self.last.bias, bias)
+        self._init_form()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.form == "dense" and not self.training:
+            return self._dense_forward(x)
         x = self.first(x)
-        if self._explicit_pad is not None:
+        if self.form == "merged" and not self.training:
+            return self.last(self._single_conv(x, self._form_weight, None, self.rank))
+        if self._use_explicit_pad:
             x = F.pad(x, self._explicit_pad, mode=self._pad_mode)
         return self.last(self.horizontal(self.vertical(x)))
+
+    def _form_kernel(self, form: str) -> torch.Tensor:
+        c = _f64(self.vertical.weight[:, 0, :, 0])  # (R, kh)
+        d = _f64(self.horizontal.weight[:, 0, 0, :])  # (R, kw)
+        if form == "merged":
+            # Depthwise kernel r = outer product C[:, r] D[:, r]^T, shape (R, 1, kh, kw).
+            return _as_param(torch.einsum("ri,rj->rij", c, d)[:, None], self.last.weight)
+        a = _f64(self.last.weight[:, :, 0, 0])
+        b = _f64(self.first.weight[:, :, 0, 0])
+        return _as_param(torch.einsum("tr,rs,ri,rj->tsij", a, b, c, d), self.last.weight)
 
     def weight_approx(self) -> torch.Tensor:
         """The dense ``(T, S, kh, kw)`` weight that this module computes with."""
@@ -396,7 +541,7 @@ class CPConv2d(_FactorizedConv2d):
         return torch.einsum("tr,rs,ri,rj->tsij", a, b, c, d)
 
     def extra_repr(self) -> str:
-        return f"{self._conv_repr()}, rank={self.rank}, bias={self.last.bias is not None}"
+        return f"{self._conv_repr()}, rank={self.rank}, bias={self.last.bias is not None}{self._form_repr()}"
 
     def spec(self) -> dict[str, Any]:
         """Plain-python description of the structure (see :func:`build_from_spec`)."""
@@ -406,6 +551,7 @@ class CPConv2d(_FactorizedConv2d):
             "rank": self.rank,
             "bias": self.last.bias is not None,
             "dtype": _dtype_name(self.last.weight.dtype),
+            **self._form_spec(),
         }
 
     @classmethod
@@ -414,12 +560,12 @@ class CPConv2d(_FactorizedConv2d):
         rank = spec["rank"]
         kwargs = {"dtype": dtype, "device": device}
         factors = [torch.zeros(size, rank, **kwargs) for size in (spec["out_channels"], spec["in_channels"], kh, kw)]
-        return cls(
+        return _apply_spec_form(cls(
             None,
             factors,
             **_conv_kwargs(spec),
             bias=torch.zeros(spec["out_channels"], **kwargs) if spec["bias"] else None,
-        )
+        ), spec)
 
 
 # --------------------------------------------------------------------------------------------
@@ -503,8 +649,11 @@ class LowRankConv2d(_FactorizedConv2d):
         _set(self.last.weight, last)
         if bias is not None:
             _set(self.last.bias, bias)
+        self._init_form()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.form == "dense" and not self.training:
+            return self._dense_forward(x)
         return self.last(self.first(x))
 
     def weight_approx(self) -> torch.Tensor:
@@ -512,8 +661,12 @@ class LowRankConv2d(_FactorizedConv2d):
         w = self.last.weight[:, :, 0, 0] @ self.first.weight.reshape(self.rank, -1)
         return w.reshape(self.out_channels, self.in_channels, *self.kernel_size)
 
+    def _form_kernel(self, form: str) -> torch.Tensor:
+        w = _f64(self.last.weight[:, :, 0, 0]) @ _f64(self.first.weight.reshape(self.rank, -1))
+        return _as_param(w.reshape(self.out_channels, self.in_channels, *self.kernel_size), self.last.weight)
+
     def extra_repr(self) -> str:
-        return f"{self._conv_repr()}, rank={self.rank}, bias={self.last.bias is not None}"
+        return f"{self._conv_repr()}, rank={self.rank}, bias={self.last.bias is not None}{self._form_repr()}"
 
     def spec(self) -> dict[str, Any]:
         """Plain-python description of the structure (see :func:`build_from_spec`)."""
@@ -523,6 +676,7 @@ class LowRankConv2d(_FactorizedConv2d):
             "rank": self.rank,
             "bias": self.last.bias is not None,
             "dtype": _dtype_name(self.last.weight.dtype),
+            **self._form_spec(),
         }
 
     @classmethod
@@ -530,15 +684,15 @@ class LowRankConv2d(_FactorizedConv2d):
         kh, kw = spec["kernel_size"]
         rank = spec["rank"]
         kwargs = {"dtype": dtype, "device": device}
-        return cls(
+        return _apply_spec_form(cls(
             torch.zeros(rank, spec["in_channels"], kh, kw, **kwargs),
             torch.zeros(spec["out_channels"], rank, **kwargs),
             **_conv_kwargs(spec),
             bias=torch.zeros(spec["out_channels"], **kwargs) if spec["bias"] else None,
-        )
+        ), spec)
 
 
-class LowRankLinear(nn.Module):
+class LowRankLinear(_FormMixin):
     """Low-rank linear layer: ``Linear(in -> r, no bias)`` then ``Linear(r -> out, bias)``.
 
     Computes exactly ``F.linear(x, last @ first, bias)``.
@@ -574,18 +728,24 @@ class LowRankLinear(nn.Module):
         _set(self.last.weight, last)
         if bias is not None:
             _set(self.last.bias, bias)
+        self._init_form()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.form == "dense" and not self.training:
+            return F.linear(x, self._form_weight, self.last.bias)
         return self.last(self.first(x))
 
     def weight_approx(self) -> torch.Tensor:
         """The dense ``(out_features, in_features)`` weight that this module computes with."""
         return self.last.weight @ self.first.weight
 
+    def _form_kernel(self, form: str) -> torch.Tensor:
+        return _as_param(_f64(self.last.weight) @ _f64(self.first.weight), self.last.weight)
+
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
-            f"bias={self.last.bias is not None}"
+            f"bias={self.last.bias is not None}{self._form_repr()}"
         )
 
     def spec(self) -> dict[str, Any]:
@@ -597,16 +757,17 @@ class LowRankLinear(nn.Module):
             "rank": self.rank,
             "bias": self.last.bias is not None,
             "dtype": _dtype_name(self.last.weight.dtype),
+            **self._form_spec(),
         }
 
     @classmethod
     def _from_spec(cls, spec: dict[str, Any], dtype: torch.dtype, device: Any) -> "LowRankLinear":
         kwargs = {"dtype": dtype, "device": device}
-        return cls(
+        return _apply_spec_form(cls(
             torch.zeros(spec["rank"], spec["in_features"], **kwargs),
             torch.zeros(spec["out_features"], spec["rank"], **kwargs),
             torch.zeros(spec["out_features"], **kwargs) if spec["bias"] else None,
-        )
+        ), spec)
 
 
 # --------------------------------------------------------------------------------------------

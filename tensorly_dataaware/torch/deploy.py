@@ -1,0 +1,433 @@
+"""Make a compressed model fast: choose, by measurement, how each factorized layer is computed.
+
+A factorized layer can compute its approximated weight ``W~`` in several equivalent ways
+(its *forms*, see :mod:`tensorly_dataaware.torch.layers`): the factorized chain, CP's two
+depthwise convolutions merged into one ``kh x kw`` depthwise convolution, or one convolution
+with the reconstructed dense kernel.  Which is fastest depends on the ranks, the image size,
+the batch, the thread count and the memory layout: on CPU the chain of 1x1 and depthwise
+convolutions is several times faster in channels-last layout (oneDNN runs NHWC natively and
+reorders NCHW tensors around each call), and for tiny ranks on small images the per-call
+overhead of three or four kernels can exceed the dense convolution's arithmetic.
+
+:func:`optimize_for_inference` times the alternatives on each layer's actual input (captured
+from one forward pass of an example input), for each candidate memory layout, keeps the
+fastest per layer, then times the whole model under each layout and keeps the fastest
+configuration *including the model as given*, so the result is never slower than its input
+(up to timing noise, which medians over interleaved repeats keep small).  Because the dense
+form costs what the original layer costs, a compressed model optimized with ``'dense'``
+among the candidates is, layer by layer, never slower than the uncompressed one either.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import statistics
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterable, Iterator
+
+import torch
+from torch import nn
+
+from .layers import CPConv2d, LowRankConv2d, LowRankLinear, Tucker2Conv2d, _FormMixin
+
+__all__ = ["optimize_for_inference", "LayerLatency", "DeployReport", "format_deploy_report", "MEMORY_FORMATS", "FORMS"]
+
+#: Memory layouts tried for the whole model (4-D parameters and activations).
+MEMORY_FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
+#: Every form name a factorized layer may have.
+FORMS = ("chain", "merged", "dense")
+# Below this many multiply-accumulates per call a layer's time is dominated by per-kernel
+# overhead, so the cost model says nothing and every form is timed.
+_PRUNE_MIN_MACS = 20_000_000
+
+
+@dataclass
+class LayerLatency:
+    """Latency of one factorized layer before and after :func:`optimize_for_inference`.
+
+    Times are medians in milliseconds over interleaved repeats, on the layer's own input
+    (captured from the example input, in the chosen memory layout for ``ms_after`` and in
+    the model's original layout for ``ms_before``).
+    """
+
+    name: str
+    kind: str
+    input_shape: tuple
+    params: int
+    cached_elements: int
+    macs_before: int
+    macs_after: int
+    form_before: str
+    form_after: str
+    ms_before: float
+    ms_after: float
+    spread_after: tuple = ()
+    candidates_ms: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class DeployReport:
+    """Whole-model result of :func:`optimize_for_inference`."""
+
+    threads: int
+    input_shape: tuple
+    memory_format: str
+    ms_before: float
+    ms_after: float
+    spread_before: tuple
+    spread_after: tuple
+    configurations_ms: dict
+    max_abs_diff: float
+    max_rel_diff: float
+    layers: list = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        out = asdict(self)
+        out["layers"] = [layer.as_dict() if isinstance(layer, LayerLatency) else layer for layer in self.layers]
+        return out
+
+
+def format_deploy_report(report: DeployReport) -> str:
+    """A plain-text table of a :class:`DeployReport` (one row per layer and a total line)."""
+    head = f"{'layer':24s} {'kind':14s} {'params':>8s} {'MMACs':>9s} {'form':>16s} {'ms before':>10s} {'ms after':>9s}"
+    lines = [head, "-" * len(head)]
+    for r in report.layers:
+        lines.append(
+            f"{r.name:24s} {r.kind:14s} {r.params:8d} {r.macs_after / 1e6:9.1f} "
+            f"{r.form_before + '->' + r.form_after:>16s} {r.ms_before:10.2f} {r.ms_after:9.2f}"
+        )
+    lines.append(
+        f"whole model ({report.threads} thread(s), input {tuple(report.input_shape)}, {report.memory_format}): "
+        f"{report.ms_before:.2f} ms -> {report.ms_after:.2f} ms ({report.ms_before / max(report.ms_after, 1e-12):.2f}x), "
+        f"max |diff| {report.max_abs_diff:.2e} (relative {report.max_rel_diff:.2e})"
+    )
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# Timing
+# --------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def _threads(n: int | None) -> Iterator[int]:
+    previous = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(previous)
+
+
+@torch.no_grad()
+def time_interleaved(calls: dict[str, Any], repeats: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Milliseconds of each zero-argument callable, run round-robin ``repeats`` times.
+
+    Interleaving spreads slow phases of a shared machine over every candidate instead of
+    penalizing whichever happened to run during them.
+    """
+    for fn in calls.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {key: [] for key in calls}
+    for _ in range(repeats):
+        for key, fn in calls.items():
+            start = time.perf_counter()
+            fn()
+            times[key].append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def _median(values: list[float]) -> float:
+    return float(statistics.median(values))
+
+
+def _spread(values: list[float]) -> tuple:
+    ordered = sorted(values)
+    # Inter-quartile range by nearest rank: robust to the odd preempted run.
+    return (ordered[len(ordered) // 4], ordered[(3 * len(ordered)) // 4])
+
+
+# --------------------------------------------------------------------------------------------
+# Cost accounting
+# --------------------------------------------------------------------------------------------
+
+
+def _out_hw(module: nn.Module, h: int, w: int) -> tuple[int, int]:
+    (kh, kw), (sh, sw), (dh, dw) = module.kernel_size, module.stride, module.dilation
+    left, right, top, bottom = module._explicit_pad if module._use_explicit_pad else (
+        module._native_pad[1], module._native_pad[1], module._native_pad[0], module._native_pad[0]
+    )
+    return (h + top + bottom - dh * (kh - 1) - 1) // sh + 1, (w + left + right - dw * (kw - 1) - 1) // sw + 1
+
+
+def layer_macs(module: nn.Module, input_shape: Iterable[int], form: str) -> int:
+    """Multiply-accumulates of one call of a factorized module in ``form`` on ``input_shape``."""
+    shape = tuple(input_shape)
+    if isinstance(module, LowRankLinear):
+        rows = math.prod(shape[:-1])
+        if form == "dense":
+            return rows * module.in_features * module.out_features
+        return rows * module.rank * (module.in_features + module.out_features)
+    n, s, h, w = shape
+    ho, wo = _out_hw(module, h, w)
+    kh, kw = module.kernel_size
+    t = module.out_channels
+    out = n * ho * wo
+    if form == "dense":
+        return out * t * s * kh * kw
+    if isinstance(module, Tucker2Conv2d):
+        r_out, r_in = module.ranks
+        return n * h * w * s * r_in + out * (r_in * r_out * kh * kw + r_out * t)
+    if isinstance(module, CPConv2d):
+        r = module.rank
+        spatial = kh * kw if form == "merged" else kh + kw
+        return n * h * w * s * r + out * r * (spatial + t)
+    if isinstance(module, LowRankConv2d):
+        return out * module.rank * (s * kh * kw + t)
+    raise TypeError(f"Not a factorized layer: {type(module).__name__}.")
+
+
+# --------------------------------------------------------------------------------------------
+# The pass
+# --------------------------------------------------------------------------------------------
+
+
+def _check_args(model, example_input, threads, candidates, memory_formats, repeats):
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"`model` must be a torch.nn.Module; got {type(model).__name__}.")
+    if not isinstance(example_input, torch.Tensor):
+        raise TypeError(f"`example_input` must be a torch.Tensor; got {type(example_input).__name__}.")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"`threads` must be a positive int or None; got {threads!r}.")
+    candidates = tuple(candidates)
+    unknown = [c for c in candidates if c not in FORMS]
+    if unknown or "chain" not in candidates:
+        raise ValueError(f"`candidates` must be forms among {FORMS} including 'chain'; got {candidates!r}.")
+    if isinstance(memory_formats, str):
+        memory_formats = (memory_formats,)
+    memory_formats = tuple(memory_formats)
+    bad = [m for m in memory_formats if m not in MEMORY_FORMATS]
+    if bad or not memory_formats:
+        raise ValueError(f"`memory_formats` must be names among {tuple(MEMORY_FORMATS)}; got {memory_formats!r}.")
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"`repeats` must be a positive int; got {repeats!r}.")
+    return candidates, memory_formats
+
+
+def _factorized(model: nn.Module) -> dict[str, _FormMixin]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, _FormMixin)}
+
+
+@torch.no_grad()
+def _capture_inputs(model: nn.Module, x: torch.Tensor, names: Iterable[str]) -> dict[str, torch.Tensor]:
+    modules = dict(model.named_modules())
+    captured: dict[str, torch.Tensor] = {}
+    handles = [
+        modules[name].register_forward_pre_hook(lambda _m, args, name=name: captured.__setitem__(name, args[0].clone(memory_format=torch.preserve_format)))
+        for name in names
+    ]
+    try:
+        model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return captured
+
+
+def _to_format(model: nn.Module, memory_format: str) -> nn.Module:
+    # nn.Module.to(memory_format=...) converts the 4-D parameters and buffers (incl. the
+    # form caches); activations follow the weights' layout through oneDNN convolutions.
+    return model.to(memory_format=MEMORY_FORMATS[memory_format])
+
+
+def _choose_forms(model, x, candidates, repeats, max_macs_ratio) -> dict[str, tuple[str, dict[str, list[float]]]]:
+    """Per factorized layer of ``model``: the fastest form on its captured input, and all timings."""
+    layers = _factorized(model)
+    inputs = _capture_inputs(model, x, layers)
+    chosen = {}
+    for name, module in layers.items():
+        variants = {}
+        forms = [form for form in candidates if form in module.forms]
+        macs = {form: layer_macs(module, inputs[name].shape, form) for form in forms}
+        cheapest = min(macs.values())
+        for form in forms:
+            # Cost-model pruning: a form with many times the arithmetic of the cheapest one
+            # cannot win on overhead alone, and timing it would dominate the pass's run time.
+            # Small layers (batch 1, tiny images) are overhead-bound: always time every form.
+            if form == "chain" or macs[form] <= max_macs_ratio * cheapest or macs[form] < _PRUNE_MIN_MACS:
+                variant = copy.deepcopy(module).set_form(form).eval()
+                variants[form] = variant
+        xin = inputs[name]
+        times = time_interleaved({form: (lambda v=v: v(xin)) for form, v in variants.items()}, repeats)
+        best = min(times, key=lambda form: _median(times[form]))
+        chosen[name] = (best, times)
+    return chosen
+
+
+def _apply(model: nn.Module, forms: dict[str, str], memory_format: str | None) -> nn.Module:
+    layers = _factorized(model)
+    for name, form in forms.items():
+        layers[name].set_form(form)
+    if memory_format is not None:
+        _to_format(model, memory_format)
+    return model
+
+
+def _layout_of(model: nn.Module) -> str:
+    for p in model.parameters():
+        channels_last, contiguous = p.is_contiguous(memory_format=torch.channels_last), p.is_contiguous()
+        # 1x1 kernels are both at once: they say nothing about the layout.
+        if p.dim() == 4 and channels_last != contiguous:
+            return "channels_last" if channels_last else "contiguous"
+    return "contiguous"
+
+
+def optimize_for_inference(
+    model: nn.Module,
+    example_input: torch.Tensor,
+    *,
+    threads: int | None = None,
+    candidates: Iterable[str] = FORMS,
+    memory_formats: Iterable[str] = ("contiguous", "channels_last"),
+    repeats: int = 7,
+    max_macs_ratio: float = 4.0,
+    inplace: bool = False,
+    return_report: bool = False,
+):
+    """Pick, by measurement, the fastest equivalent form of every factorized layer.
+
+    For each memory layout in ``memory_formats``, every factorized layer
+    (:class:`~tensorly_dataaware.torch.Tucker2Conv2d`, :class:`~tensorly_dataaware.torch.CPConv2d`,
+    :class:`~tensorly_dataaware.torch.LowRankConv2d`, :class:`~tensorly_dataaware.torch.LowRankLinear`)
+    is timed in each of its forms among ``candidates`` on its actual input (captured from
+    ``model(example_input)``) and the fastest is kept; then the whole model is timed in each
+    resulting configuration and in its configuration as given, interleaved, and the fastest
+    is returned.  The result computes the same function (forms are exact rewrites; the
+    difference is floating-point rounding, reported in ``max_abs_diff``).
+
+    Parameters
+    ----------
+    model : nn.Module
+        A model containing factorized layers (e.g. from :func:`~tensorly_dataaware.torch.compress`).
+        Deep-copied unless ``inplace=True``. The returned model is in eval mode.
+    example_input : torch.Tensor
+        A representative input: the choice is specific to its shape (batch size included),
+        device and dtype, so optimize with the batch you will deploy with.
+    threads : int, optional
+        ``torch.set_num_threads`` during the measurements (restored afterwards); default:
+        the current setting. Deploy with the same number.
+    candidates : iterable of str, default ``('chain', 'merged', 'dense')``
+        Forms allowed (must include ``'chain'``); a layer only tries the forms it has.
+    memory_formats : iterable of str, default ``('contiguous', 'channels_last')``
+        Layouts tried for the whole model. With ``'channels_last'`` chosen, the model's 4-D
+        weights are converted; inputs may stay NCHW (the first convolution converts them).
+    repeats : int, default 7
+        Interleaved timed repeats per alternative (after one warm-up call); medians decide.
+    max_macs_ratio : float, default 4.0
+        Cost-model pruning: a form whose multiply-accumulates exceed this multiple of the
+        layer's cheapest form, and 2e7, is not timed (``float('inf')`` times every form).
+    inplace : bool, default False
+        Modify ``model`` itself.
+    return_report : bool, default False
+        Also return a :class:`DeployReport` (per-layer params, MACs, latency before/after).
+
+    Returns
+    -------
+    nn.Module or (nn.Module, DeployReport)
+
+    Raises
+    ------
+    TypeError, ValueError
+        For arguments of the wrong type or value (named in the message).
+
+    Notes
+    -----
+    Forms and layout are not part of the ``state_dict``: ``save_compressed`` records the
+    forms in the spec (key ``'form'``); re-apply ``model.to(memory_format=torch.channels_last)``
+    after loading if the report's ``memory_format`` says so.
+    """
+    candidates, memory_formats = _check_args(model, example_input, threads, candidates, memory_formats, repeats)
+    if isinstance(max_macs_ratio, bool) or not isinstance(max_macs_ratio, (int, float)) or not max_macs_ratio >= 1:
+        raise ValueError(f"`max_macs_ratio` must be a number >= 1; got {max_macs_ratio!r}.")
+    target = model if inplace else copy.deepcopy(model)
+    target.eval()
+    with _threads(threads) as n_threads, torch.no_grad():
+        reference = copy.deepcopy(target)
+        expected = reference(example_input)
+        layers_before = _factorized(reference)
+        forms_before = {name: m.form for name, m in layers_before.items()}
+        layout_before = _layout_of(reference)
+
+        # Per-layer choice in each layout, on that layout's own activations.
+        configurations: dict[str, nn.Module] = {"as given": reference}
+        choices: dict[str, dict] = {}
+        for memory_format in memory_formats:
+            trial = _to_format(copy.deepcopy(reference), memory_format)
+            for name, module in _factorized(trial).items():
+                module.set_form("chain")
+            choice = _choose_forms(trial, example_input, candidates, repeats, max_macs_ratio)
+            choices[memory_format] = choice
+            configurations[memory_format] = _apply(trial, {n: c[0] for n, c in choice.items()}, None)
+
+        whole = time_interleaved({key: (lambda m=m: m(example_input)) for key, m in configurations.items()}, repeats)
+        best = min(whole, key=lambda key: _median(whole[key]))
+        if best == "as given":
+            forms_after, layout_after = forms_before, layout_before
+        else:
+            forms_after, layout_after = {n: c[0] for n, c in choices[best].items()}, best
+        _apply(target, forms_after, layout_after)
+        got = target(example_input)
+        abs_diff = float((got - expected).abs().max()) if expected.numel() else 0.0
+        rel_diff = abs_diff / max(float(expected.abs().max()), 1e-30) if expected.numel() else 0.0
+
+        report = None
+        if return_report:
+            inputs_before = _capture_inputs(reference, example_input, layers_before)
+            inputs_after = _capture_inputs(target, example_input, layers_before)
+            rows = []
+            for name, module in _factorized(target).items():
+                before = layers_before[name]
+                times = time_interleaved(
+                    {"before": lambda b=before, x=inputs_before[name]: b(x), "after": lambda a=module, x=inputs_after[name]: a(x)},
+                    repeats,
+                )
+                timing = choices.get(layout_after, {}).get(name, (None, {}))[1]
+                rows.append(LayerLatency(
+                    name=name,
+                    kind=type(module).__name__,
+                    input_shape=tuple(inputs_after[name].shape),
+                    params=sum(p.numel() for p in module.parameters()),
+                    cached_elements=module._form_weight.numel(),
+                    macs_before=layer_macs(module, inputs_before[name].shape, forms_before[name]),
+                    macs_after=layer_macs(module, inputs_after[name].shape, module.form),
+                    form_before=forms_before[name],
+                    form_after=module.form,
+                    ms_before=_median(times["before"]),
+                    ms_after=_median(times["after"]),
+                    spread_after=_spread(times["after"]),
+                    candidates_ms={form: _median(t) for form, t in timing.items()},
+                ))
+            report = DeployReport(
+                threads=n_threads,
+                input_shape=tuple(example_input.shape),
+                memory_format=layout_after,
+                ms_before=_median(whole["as given"]),
+                ms_after=_median(whole[best]),
+                spread_before=_spread(whole["as given"]),
+                spread_after=_spread(whole[best]),
+                configurations_ms={key: _median(t) for key, t in whole.items()},
+                max_abs_diff=abs_diff,
+                max_rel_diff=rel_diff,
+                layers=rows,
+            )
+    if return_report:
+        return target, report
+    return target

@@ -1,0 +1,115 @@
+"""Tests of tensorly_dataaware.torch.deploy (choosing the fastest equivalent layer forms)."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from tensorly_dataaware.torch import deploy  # noqa: E402
+from tensorly_dataaware.torch.compress import compression_spec  # noqa: E402
+from tensorly_dataaware.torch.deploy import format_deploy_report, optimize_for_inference  # noqa: E402
+from tensorly_dataaware.torch.layers import CPConv2d, build_from_spec  # noqa: E402
+
+from ._factorized_models import SmallFactorized, small_input  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+
+
+def _forms(model):
+    return {name: m.form for name, m in model.named_modules() if hasattr(m, "set_form")}
+
+
+def test_optimized_model_is_equivalent_and_input_untouched():
+    model, x = SmallFactorized(), small_input()
+    expected = model(x)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fast, report = optimize_for_inference(model, x, threads=1, repeats=2, return_report=True)
+    torch.testing.assert_close(fast(x), expected, rtol=1e-4, atol=1e-5)
+    assert report.max_rel_diff < 1e-4
+    # The caller's model is not modified (inplace=False): same forms, weights and layout.
+    assert set(_forms(model).values()) == {"chain"}
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]) and value.is_contiguous()
+    assert [row.name for row in report.layers] == list(_forms(model))
+    assert report.memory_format in ("contiguous", "channels_last")
+    assert set(report.configurations_ms) == {"as given", "contiguous", "channels_last"}
+    for row in report.layers:
+        assert row.form_before == "chain" and row.ms_before > 0 and row.ms_after > 0 and row.params > 0
+        assert row.macs_after > 0
+    text = format_deploy_report(report)
+    assert "whole model" in text and "features.1" in text
+
+
+def test_selection_follows_the_measurements(monkeypatch):
+    """With fake timings in which one form always wins, every layer takes that form."""
+    model, x = SmallFactorized(), small_input()
+
+    def fake(calls, repeats, warmup=1):
+        for fn in calls.values():
+            fn()
+        speed = {"dense": 1.0, "merged": 2.0, "chain": 3.0, "as given": 9.0, "contiguous": 5.0, "channels_last": 4.0}
+        return {key: [speed.get(key, 1.0)] * repeats for key in calls}
+
+    monkeypatch.setattr(deploy, "time_interleaved", fake)
+    fast = optimize_for_inference(model, x, repeats=3, max_macs_ratio=float("inf"))
+    assert set(_forms(fast).values()) == {"dense"}
+    weight = fast.features[1].core.weight  # 3x3: the layout is visible
+    assert weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
+    torch.testing.assert_close(fast(x), model(x), rtol=1e-4, atol=1e-5)
+    # Without 'dense' among the candidates, CP takes 'merged' and the others stay chains.
+    fast = optimize_for_inference(model, x, repeats=3, candidates=("chain", "merged"), memory_formats="contiguous")
+    forms = _forms(fast)
+    assert {forms[n] for n, m in fast.named_modules() if isinstance(m, CPConv2d)} == {"merged"}
+    assert {f for n, f in forms.items() if not isinstance(dict(fast.named_modules())[n], CPConv2d)} == {"chain"}
+
+
+def test_cost_model_prunes_expensive_forms(monkeypatch):
+    model, x = SmallFactorized(), small_input()
+    seen = []
+
+    def record(calls, repeats, warmup=1):
+        seen.append(set(calls))
+        return {key: [1.0] * repeats for key in calls}
+
+    monkeypatch.setattr(deploy, "time_interleaved", record)
+    monkeypatch.setattr(deploy, "_PRUNE_MIN_MACS", 0)  # the test layers are tiny
+    optimize_for_inference(model, x, repeats=1, max_macs_ratio=1.0, memory_formats="contiguous")
+    # With ratio 1 only forms as cheap as the cheapest are timed: never the dense kernel of the
+    # convolutions here, but the head's (rank 3 of a 5 x 6 matrix: dense is the cheaper one).
+    *convs, head, whole = seen
+    assert all("dense" not in keys for keys in convs) and len(convs) == 6
+    assert head == {"chain", "dense"} and whole == {"as given", "contiguous"}
+
+
+def test_forms_survive_spec_round_trip():
+    model, x = SmallFactorized(), small_input()
+    fast = optimize_for_inference(model, x, repeats=1, memory_formats="contiguous")
+    for name, module in fast.named_modules():
+        if hasattr(module, "set_form"):
+            module.set_form(module.forms[-1])  # a non-chain form everywhere
+    fresh = SmallFactorized(seed=3)
+    for name, spec in compression_spec(fast).items():
+        parent, _, child = name.rpartition(".")
+        setattr(fresh.get_submodule(parent) if parent else fresh, child, build_from_spec(spec))
+    fresh.load_state_dict(fast.state_dict())
+    assert _forms(fresh) == _forms(fast)
+    torch.testing.assert_close(fresh.eval()(x), fast(x), rtol=1e-5, atol=1e-6)
+
+
+def test_bad_arguments():
+    model, x = SmallFactorized(), small_input()
+    with pytest.raises(TypeError, match="model"):
+        optimize_for_inference("model", x)
+    with pytest.raises(TypeError, match="example_input"):
+        optimize_for_inference(model, x.numpy())
+    with pytest.raises(ValueError, match="threads"):
+        optimize_for_inference(model, x, threads=0)
+    with pytest.raises(ValueError, match="candidates"):
+        optimize_for_inference(model, x, candidates=("dense",))
+    with pytest.raises(ValueError, match="memory_formats"):
+        optimize_for_inference(model, x, memory_formats=("nhwc",))
+    with pytest.raises(ValueError, match="repeats"):
+        optimize_for_inference(model, x, repeats=0)
+    with pytest.raises(ValueError, match="max_macs_ratio"):
+        optimize_for_inference(model, x, max_macs_ratio=0.5)

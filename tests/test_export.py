@@ -1,0 +1,104 @@
+"""Tests of tensorly_dataaware.torch.export: TorchScript and ONNX (checked with ONNX Runtime)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from tensorly_dataaware.torch import export  # noqa: E402
+from tensorly_dataaware.torch.export import ONNX_RTOL, export_onnx, script, trace  # noqa: E402
+
+from ._factorized_models import SmallFactorized, small_input  # noqa: E402
+
+pytestmark = [
+    pytest.mark.usefixtures("torch_single_thread"),
+    pytest.mark.filterwarnings("ignore::UserWarning"),
+    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning"),
+]
+
+def _model(forms: str, channels_last: bool = False):
+    """Every layer in the chain, 'merged' (CP; the others dense) or 'last' (dense) form."""
+    model = SmallFactorized()
+    for module in model.modules():
+        if hasattr(module, "set_form"):
+            if forms == "chain":
+                module.set_form("chain")
+            elif forms == "merged" and "merged" in module.forms:
+                module.set_form("merged")
+            else:
+                module.set_form(module.forms[-1])
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model.eval()
+
+
+@pytest.mark.parametrize("forms", ["chain", "merged", "last"])
+def test_script_and_trace(forms):
+    model, x = _model(forms), small_input()
+    expected = model(x)
+    scripted, traced = script(model), trace(model, x)
+    torch.testing.assert_close(scripted(x), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(traced(x), expected, rtol=1e-5, atol=1e-6)
+    # Scripting keeps control flow and shapes symbolic: another batch and image size work.
+    other = small_input(batch=3, size=17, seed=4)
+    torch.testing.assert_close(scripted(other), model(other), rtol=1e-5, atol=1e-6)
+    assert model.training is False and all(not m.training for m in model.modules())
+
+
+def test_script_keeps_callers_mode():
+    model = SmallFactorized().train()
+    script(model)
+    assert model.training
+
+
+@pytest.mark.parametrize("forms,channels_last", [("chain", False), ("merged", True), ("last", False)])
+def test_onnx_runtime_matches_pytorch(tmp_path, forms, channels_last):
+    pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    model, x = _model(forms, channels_last), small_input()
+    path = export_onnx(model, tmp_path / "small.onnx", x)
+    assert os.path.isfile(path) and sorted(os.listdir(tmp_path)) == ["small.onnx"]
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    other = small_input(batch=5, seed=7)  # dynamic batch
+    got = torch.from_numpy(session.run(None, {"input": other.numpy()})[0])
+    expected = model(other).detach()
+    assert float((got - expected).abs().max()) <= ONNX_RTOL * float(expected.abs().max())
+
+
+def test_export_is_atomic_and_checked(tmp_path, monkeypatch):
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    model, x = _model("chain"), small_input()
+    target = tmp_path / "model.onnx"
+    target.write_bytes(b"previous")
+
+    def failing_check(*args, **kwargs):
+        raise ValueError("ONNX Runtime output differs")
+
+    monkeypatch.setattr(export, "check_onnx", failing_check)
+    with pytest.raises(ValueError, match="differs"):
+        export_onnx(model, target, x)
+    # The destination is untouched and no temporary file is left behind.
+    assert target.read_bytes() == b"previous" and sorted(os.listdir(tmp_path)) == ["model.onnx"]
+    # The real check catches a model that does not match the file.
+    monkeypatch.undo()
+    path = export_onnx(model, target, x, check=False)
+    other = SmallFactorized(seed=5)
+    with pytest.raises(ValueError, match="relative difference"):
+        export.check_onnx(path, other, x)
+
+
+def test_bad_arguments(tmp_path):
+    model, x = _model("chain"), small_input()
+    with pytest.raises(TypeError, match="model"):
+        export_onnx("model", tmp_path / "a.onnx", x)
+    with pytest.raises(TypeError, match="example_input"):
+        trace(model, x.numpy())
+    with pytest.raises(ValueError, match="folder"):
+        export_onnx(model, tmp_path / "missing" / "a.onnx", x)
+    with pytest.raises(ValueError, match="opset_version"):
+        export_onnx(model, tmp_path / "a.onnx", x, opset_version="17")
