@@ -7,7 +7,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from tensorly_dataaware.torch import deploy  # noqa: E402
-from tensorly_dataaware.torch.compress import compression_spec  # noqa: E402
+from tensorly_dataaware.torch.serialization import compression_spec  # noqa: E402
 from tensorly_dataaware.torch.deploy import format_deploy_report, optimize_for_inference  # noqa: E402
 from tensorly_dataaware.torch.layers import CPConv2d, build_from_spec  # noqa: E402
 
