@@ -519,3 +519,22 @@ def test_threads_default_to_one_and_are_restored(tiny_files, tmp_path, monkeypat
     assert main(["collect", *_state_args(tiny_files), "--data-dir", str(tiny_files["data"]), "--layers", "conv2",
                  "--no-progress", "--output", str(tmp_path / "s.pt")]) == 0
     assert seen[0] == 1 and torch.get_num_threads() == 2  # the caller's setting is back
+
+
+def test_compress_export_onnx(tiny_files, tmp_path, capsys):
+    ort = pytest.importorskip("onnxruntime")
+    onnx_path = tmp_path / "small.onnx"
+    code = main([
+        "compress", *_state_args(tiny_files), "--data-dir", str(tiny_files["data"]), "--ratio", "0.5",
+        "--method", "cp", "--n-iter-max", "5", "--no-progress", "--export-onnx", str(onnx_path),
+    ])
+    assert code == 0, capsys.readouterr().err
+    assert "wrote the ONNX model" in capsys.readouterr().out
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    x = ((tiny_files["images"][:5, None] / 255.0 - 0.286) / 0.353).astype(np.float32)
+    (out,) = session.run(None, {session.get_inputs()[0].name: x})
+    assert out.shape == (5, 4) and np.isfinite(out).all()
+    # The ONNX file is an output like the others: it may not overwrite an input.
+    code = main(["compress", *_state_args(tiny_files), "--data-dir", str(tiny_files["data"]), "--ratio", "0.5",
+                 "--no-progress", "--export-onnx", str(tiny_files["data"])])
+    assert code == 2 and "--export-onnx" in capsys.readouterr().err
