@@ -142,7 +142,7 @@ class TestTucker2:
     def test_singular_sigma_no_nan(self, backend, rng):
         X = rng.standard_normal((20, N))  # 20 samples: rank-20 covariance of size 72
         sigma = X.T @ X / 20
-        tucker, errors = _fit(Tucker2Sigma, _t(rng.standard_normal(SHAPE)), (5, 4), _t(sigma))
+        tucker, errors = _fit(Tucker2Sigma, _t(rng.standard_normal(SHAPE)), (5, 4), _t(sigma), n_iter_max=15)
         assert np.all(np.isfinite(_np(tl.tucker_to_tensor(tucker))))
         assert np.all(np.diff(errors) <= 0)
 
@@ -247,7 +247,7 @@ class TestParafac:
 
     def test_singular_sigma_no_nan(self, backend, rng):
         X = rng.standard_normal((15, N))
-        cp, errors = _fit(ParafacSigma, _t(rng.standard_normal(SHAPE)), 6, _t(X.T @ X))
+        cp, errors = _fit(ParafacSigma, _t(rng.standard_normal(SHAPE)), 6, _t(X.T @ X), n_iter_max=15)
         assert np.all(np.isfinite(_np(tl.cp_to_tensor(cp))))
         assert np.all(np.diff(errors) <= 0)
 
@@ -632,3 +632,21 @@ class TestAcceptedInputs:
             relative_sigma_error(W, np.full(SHAPE, np.nan), np.eye(N))
         with pytest.raises(ValueError, match="`approximation` is too far"):
             relative_sigma_error(W, W * 1e200, np.eye(N))  # finite, but its error overflows
+
+
+class TestNoRegression:
+    """Speed work must not cost quality: final errors at fixed seeds, recorded from the
+    implementation before issue 10 (commit 1dc7927), NumPy float64, default options."""
+
+    RECORDED = {0: (0.31792063281702326, 0.2169352811254147), 1: (0.2446150379278087, 0.17725319886571106)}
+
+    @pytest.mark.parametrize("seed", sorted(RECORDED))
+    def test_final_errors_at_least_as_good(self, seed):
+        rng = np.random.default_rng(seed)
+        W = rng.standard_normal((12, 10, 3, 3))
+        sigma = correlated_sigma(rng, 90)
+        tucker_before, cp_before = self.RECORDED[seed]
+        _, errors = tucker2_sigma(W, (6, 5), sigma, return_errors=True, solver="cg")
+        assert errors[-1] <= tucker_before * (1 + 1e-9)
+        _, errors = parafac_sigma(W, 8, sigma, return_errors=True, random_state=0)
+        assert errors[-1] <= cp_before * (1 + 1e-9)
