@@ -105,6 +105,13 @@ def ranks_for_ratio(method: str, shape: Sequence[int], ratio: float):
         a, b = T * S * P, T * T + S * S
         c = (-b + math.sqrt(b * b + 4 * a * budget)) / (2 * a)
         r_out, r_in = max(1, min(T, int(c * T))), max(1, min(S, int(c * S)))
+        # The floor of 1 on a thin mode (e.g. S = 1) can push the pair over the budget:
+        # shrink the relatively larger rank until it fits (or both are 1).
+        while factorized_params(method, shape, (r_out, r_in)) > budget and (r_out > 1 or r_in > 1):
+            if r_in == 1 or (r_out > 1 and r_out / T >= r_in / S):
+                r_out -= 1
+            else:
+                r_in -= 1
         return (r_out, r_in)
     per_rank = factorized_params(method, shape, 1)
     return max(1, min(int(budget // per_rank), _max_rank(method, shape)))
