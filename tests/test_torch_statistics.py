@@ -674,3 +674,30 @@ def test_empty_batch_into_linear_and_conv():
         torch.testing.assert_close(res[name].sum_outer, ref[name].sum_outer)
     with pytest.raises(ValueError, match="no samples"):
         collect_covariances(model, [(data[0][0][:0], None)], progress=False)
+
+
+@pytest.mark.parametrize(
+    "conv",
+    [
+        dict(kernel_size=3, padding=1),
+        dict(kernel_size=(3, 2), padding=(2, 0), dilation=(2, 1), padding_mode="reflect"),
+        dict(kernel_size=3, padding="same", padding_mode="circular"),
+        dict(kernel_size=3, stride=2, padding=1),  # patch route
+        dict(kernel_size=1),  # patch route
+    ],
+)
+@pytest.mark.parametrize("same", [False, True])
+def test_cross_update_from_inputs_equals_patches(conv, same):
+    from tensorly_dataaware.torch.statistics import CrossStatistics
+
+    torch.manual_seed(0)
+    layer = torch.nn.Conv2d(3, 5, **conv).double()
+    x = torch.randn(2, 3, 7, 6, dtype=torch.float64) + 0.5
+    y = None if same else x + 0.3 * torch.randn_like(x)
+    fast, slow = CrossStatistics(layer.weight[0].numel()), CrossStatistics(layer.weight[0].numel())
+    fast.update_from_inputs(layer, x, y)
+    px = patches_for(layer, x)
+    slow.update(px, px if same else patches_for(layer, y))
+    assert fast.count == slow.count
+    for a, b in zip(fast.sum_tensors(), slow.sum_tensors()):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-9)

@@ -73,7 +73,7 @@ from .compress import (
     dense_report_row,
     plan_compression,
 )
-from .statistics import CrossStatistics, _batch_input, collect_covariances, patches_for
+from .statistics import CrossStatistics, _batch_input, collect_covariances
 
 __all__ = ["compress_sequential", "layer_call_order"]
 
@@ -549,12 +549,10 @@ def _layer_moments(
                 x_ref = _capture_input(reference, ref_module, x, name)
             # Before the first replacement both networks are the same: x~ = x.
             x_new = x_ref if first_layer else _capture_input(target, module, x, name)
-            # Patches in the network's dtype: float32 products are blocked and summed in
-            # float64 (see LayerStatistics.update for the error bound).
-            p_ref = patches_for(ref_module, x_ref)
-            p_new = p_ref if first_layer else patches_for(ref_module, x_new)
+            # In the network's dtype: float32 products are blocked and summed in float64
+            # (see LayerStatistics.update for the error bound).
             try:
-                moments.update(p_ref, p_new)
+                moments.update_from_inputs(ref_module, x_ref, None if first_layer else x_new)
             except ValueError as exc:
                 raise ValueError(f"Layer {name!r}, batch {index}: {exc}") from None
     except Exception as exc:  # noqa: BLE001 - every process must learn of it

@@ -1203,6 +1203,66 @@ class CrossStatistics:
         self.sum_xy += xy
         self.count += int(x.shape[1])
 
+    def update_from_inputs(
+        self, module: nn.Module, x_inputs: torch.Tensor, y_inputs: torch.Tensor | None = None, *, precision: str = "auto"
+    ) -> None:
+        """Accumulate the patches of two aligned layer inputs, by the cheapest exact route.
+
+        Equivalent to ``update(patches_for(module, x_inputs), patches_for(module, y_inputs))``
+        (``y_inputs=None`` means ``y = x``). For a stride-1 convolution with a kernel larger
+        than 1x1 and ``groups == 1`` the patches are never formed: the two inputs are stacked
+        along the channels and the shift-structure moments of the stack (see
+        ``_shift_moments``) hold ``X^T Y`` and ``Y^T Y`` as blocks, which costs two to three
+        times less than forming both patch matrices and multiplying them here.
+
+        Parameters
+        ----------
+        module : nn.Conv2d, nn.Conv1d or nn.Linear
+            The layer whose input patches are meant.
+        x_inputs, y_inputs : torch.Tensor
+            The layer's input in the original and in the compressed network (same shape).
+        precision : {'auto', 'float32', 'float64'}, default 'auto'
+            As in :meth:`update`.
+        """
+        _check_precision(precision)
+        kind = _kind_of(module)
+        same = y_inputs is None
+        if not same and (not isinstance(y_inputs, torch.Tensor) or y_inputs.shape != x_inputs.shape):
+            raise ValueError(
+                f"`x_inputs` and `y_inputs` must have the same shape; got {tuple(x_inputs.shape)} and "
+                f"{tuple(getattr(y_inputs, 'shape', ()))}."
+            )
+        if kind != "linear" and self.groups == 1:
+            geometry = _conv_geometry(module)
+            x = _conv_input(module, kind, x_inputs, geometry)
+            kh, kw = geometry["kernel"]
+            if geometry["stride"] == (1, 1) and (kh, kw) != (1, 1) and geometry["groups"] == 1 and x.shape[0] > 0:
+                y = x if same else _conv_input(module, kind, y_inputs, geometry)
+                dh, dw = geometry["dilation"]
+                left, right, top, bottom = geometry["pad"]
+                out_h = x.shape[2] + top + bottom - dh * (kh - 1)
+                out_w = x.shape[3] + left + right - dw * (kw - 1)
+                if out_h >= 1 and out_w >= 1:
+                    stacked = x if same else torch.cat([x, y.to(x.dtype)], dim=1)
+                    total, outer = _shift_moments(stacked, {**geometry, "in_channels": stacked.shape[1]}, precision)
+                    n = self.n
+                    sum_x, sum_y = total[:, :n], total[:, n:] if not same else total[:, :n]
+                    yy = outer[:, n:, n:] if not same else outer
+                    xy = outer[:, :n, n:] if not same else outer
+                    if not (torch.isfinite(total).all() and torch.isfinite(yy.diagonal(dim1=1, dim2=2)).all()
+                            and torch.isfinite(xy).all()):
+                        raise ValueError("The patches contain NaN or Inf values (or overflow float64).")
+                    if self.count == 0 and self.device != total.device:
+                        self._move_(total.device)
+                    self.sum_x += sum_x
+                    self.sum_y += sum_y
+                    self.sum_yy += yy
+                    self.sum_xy += xy
+                    self.count += x.shape[0] * out_h * out_w
+                    return
+        x_patches = patches_for(module, x_inputs)
+        self.update(x_patches, x_patches if same else patches_for(module, y_inputs), precision=precision)
+
     def sum_tensors(self) -> list[torch.Tensor]:
         """The live float64 accumulators ``[sum_x, sum_y, sum_yy, sum_xy]``.
 
