@@ -341,3 +341,27 @@ def test_grouped_layers_kept_dense_and_reported(sequential):
     assert type(small[2]) is nn.Conv2d and type(small[0]).__name__ == "Tucker2Conv2d"
     with torch.no_grad():
         assert torch.isfinite(small(batches[0][0])).all()
+
+
+def test_refit_keeps_a_layer_dense_and_fits_it():
+    """A refitted layer keeps its size and becomes the best affine predictor of its
+    original output from the compressed network's inputs."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 4)).double().eval()
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(300, 6, generator=g, dtype=torch.float64) @ torch.randn(6, 6, generator=g, dtype=torch.float64)
+    small, report = compress_sequential(
+        net, [x[:150], x[150:]], "svd", ranks={"0": 2}, refit=["2"], progress=False, damping=0.0, return_report=True
+    )
+    assert type(small[2]) is nn.Linear and small[2].weight.shape == net[2].weight.shape
+    assert [(r.name, r.method) for r in report] == [("0", "svd"), ("2", "refit")]
+    assert report[1].params_after == report[1].params_before
+    with torch.no_grad():
+        design = torch.cat([small[1](small[0](x)), torch.ones(300, 1, dtype=torch.float64)], 1).numpy()
+        target, got = net(x).numpy(), small(x).numpy()
+    coef, *_ = np.linalg.lstsq(design, target, rcond=None)
+    np.testing.assert_allclose(got, design @ coef, rtol=1e-7, atol=1e-9)
+    with pytest.raises(ValueError, match="refit"):
+        compress_sequential(net, [x], "svd", ranks={"2": 2}, refit=["2"], progress=False)
+    with pytest.raises(ValueError, match="refit"):
+        compress_sequential(net, [x], "svd", ratio=0.5, layers=["0"], refit=["1"], progress=False)

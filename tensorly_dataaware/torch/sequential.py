@@ -55,6 +55,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..norms import psd_solve
+from . import ranks as rk
 from .compress import (
     METHODS,
     NORMS,
@@ -280,6 +281,7 @@ def compress_sequential(
     device: str | torch.device | None = None,
     damping: float = 1e-6,
     cache_bytes: int = 2**30,
+    refit: Iterable[str] | None = None,
     **solver_options,
 ):
     """Compress layer by layer, fitting each to the original output from the compressed inputs.
@@ -336,6 +338,12 @@ def compress_sequential(
         (and the batches), from one pass. When they fit, the original network runs once
         instead of once per layer; otherwise, or when a later pass yields other inputs
         (a shuffling loader, random augmentation), they are recomputed. 0 disables it.
+    refit : iterable of str, optional
+        Layers that stay dense but are refitted in the same pass, at no parameter cost: their
+        weight becomes the target ``W'`` (the best linear predictor of their original output
+        from the compressed network's inputs) and their bias the matching optimum. Useful
+        for the classifier after compressed convolutions. Removed from the default
+        selection; naming one in ``layers`` or ``ranks`` too is an error.
     **solver_options
         Passed to the solvers, as in :func:`~tensorly_dataaware.torch.compress`.
 
@@ -372,13 +380,14 @@ def compress_sequential(
         layers=layers, centered=centered, bias_correction=bias_correction, inplace=inplace,
         return_report=return_report, progress=progress, max_batches=max_batches, device=device,
         damping=damping, solver_options=solver_options, cache_bytes=cache_bytes,
+        refit=refit,
     )
 
 
 def _run_sequential(
     model, batches, method, *, ranks, ratio, energy, budget, norm, layers, centered, bias_correction,
     inplace, return_report, progress, max_batches, device, damping, solver_options,
-    cache_bytes=2**30,
+    cache_bytes=2**30, refit=None,
     collectives: _Local | None = None,
 ):
     """The work of :func:`compress_sequential`; ``collectives`` makes it distributed."""
@@ -404,6 +413,8 @@ def _run_sequential(
     skipped: list = []
     call_position: dict[str, int] = {}
     names, named = _candidates(model, layers, skipped)
+    refit = _check_refit(model, refit, names if named else None, ranks)
+    names = [name for name in names if name not in refit] + list(refit)
 
     flags = {name: m.training for name, m in model.named_modules()}
     reference = copy.deepcopy(model) if inplace else model
@@ -418,7 +429,7 @@ def _run_sequential(
             order: list[str] = []
             try:
                 order = _plan_order(
-                    reference, batches, names, named, max_batches, run_device, ranks, skipped, call_position
+                    reference, batches, names, named, max_batches, run_device, ranks, skipped, call_position, refit
                 )
             except Exception as exc:  # noqa: BLE001 - every process must learn of it
                 error = exc
@@ -426,7 +437,10 @@ def _run_sequential(
             comm.same(order, "the layer order")
             cache = _cache_reference_inputs(reference, batches, order, max_batches, run_device, cache_bytes)
             if budget is not None:
-                ranks = _budget_ranks(reference, batches, method, ranks, budget, centered, order, max_batches, device, comm)
+                compressed = [name for name in order if name not in refit]
+                ranks = _budget_ranks(
+                    reference, batches, method, ranks, budget, centered, compressed, max_batches, device, comm
+                )
 
             bar = tqdm(order, desc=f"sequential ({method}, {norm})", disable=not progress, leave=False)
             for position, name in enumerate(bar):
@@ -436,14 +450,18 @@ def _run_sequential(
                 moments = _layer_moments(
                     reference, target, batches, name, position == 0, max_batches, run_device, comm, cached
                 )
-                new, row = comm.decide(
-                    lambda: _fit_layer(
+                if name in refit:
+                    fit = lambda: _refit_layer(  # noqa: E731
+                        target, name, moments, first_layer=position == 0, norm=norm, centered=centered,
+                        bias_correction=bias_correction, device=device, damping=damping,
+                    )
+                else:
+                    fit = lambda: _fit_layer(  # noqa: E731
                         target, name, moments, first_layer=position == 0, method=method, ranks=ranks, ratio=ratio,
                         energy=energy, norm=norm, centered=centered, bias_correction=bias_correction,
                         device=device, damping=damping, solver_options=solver_options,
-                    ),
-                    name,
-                )
+                    )
+                new, row = comm.decide(fit, name)
                 row.seconds = time.perf_counter() - start
                 _set_module(target, name, new)
                 report.append(row)
@@ -496,7 +514,9 @@ def _cache_reference_inputs(reference, batches, order, max_batches, run_device, 
     return {name: (inputs, values) for name, values in cache.items()}
 
 
-def _plan_order(reference, batches, names, named, max_batches, run_device, ranks, skipped, call_position) -> list[str]:
+def _plan_order(
+    reference, batches, names, named, max_batches, run_device, ranks, skipped, call_position, refit=()
+) -> list[str]:
     """The selected layers in call order (one forward pass over the first batch)."""
     first = None
     for index, batch in _iterate(batches, max_batches):
@@ -511,6 +531,9 @@ def _plan_order(reference, batches, names, named, max_batches, run_device, ranks
     counts = {name: counts[name] for name in names}
     order = [name for name in order if name in counts]
     bad = {name: c for name, c in counts.items() if c != 1}
+    bad_refit = {name: c for name, c in bad.items() if name in refit}
+    if bad_refit:
+        raise ValueError(f"`refit` layers must be called exactly once per forward pass: {bad_refit} (name: calls).")
     if bad:
         text = ", ".join(f"{n!r} ({'never called' if c == 0 else f'called {c} times'})" for n, c in bad.items())
         if named:
@@ -523,7 +546,7 @@ def _plan_order(reference, batches, names, named, max_batches, run_device, ranks
     order = [name for name in order if counts[name] == 1]
     if not order:
         raise ValueError("No layer to compress: none of the selected layers is called once per forward pass.")
-    check_unknown_ranks(ranks, order)
+    check_unknown_ranks(ranks, [name for name in order if name not in refit])
     return order
 
 
@@ -564,6 +587,60 @@ def _layer_moments(
             f"Layer {name!r}: no input patch on this pass over `batches` (does it yield the same batches every time?)."
         )
     return moments
+
+
+def _check_refit(model, refit, named_layers, ranks) -> list[str]:
+    """Validate ``refit`` (layers refitted dense) and return it as a list."""
+    if refit is None:
+        return []
+    if isinstance(refit, str):
+        refit = [refit]
+    refit = list(refit)
+    modules = dict(model.named_modules())
+    for name in refit:
+        if not isinstance(name, str) or name not in modules:
+            raise ValueError(f"`refit`: {name!r} is not a module of the model.")
+        reason = _unsupported_reason(modules[name])
+        if reason:
+            raise ValueError(f"`refit`: cannot refit layer {name!r}: {reason}")
+        if named_layers is not None and name in named_layers:
+            raise ValueError(f"`refit`: {name!r} is also in `layers`: a layer is either compressed or refitted.")
+        if ranks is not None and name in ranks:
+            raise ValueError(f"`refit`: {name!r} also has an entry in `ranks`: a refitted layer stays dense.")
+    if len(set(refit)) != len(refit):
+        raise ValueError(f"`refit` names a layer twice: {refit}.")
+    return refit
+
+
+def _refit_layer(target, name, moments, *, first_layer, norm, centered, bias_correction, device, damping):
+    """Layer ``name`` kept dense, with the best linear predictor ``W'`` as its weight."""
+    start = time.perf_counter()
+    module = target.get_submodule(name)
+    dev = device if device is not None else module.weight.device
+    weight = module.weight.detach().to(device=dev, dtype=torch.float64)
+    if centered:
+        c_yy, c_xy = moments.cov_yy[0].to(dev), moments.cov_xy[0].to(dev)
+    else:
+        c_yy, c_xy = moments.second_moment_yy[0].to(dev), moments.cross_moment_xy[0].to(dev)
+    goal = weight if first_layer else _sequential_target(weight, c_yy, c_xy, damping)
+    new = copy.deepcopy(module)
+    dtype, out_dev = module.weight.dtype, module.weight.device
+    new.weight = nn.Parameter(goal.to(dtype=dtype, device=out_dev), requires_grad=module.weight.requires_grad)
+    notes = ["refitted dense", "sequential"]
+    if bias_correction:
+        mat, goal_mat = weight.reshape(weight.shape[0], -1), goal.reshape(weight.shape[0], -1)
+        bias = mat @ moments.mean_x[0].to(dev) - goal_mat @ moments.mean_y[0].to(dev)
+        if module.bias is not None:
+            bias = bias + module.bias.detach().to(bias)
+        new.bias = nn.Parameter(bias.to(dtype=dtype, device=out_dev))
+        notes.insert(1, "bias corrected")
+    params = rk.dense_params(weight.shape)
+    row = LayerReport(
+        name=name, kind=type(module).__name__, shape=tuple(weight.shape), method="refit", norm=norm, rank=None,
+        params_before=params, params_after=params, macs_before=params, macs_after=params, sigma_error=0.0,
+        seconds=time.perf_counter() - start, notes=notes,
+    )
+    return new, row
 
 
 def _fit_layer(
