@@ -343,7 +343,11 @@ def compress_sequential(
         weight becomes the target ``W'`` (the best linear predictor of their original output
         from the compressed network's inputs) and their bias the matching optimum. Useful
         for the classifier after compressed convolutions. Removed from the default
-        selection; naming one in ``layers`` or ``ranks`` too is an error.
+        selection; naming one in ``layers`` or ``ranks`` too is an error. Only for layers
+        with many more calibration samples than inputs (a ``RuntimeWarning`` says when not):
+        on the embedded ResNet-20 at 4% kept, refitting the 64-input classifier gained 2.4
+        points, while on the VGG the 2304-input classifier fitted on 500 images overfitted
+        (92% to 64%).
     **solver_options
         Passed to the solvers, as in :func:`~tensorly_dataaware.torch.compress`.
 
@@ -612,9 +616,24 @@ def _check_refit(model, refit, named_layers, ranks) -> list[str]:
     return refit
 
 
+def _warn_if_underdetermined(name: str, moments: CrossStatistics) -> None:
+    # W' is a regression of the original output on n input features: with fewer samples
+    # than features it interpolates the calibration data (measured: a refitted 2304-input
+    # classifier fell from 92% to 64% test accuracy with 500 images).
+    if moments.count < 2 * moments.n:
+        warnings.warn(
+            f"Layer {name!r}: {moments.count} calibration samples for {moments.n} input features; its "
+            "sequential fit may overfit the calibration data (use more images or a larger `damping`).",
+            RuntimeWarning,
+            stacklevel=5,
+        )
+
+
 def _refit_layer(target, name, moments, *, first_layer, norm, centered, bias_correction, device, damping):
     """Layer ``name`` kept dense, with the best linear predictor ``W'`` as its weight."""
     start = time.perf_counter()
+    if not first_layer:
+        _warn_if_underdetermined(name, moments)
     module = target.get_submodule(name)
     dev = device if device is not None else module.weight.device
     weight = module.weight.detach().to(device=dev, dtype=torch.float64)
@@ -657,6 +676,8 @@ def _fit_layer(
         c_yy, c_xy = moments.second_moment_yy[0].to(dev), moments.cross_moment_xy[0].to(dev)
     mean_x, mean_y = moments.mean_x[0].to(dev), moments.mean_y[0].to(dev)
     # x~ = x for the first layer, and then W' = W exactly (no round-off from a solve).
+    if not first_layer:
+        _warn_if_underdetermined(name, moments)
     goal = weight if first_layer else _sequential_target(weight, c_yy, c_xy, damping)
     layer_method = _layer_method(module, method)
     rank = _resolve_rank(name, module, layer_method, ranks, ratio, energy, goal, c_yy)
