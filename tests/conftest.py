@@ -114,3 +114,15 @@ def correlated_sigma(rng, n, n_samples=None, decay=8.0):
     mixing = rng.standard_normal((n, n)) * np.exp(-np.arange(n) / decay)[None, :]
     X = rng.standard_normal((n_samples, n)) @ mixing.T + 0.3 * rng.standard_normal((1, n))
     return X.T @ X / n_samples
+
+
+@pytest.fixture(autouse=True)
+def _no_global_backend_change():
+    """Fail a test that leaves TensorLy's global backend changed (the library must only use
+    ``tl.backend_context``), and restore it so that later tests are not affected."""
+    before = tl.get_backend()
+    yield
+    after = tl.get_backend()
+    if after != before:
+        tl.set_backend(before)
+        pytest.fail(f"the test left TensorLy's global backend set to {after!r} (was {before!r})")
