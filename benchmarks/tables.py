@@ -91,6 +91,20 @@ def calibration(path: Path):
         print(f"| {r['calibration_images']} | {r['ratio']} | {r['method']} | {r.get('variant', 'sigma')} | {r['accuracy']:.4f} |")
 
 
+def sequential_speed(path: Path):
+    data = json.loads(path.read_text())
+    info = data["info"]
+    print(f"\n#### `{info['command']}`\n")
+    print(f"{info['method']} at ratio {info['ratio']}, {info['calib']} calibration images, n_iter_max "
+          f"{info['n_iter_max']}, {info['threads']} thread(s), torch {info['torch']}, {info['machine']} "
+          f"({info['cpus']} cores, shared).\n")
+    print("| model | layers | one-shot (s), median | sequential (s), median | ratio of medians | paired ratios |")
+    print("|---|---|---|---|---|---|")
+    for r in data["rows"]:
+        print(f"| {r['model']} | {r['layers']} | {r['median']['one_shot']:.1f} | {r['median']['sequential']:.1f} | "
+              f"{r['ratio_sequential_to_one_shot']:.2f}x | {', '.join(f'{x:.2f}' for x in r['paired_ratios'])} |")
+
+
 def main():
     for path in sorted(RESULTS.glob("speed_*.json")):
         speed(path)
@@ -99,7 +113,8 @@ def main():
         by_model[json.loads(path.read_text())["info"]["model"]].append(path)
     for paths in by_model.values():
         accuracy(paths)
-    for kind, fn in (("transfer_*.json", transfer), ("calibration_*.json", calibration)):
+    for kind, fn in (("transfer_*.json", transfer), ("calibration_*.json", calibration),
+                     ("sequential_speed*.json", sequential_speed)):
         for path in sorted(RESULTS.glob(kind)):
             fn(path)
 
