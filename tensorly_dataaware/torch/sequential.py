@@ -74,7 +74,7 @@ from .compress import (
     dense_report_row,
     plan_compression,
 )
-from .statistics import CrossStatistics, _batch_input, collect_covariances
+from .statistics import CrossStatistics, _batch_input, _model_device, collect_covariances
 
 __all__ = ["compress_sequential", "layer_call_order"]
 
@@ -126,14 +126,6 @@ def _iterate(batches: Iterable[Any], max_batches: int | None):
         if max_batches is not None and index >= max_batches:
             return
         yield index, batch
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    for tensor in model.parameters():
-        return tensor.device
-    for tensor in model.buffers():
-        return tensor.device
-    return torch.device("cpu")
 
 
 def _prepare(batch: Any, index: int, device: torch.device) -> torch.Tensor:
@@ -616,6 +608,18 @@ def _check_refit(model, refit, named_layers, ranks) -> list[str]:
     return refit
 
 
+def _targets(module, moments, first_layer, centered, damping, dev):
+    """``(W, W', C~)`` in float64 on ``dev``: the layer's weight, its sequential target and weight."""
+    weight = module.weight.detach().to(device=dev, dtype=torch.float64)
+    if centered:
+        c_yy, c_xy = moments.cov_yy[0].to(dev), moments.cov_xy[0].to(dev)
+    else:
+        c_yy, c_xy = moments.second_moment_yy[0].to(dev), moments.cross_moment_xy[0].to(dev)
+    # x~ = x for the first layer, and then W' = W exactly (no round-off from a solve).
+    goal = weight if first_layer else _sequential_target(weight, c_yy, c_xy, damping)
+    return weight, goal, c_yy
+
+
 def _warn_if_underdetermined(name: str, moments: CrossStatistics) -> None:
     # W' is a regression of the original output on n input features: with fewer samples
     # than features it interpolates the calibration data (measured: a refitted 2304-input
@@ -636,12 +640,7 @@ def _refit_layer(target, name, moments, *, first_layer, norm, centered, bias_cor
         _warn_if_underdetermined(name, moments)
     module = target.get_submodule(name)
     dev = device if device is not None else module.weight.device
-    weight = module.weight.detach().to(device=dev, dtype=torch.float64)
-    if centered:
-        c_yy, c_xy = moments.cov_yy[0].to(dev), moments.cov_xy[0].to(dev)
-    else:
-        c_yy, c_xy = moments.second_moment_yy[0].to(dev), moments.cross_moment_xy[0].to(dev)
-    goal = weight if first_layer else _sequential_target(weight, c_yy, c_xy, damping)
+    weight, goal, _ = _targets(module, moments, first_layer, centered, damping, dev)
     new = copy.deepcopy(module)
     dtype, out_dev = module.weight.dtype, module.weight.device
     new.weight = nn.Parameter(goal.to(dtype=dtype, device=out_dev), requires_grad=module.weight.requires_grad)
@@ -669,16 +668,10 @@ def _fit_layer(
     """Factorize layer ``name`` of ``target`` from its streamed moments."""
     module = target.get_submodule(name)
     dev = device if device is not None else module.weight.device
-    weight = module.weight.detach().to(device=dev, dtype=torch.float64)
-    if centered:
-        c_yy, c_xy = moments.cov_yy[0].to(dev), moments.cov_xy[0].to(dev)
-    else:
-        c_yy, c_xy = moments.second_moment_yy[0].to(dev), moments.cross_moment_xy[0].to(dev)
-    mean_x, mean_y = moments.mean_x[0].to(dev), moments.mean_y[0].to(dev)
-    # x~ = x for the first layer, and then W' = W exactly (no round-off from a solve).
     if not first_layer:
         _warn_if_underdetermined(name, moments)
-    goal = weight if first_layer else _sequential_target(weight, c_yy, c_xy, damping)
+    weight, goal, c_yy = _targets(module, moments, first_layer, centered, damping, dev)
+    mean_x, mean_y = moments.mean_x[0].to(dev), moments.mean_y[0].to(dev)
     layer_method = _layer_method(module, method)
     rank = _resolve_rank(name, module, layer_method, ranks, ratio, energy, goal, c_yy)
     job = LayerJob(
