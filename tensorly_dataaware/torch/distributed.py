@@ -976,6 +976,8 @@ def compress_sequential_distributed(
     max_batches: int | None = None,
     device: str | torch.device | None = None,
     damping: float = 1e-6,
+    cache_bytes: int = 2**30,
+    refit: Iterable[str] | None = None,
     group=None,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     **solver_options,
@@ -992,7 +994,7 @@ def compress_sequential_distributed(
 
     Parameters
     ----------
-    model, batches, method, ranks, ratio, energy, budget, norm, layers, centered, bias_correction, inplace, return_report, max_batches, device, damping, **solver_options
+    model, batches, method, ranks, ratio, energy, budget, norm, layers, centered, bias_correction, inplace, return_report, max_batches, device, damping, cache_bytes, refit, **solver_options
         As in :func:`~tensorly_dataaware.torch.compress_sequential`; ``batches`` is this
         rank's shard (re-iterable) and must not be empty.
     progress : bool, optional
@@ -1019,5 +1021,5 @@ def compress_sequential_distributed(
         layers=layers, centered=centered, bias_correction=bias_correction, inplace=inplace,
         return_report=return_report, progress=comm.rank == 0 if progress is None else progress,
         max_batches=max_batches, device=device, damping=damping, solver_options=solver_options,
-        collectives=comm,
+        cache_bytes=cache_bytes, refit=refit, collectives=comm,
     )
