@@ -121,6 +121,9 @@ def _no_global_backend_change():
     """Fail a test that leaves TensorLy's global backend changed (the library must only use
     ``tl.backend_context``), and restore it so that later tests are not affected."""
     before = tl.get_backend()
+    # Pin it for this (the main) thread: a backend_context entered in another thread sets
+    # TensorLy's process-wide default, which a thread with no backend of its own would read.
+    tl.set_backend(before, local_threadsafe=True)
     yield
     after = tl.get_backend()
     if after != before:
