@@ -116,14 +116,20 @@ def correlated_sigma(rng, n, n_samples=None, decay=8.0):
     return X.T @ X / n_samples
 
 
+_SESSION_BACKEND = tl.get_backend()
+
+
 @pytest.fixture(autouse=True)
 def _no_global_backend_change():
     """Fail a test that leaves TensorLy's global backend changed (the library must only use
     ``tl.backend_context``), and restore it so that later tests are not affected."""
     before = tl.get_backend()
-    # Pin it for this (the main) thread: a backend_context entered in another thread sets
-    # TensorLy's process-wide default, which a thread with no backend of its own would read.
-    tl.set_backend(before, local_threadsafe=True)
+    if before != _SESSION_BACKEND:
+        # Changed outside any test: at import or collection time (tensorly-torch, for one,
+        # calls tl.set_backend('pytorch') when imported). Every later test would run on it.
+        tl.set_backend(_SESSION_BACKEND)
+        pytest.fail(f"TensorLy's global backend was {before!r} when this test started (set outside a test, "
+                    f"e.g. by an import during collection); expected {_SESSION_BACKEND!r}")
     yield
     after = tl.get_backend()
     if after != before:

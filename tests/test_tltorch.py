@@ -5,10 +5,22 @@ from __future__ import annotations
 import pytest
 
 torch = pytest.importorskip("torch")
-pytest.importorskip("tltorch")
+pytest.importorskip("tltorch")  # (sets TensorLy's global backend to pytorch: restored below)
 
 from tensorly_dataaware.torch.layers import CPConv2d, LowRankLinear, Tucker2Conv2d  # noqa: E402
 from tensorly_dataaware.torch.tltorch import to_tltorch  # noqa: E402
+
+import tensorly as tl  # noqa: E402
+
+# tensorly-torch's import set the process-wide backend to pytorch: undo it for the other test
+# modules, and give its layers the backend they need in this module's tests only.
+tl.set_backend("numpy")
+
+
+@pytest.fixture(autouse=True)
+def _pytorch_backend():
+    with tl.backend_context("pytorch"):
+        yield
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 

@@ -39,6 +39,12 @@ def to_tltorch(module: nn.Module, implementation: str = "factorized") -> nn.Modu
     ------
     ImportError
         Without tensorly-torch (install the ``tltorch`` extra).
+
+    Notes
+    -----
+    Importing tensorly-torch (done here on first use) calls ``tl.set_backend('pytorch')``,
+    and its layers need that backend when they run; code that uses TensorLy's NumPy backend
+    afterwards should wrap itself in ``tl.backend_context('numpy')``.
     TypeError
         For another module type.
     ValueError
