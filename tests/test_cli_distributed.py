@@ -98,7 +98,8 @@ def test_torchrun_two_processes(files, tmp_path):
     result = subprocess.run([*command, "--layers", "conv9", "--output", str(bad)], capture_output=True, text=True,
                             timeout=300, cwd=ROOT, env=env)
     assert result.returncode != 0
-    # each rank printed the one-line message; the only traceback is torchrun's own report
-    assert result.stderr.count("tensorly-dataaware compress: error: unknown or unsupported layer(s) ['conv9']") == 2
+    # the ranks print the one-line message (torchrun may stop the second rank before it
+    # prints, once the first has exited); the only traceback is torchrun's own report
+    assert result.stderr.count("tensorly-dataaware compress: error: unknown or unsupported layer(s) ['conv9']") >= 1
     assert "tensorly_dataaware/" not in result.stderr
     assert not bad.exists()
