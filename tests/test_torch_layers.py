@@ -9,7 +9,6 @@ import pytest
 
 torch = pytest.importorskip("torch")
 import torch.nn.functional as F  # noqa: E402
-from torch import nn  # noqa: E402
 
 from tensorly_dataaware.torch.layers import (  # noqa: E402
     CPConv2d,

@@ -36,7 +36,6 @@ from ..norms import psd_solve, top_eigvecs
 from ._als import finish, run_als
 from ._base import SigmaDecomposition
 from ._problem import SigmaProblem
-from ._structured_solve import InputFactorSystem
 
 __all__ = ["tucker2_sigma", "Tucker2Sigma"]
 

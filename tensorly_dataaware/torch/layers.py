@@ -489,7 +489,7 @@ class CPConv2d(_FactorizedConv2d):
             raise ValueError(f"`weights` must have shape ({rank},); got {tuple(weights.shape)}.")
         out_channels, in_channels, kh, kw = a.shape[0], b.shape[0], c.shape[0], d.shape[0]
         bias = _bias(bias, out_channels, a)
-        pad = self._init_conv(in_channels, out_channels, (kh, kw), stride, padding, dilation, padding_mode, groups)
+        self._init_conv(in_channels, out_channels, (kh, kw), stride, padding, dilation, padding_mode, groups)
         self.rank = int(rank)
         # The depthwise pair pads natively (symmetric zeros) or the input is padded once first.
         top, left = self._native_pad
