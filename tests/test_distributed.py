@@ -69,13 +69,17 @@ COMPRESS_KW = {
 }
 
 
-def _worker(rank, world, port, outdir, method, fail_layer):
+def _join_gloo(rank, world, port):
     os.environ["GLOO_SOCKET_IFNAME"] = "lo" if sys.platform.startswith("linux") else os.environ.get("GLOO_SOCKET_IFNAME", "lo0")
     torch.set_num_threads(1)
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
         timeout=datetime.timedelta(seconds=60),
     )
+
+
+def _worker(rank, world, port, outdir, method, fail_layer):
+    _join_gloo(rank, world, port)
     result = {}
     try:
         model = make_model()
@@ -111,13 +115,12 @@ def _free_port():
         return sock.getsockname()[1]
 
 
-def _run(world, outdir, method="tucker2", fail_layer=None):
+def _spawn(worker, world, outdir, *args):
     """Start ``world`` workers, wait (bounded), make sure none is left alive, load results."""
     import torch.multiprocessing as tmp
 
     ctx = tmp.start_processes(
-        _worker, args=(world, _free_port(), str(outdir), method, fail_layer), nprocs=world,
-        join=False, start_method="spawn",
+        worker, args=(world, _free_port(), str(outdir), *args), nprocs=world, join=False, start_method="spawn",
     )
     deadline = time.monotonic() + DEADLINE_S
     try:
@@ -133,6 +136,10 @@ def _run(world, outdir, method="tucker2", fail_layer=None):
     assert all(p.exitcode == 0 for p in ctx.processes)
     assert not multiprocessing.active_children()
     return [torch.load(outdir / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+def _run(world, outdir, method="tucker2", fail_layer=None):
+    return _spawn(_worker, world, outdir, method, fail_layer)
 
 
 class _one_thread:
@@ -302,12 +309,7 @@ SEQ_KW = dict(ratio=0.5, n_iter_max=4, random_state=0, progress=False, return_re
 
 
 def _sequential_worker(rank, world, port, outdir, fail):
-    os.environ["GLOO_SOCKET_IFNAME"] = "lo" if sys.platform.startswith("linux") else os.environ.get("GLOO_SOCKET_IFNAME", "lo0")
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-        timeout=datetime.timedelta(seconds=60),
-    )
+    _join_gloo(rank, world, port)
     result = {}
     try:
         batches = tdd.shard(make_batches(), rank, world)
@@ -326,23 +328,7 @@ def _sequential_worker(rank, world, port, outdir, fail):
 
 
 def _run_sequential_workers(world, outdir, fail=False):
-    import torch.multiprocessing as tmp
-
-    ctx = tmp.start_processes(
-        _sequential_worker, args=(world, _free_port(), str(outdir), fail), nprocs=world, join=False, start_method="spawn",
-    )
-    deadline = time.monotonic() + DEADLINE_S
-    try:
-        while not ctx.join(timeout=1):
-            if time.monotonic() > deadline:
-                pytest.fail(f"{world} workers did not finish within {DEADLINE_S} s")
-    finally:
-        for proc in ctx.processes:
-            if proc.is_alive():
-                proc.kill()
-            proc.join(5)
-    assert all(p.exitcode == 0 for p in ctx.processes)
-    return [torch.load(outdir / f"rank{r}.pt", weights_only=False) for r in range(world)]
+    return _spawn(_sequential_worker, world, outdir, fail)
 
 
 def test_sequential_distributed_matches_one_process(tmp_path):

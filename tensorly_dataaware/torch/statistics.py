@@ -556,6 +556,19 @@ def _shift_moments(
     return total.reshape(groups, n), outer
 
 
+def _shift_positions(x: torch.Tensor, geometry: dict[str, Any]) -> int | None:
+    """Output positions per image if ``_shift_moments`` applies to ``x`` (a stride-1
+    convolution with a kernel larger than 1x1 and a non-empty output), else None."""
+    kh, kw = geometry["kernel"]
+    if geometry["stride"] != (1, 1) or (kh, kw) == (1, 1):
+        return None
+    dh, dw = geometry["dilation"]
+    left, right, top, bottom = geometry["pad"]
+    out_h = x.shape[2] + top + bottom - dh * (kh - 1)
+    out_w = x.shape[3] + left + right - dw * (kw - 1)
+    return out_h * out_w if out_h >= 1 and out_w >= 1 else None
+
+
 def _batch_moments(
     module: nn.Module,
     inputs: torch.Tensor,
@@ -578,15 +591,10 @@ def _batch_moments(
             n = math.prod(module.weight.shape[1:])
             zeros = x.new_zeros((geometry["groups"], n), dtype=torch.float64)
             return 0, zeros, x.new_zeros((geometry["groups"], n, n), dtype=torch.float64)
-        if max_positions_per_image is None and geometry["stride"] == (1, 1) and geometry["kernel"] != (1, 1):
-            kh, kw = geometry["kernel"]
-            dh, dw = geometry["dilation"]
-            left, right, top, bottom = geometry["pad"]
-            out_h = x.shape[2] + top + bottom - dh * (kh - 1)
-            out_w = x.shape[3] + left + right - dw * (kw - 1)
-            if out_h >= 1 and out_w >= 1:
-                total, outer = _shift_moments(x, geometry, precision)
-                return x.shape[0] * out_h * out_w, total, outer
+        positions = None if max_positions_per_image is not None else _shift_positions(x, geometry)
+        if positions is not None:
+            total, outer = _shift_moments(x, geometry, precision)
+            return x.shape[0] * positions, total, outer
     patches = patches_for(
         module, inputs, max_positions_per_image=max_positions_per_image, generator=generator
     )
@@ -1235,31 +1243,26 @@ class CrossStatistics:
         if kind != "linear" and self.groups == 1:
             geometry = _conv_geometry(module)
             x = _conv_input(module, kind, x_inputs, geometry)
-            kh, kw = geometry["kernel"]
-            if geometry["stride"] == (1, 1) and (kh, kw) != (1, 1) and geometry["groups"] == 1 and x.shape[0] > 0:
+            positions = _shift_positions(x, geometry) if geometry["groups"] == 1 and x.shape[0] > 0 else None
+            if positions is not None:
                 y = x if same else _conv_input(module, kind, y_inputs, geometry)
-                dh, dw = geometry["dilation"]
-                left, right, top, bottom = geometry["pad"]
-                out_h = x.shape[2] + top + bottom - dh * (kh - 1)
-                out_w = x.shape[3] + left + right - dw * (kw - 1)
-                if out_h >= 1 and out_w >= 1:
-                    stacked = x if same else torch.cat([x, y.to(x.dtype)], dim=1)
-                    total, outer = _shift_moments(stacked, {**geometry, "in_channels": stacked.shape[1]}, precision)
-                    n = self.n
-                    sum_x, sum_y = total[:, :n], total[:, n:] if not same else total[:, :n]
-                    yy = outer[:, n:, n:] if not same else outer
-                    xy = outer[:, :n, n:] if not same else outer
-                    if not (torch.isfinite(total).all() and torch.isfinite(yy.diagonal(dim1=1, dim2=2)).all()
-                            and torch.isfinite(xy).all()):
-                        raise ValueError("The patches contain NaN or Inf values (or overflow float64).")
-                    if self.count == 0 and self.device != total.device:
-                        self._move_(total.device)
-                    self.sum_x += sum_x
-                    self.sum_y += sum_y
-                    self.sum_yy += yy
-                    self.sum_xy += xy
-                    self.count += x.shape[0] * out_h * out_w
-                    return
+                stacked = x if same else torch.cat([x, y.to(x.dtype)], dim=1)
+                total, outer = _shift_moments(stacked, {**geometry, "in_channels": stacked.shape[1]}, precision)
+                n = self.n
+                sum_x, sum_y = total[:, :n], total[:, n:] if not same else total[:, :n]
+                yy = outer[:, n:, n:] if not same else outer
+                xy = outer[:, :n, n:] if not same else outer
+                if not (torch.isfinite(total).all() and torch.isfinite(yy.diagonal(dim1=1, dim2=2)).all()
+                        and torch.isfinite(xy).all()):
+                    raise ValueError("The patches contain NaN or Inf values (or overflow float64).")
+                if self.count == 0 and self.device != total.device:
+                    self._move_(total.device)
+                self.sum_x += sum_x
+                self.sum_y += sum_y
+                self.sum_yy += yy
+                self.sum_xy += xy
+                self.count += x.shape[0] * positions
+                return
         x_patches = patches_for(module, x_inputs)
         self.update(x_patches, x_patches if same else patches_for(module, y_inputs), precision=precision)
 
