@@ -120,7 +120,7 @@ def data(args):
     return calib, test, finetune, source
 
 
-def run_compress(model, stats, layers, method, ratio, variant, n_iter_max, calib_loader=None):
+def run_compress(model, stats, layers, method, ratio, variant, n_iter_max, calib_loader=None, refit=None):
     """Compress with one variant; ``stats`` for the one-shot ones, ``calib_loader`` for the
     sequential ones (which stream their own statistics; their time includes that)."""
     norm, bias = VARIANTS[variant]
@@ -131,10 +131,12 @@ def run_compress(model, stats, layers, method, ratio, variant, n_iter_max, calib
     )
     start = time.perf_counter()
     if variant in SEQUENTIAL:
-        small, report = compress_sequential(model, calib_loader, method, **options)
+        small, report = compress_sequential(model, calib_loader, method, refit=refit, **options)
     else:
         small, report = compress(model, stats, method, **options)
     seconds = time.perf_counter() - start
+    # The compressed conv layers only: a refitted dense layer keeps its size.
+    report = [r for r in report if r.method != "refit"]
     params = (sum(r.params_after for r in report), sum(r.params_before for r in report))
     macs = (sum(r.macs_after for r in report), sum(r.macs_before for r in report))
     return small, report, seconds, params, macs
@@ -152,10 +154,11 @@ def sweep(args, model, calib, test, finetune):
             for variant in args.variants:
                 torch.manual_seed(0)
                 small, report, secs, params, macs = run_compress(
-                    model, stats, layers, method, ratio, variant, args.n_iter_max, calib_loader
+                    model, stats, layers, method, ratio, variant, args.n_iter_max, calib_loader, args.refit
                 )
+                label = variant + "+refit" if args.refit and variant in SEQUENTIAL else variant
                 row = {
-                    "ratio": ratio, "method": method, "variant": variant,
+                    "ratio": ratio, "method": method, "variant": label, "refit": args.refit,
                     "conv_params": params[0], "conv_params_dense": params[1],
                     "conv_macs_per_pos": macs[0], "conv_macs_per_pos_dense": macs[1],
                     "accuracy": accuracy(small, test_loader), "seconds": secs,
@@ -253,6 +256,8 @@ def main(argv=None):
     p.add_argument("--finetune-images", type=int, default=4000)
     p.add_argument("--finetune-lr", type=float, default=0.01, help="SGD learning rate (CP models use a tenth of it)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--refit", nargs="+", default=None, metavar="LAYER",
+                   help="sequential variants: layers kept dense but refitted (e.g. the classifier)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)

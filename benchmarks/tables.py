@@ -52,6 +52,7 @@ def accuracy(paths: list[Path]):
         ("Frobenius, 1 epoch FT", "frobenius", "accuracy_finetuned"), ("sigma", "sigma", "accuracy"),
         ("sigma, 1 epoch FT", "sigma", "accuracy_finetuned"), ("sigma (budget)", "sigma-budget", "accuracy"),
         ("**sequential**", "sequential", "accuracy"), ("**sequential (budget)**", "sequential-budget", "accuracy"),
+        ("sequential + dense refit of the classifier", "sequential+refit", "accuracy"),
     ]
     present = [c for c in columns if any(c[1] in v and c[2] in v[c[1]] for v in table.values())]
     print("| kept (target) | method | conv params | " + " | ".join(c[0] for c in present) + " |")
