@@ -57,8 +57,9 @@ __all__ = [
 
 # Deployment (issue 11): fastest equivalent layer forms, export.
 from .deploy import DeployReport, LayerLatency, format_deploy_report, optimize_for_inference  # noqa: E402
+from .fold import fold_batchnorm  # noqa: E402
 
-__all__ += ["optimize_for_inference", "DeployReport", "LayerLatency", "format_deploy_report"]
+__all__ += ["optimize_for_inference", "DeployReport", "LayerLatency", "format_deploy_report", "fold_batchnorm"]
 from .export import check_onnx, export_onnx  # noqa: E402
 
 __all__ += ["export_onnx", "check_onnx"]
