@@ -9,7 +9,7 @@ torch = pytest.importorskip("torch")
 from tensorly_dataaware.torch import deploy  # noqa: E402
 from tensorly_dataaware.torch.serialization import compression_spec  # noqa: E402
 from tensorly_dataaware.torch.deploy import format_deploy_report, optimize_for_inference  # noqa: E402
-from tensorly_dataaware.torch.layers import CPConv2d, build_from_spec  # noqa: E402
+from tensorly_dataaware.torch.layers import CPConv2d, Tucker2Conv2d, build_from_spec  # noqa: E402
 
 from ._factorized_models import SmallFactorized, small_input  # noqa: E402
 
@@ -57,11 +57,13 @@ def test_selection_follows_the_measurements(monkeypatch):
     weight = fast.features[1].core.weight  # 3x3: the layout is visible
     assert weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
     torch.testing.assert_close(fast(x), model(x), rtol=1e-4, atol=1e-5)
-    # Without 'dense' among the candidates, CP takes 'merged' and the others stay chains.
+    # Without 'dense' among the candidates, CP and Tucker-2 take 'merged', the others stay chains.
     fast = optimize_for_inference(model, x, repeats=3, candidates=("chain", "merged"), memory_formats="contiguous")
     forms = _forms(fast)
-    assert {forms[n] for n, m in fast.named_modules() if isinstance(m, CPConv2d)} == {"merged"}
-    assert {f for n, f in forms.items() if not isinstance(dict(fast.named_modules())[n], CPConv2d)} == {"chain"}
+    has_merged = {n for n, m in fast.named_modules() if isinstance(m, (CPConv2d, Tucker2Conv2d))}
+    assert len(has_merged) == 4 and {forms[n] for n in has_merged} == {"merged"}
+    assert {f for n, f in forms.items() if n not in has_merged} == {"chain"}
+    torch.testing.assert_close(fast(x), model(x), rtol=1e-4, atol=1e-5)
 
 
 def test_cost_model_prunes_expensive_forms(monkeypatch):
@@ -116,3 +118,22 @@ def test_bad_arguments():
         optimize_for_inference(model, x, max_macs_ratio=0.5)
     with pytest.raises(TypeError, match="fold_bn"):
         optimize_for_inference(model, x, fold_bn="yes")
+
+
+def test_time_interleaved_loops_fast_calls_within_a_sample():
+    import time
+
+    counts = {"fast": 0, "slow": 0}
+
+    def fast():
+        counts["fast"] += 1
+
+    def slow():
+        counts["slow"] += 1
+        time.sleep(0.004)
+
+    times = deploy.time_interleaved({"fast": fast, "slow": slow}, repeats=3, min_sample_ms=2.0)
+    assert [len(t) for t in times.values()] == [3, 3]
+    # warm-up + estimate + 3 samples of one call each for the slow one; many per sample for the fast one.
+    assert counts["slow"] == 5 and counts["fast"] > 5 * 3
+    assert min(times["slow"]) >= 4.0 and max(times["fast"]) < 1.0

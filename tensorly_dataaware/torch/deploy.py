@@ -1,9 +1,10 @@
 """Make a compressed model fast: choose, by measurement, how each factorized layer is computed.
 
 A factorized layer can compute its approximated weight ``W~`` in several equivalent ways
-(its *forms*, see :mod:`tensorly_dataaware.torch.layers`): the factorized chain, CP's two
-depthwise convolutions merged into one ``kh x kw`` depthwise convolution, or one convolution
-with the reconstructed dense kernel.  Which is fastest depends on the ranks, the image size,
+(its *forms*, see :mod:`tensorly_dataaware.torch.layers`): the factorized chain, a shorter
+chain (CP's two depthwise convolutions merged into one ``kh x kw`` depthwise convolution,
+Tucker-2's core merged with its output factor), or one convolution with the reconstructed
+dense kernel.  Which is fastest depends on the ranks, the image size,
 the batch, the thread count and the memory layout: on CPU the chain of 1x1 and depthwise
 convolutions is several times faster in channels-last layout (oneDNN runs NHWC natively and
 reorders NCHW tensors around each call), and for tiny ranks on small images the per-call
@@ -130,21 +131,33 @@ def _threads(n: int | None) -> Iterator[int]:
 
 
 @torch.no_grad()
-def time_interleaved(calls: dict[str, Any], repeats: int, warmup: int = 1) -> dict[str, list[float]]:
-    """Milliseconds of each zero-argument callable, run round-robin ``repeats`` times.
+def time_interleaved(
+    calls: dict[str, Any], repeats: int, warmup: int = 1, min_sample_ms: float = 2.0
+) -> dict[str, list[float]]:
+    """Milliseconds per call of each zero-argument callable, sampled round-robin ``repeats`` times.
 
     Interleaving spreads slow phases of a shared machine over every candidate instead of
-    penalizing whichever happened to run during them.
+    penalizing whichever happened to run during them.  A call faster than ``min_sample_ms``
+    (a small layer at batch 1 takes tens of microseconds, the scale of timer and scheduler
+    noise) is repeated within each sample until the sample lasts about that long, as
+    :mod:`timeit` does, and the sample is the mean per call.
     """
     for fn in calls.values():
         for _ in range(warmup):
             fn()
+    loops = {}
+    for key, fn in calls.items():
+        start = time.perf_counter()
+        fn()
+        once_ms = (time.perf_counter() - start) * 1e3
+        loops[key] = max(1, min(1000, math.ceil(min_sample_ms / max(once_ms, 1e-6))))
     times: dict[str, list[float]] = {key: [] for key in calls}
     for _ in range(repeats):
         for key, fn in calls.items():
             start = time.perf_counter()
-            fn()
-            times[key].append((time.perf_counter() - start) * 1e3)
+            for _ in range(loops[key]):
+                fn()
+            times[key].append((time.perf_counter() - start) * 1e3 / loops[key])
     return times
 
 
@@ -188,6 +201,8 @@ def layer_macs(module: nn.Module, input_shape: Iterable[int], form: str) -> int:
         return out * t * s * kh * kw
     if isinstance(module, Tucker2Conv2d):
         r_out, r_in = module.ranks
+        if form == "merged":
+            return n * h * w * s * r_in + out * r_in * t * kh * kw
         return n * h * w * s * r_in + out * (r_in * r_out * kh * kw + r_out * t)
     if isinstance(module, CPConv2d):
         r = module.rank
