@@ -137,3 +137,19 @@ def test_time_interleaved_loops_fast_calls_within_a_sample():
     # warm-up + estimate + 3 samples of one call each for the slow one; many per sample for the fast one.
     assert counts["slow"] == 5 and counts["fast"] > 5 * 3
     assert min(times["slow"]) >= 4.0 and max(times["fast"]) < 1.0
+
+
+def test_cached_kernels_follow_the_layout():
+    """A form's kernel must be in the model's layout, or oneDNN reorders it at every call."""
+    model = SmallFactorized().to(memory_format=torch.channels_last)
+    tucker, cp = model.features[1], model.features[4]  # Tucker-2 and CP layers
+    cl = torch.channels_last
+    # Tucker-2's core tells the layout, so set_form after the conversion follows it ...
+    kernel = tucker.set_form("dense")._form_weight
+    assert kernel.is_contiguous(memory_format=cl) and not kernel.is_contiguous()
+    # ... CP's factors (1x1 and depthwise) do not: the pass converts after choosing a form.
+    assert isinstance(cp, CPConv2d)
+    for form in ("merged", "dense"):
+        variant = deploy._apply(cp, {"": form}, "channels_last")
+        kernel = variant._form_weight
+        assert kernel.is_contiguous(memory_format=cl) and (form == "merged" or not kernel.is_contiguous())

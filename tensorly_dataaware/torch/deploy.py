@@ -266,7 +266,7 @@ def _to_format(model: nn.Module, memory_format: str) -> nn.Module:
     return model.to(memory_format=MEMORY_FORMATS[memory_format])
 
 
-def _choose_forms(model, x, candidates, repeats, max_macs_ratio) -> dict[str, tuple[str, dict[str, list[float]]]]:
+def _choose_forms(model, x, candidates, repeats, max_macs_ratio, memory_format) -> dict[str, tuple[str, dict[str, list[float]]]]:
     """Per factorized layer of ``model``: the fastest form on its captured input, and all timings."""
     layers = _factorized(model)
     inputs = _capture_inputs(model, x, layers)
@@ -281,8 +281,7 @@ def _choose_forms(model, x, candidates, repeats, max_macs_ratio) -> dict[str, tu
             # cannot win on overhead alone, and timing it would dominate the pass's run time.
             # Small layers (batch 1, tiny images) are overhead-bound: always time every form.
             if form == "chain" or macs[form] <= max_macs_ratio * cheapest or macs[form] < _PRUNE_MIN_MACS:
-                variant = copy.deepcopy(module).set_form(form).eval()
-                variants[form] = variant
+                variants[form] = _apply(copy.deepcopy(module).eval(), {"": form}, memory_format)
         xin = inputs[name]
         times = time_interleaved({form: (lambda v=v: v(xin)) for form, v in variants.items()}, repeats)
         best = min(times, key=lambda form: _median(times[form]))
@@ -295,6 +294,9 @@ def _apply(model: nn.Module, forms: dict[str, str], memory_format: str | None) -
     for name, form in forms.items():
         layers[name].set_form(form)
     if memory_format is not None:
+        # After set_form: the conversion also reaches the form's cached kernel (a buffer),
+        # whose layout set_form cannot always infer (1x1 and depthwise factors are both
+        # contiguous and channels-last); a mismatched kernel is reordered at every call.
         _to_format(model, memory_format)
     return model
 
@@ -411,9 +413,9 @@ def optimize_for_inference(
             trial = _to_format(copy.deepcopy(folded), memory_format)
             for name, module in _factorized(trial).items():
                 module.set_form("chain")
-            choice = _choose_forms(trial, example_input, candidates, repeats, max_macs_ratio)
+            choice = _choose_forms(trial, example_input, candidates, repeats, max_macs_ratio, memory_format)
             choices[memory_format] = choice
-            configurations[memory_format] = _apply(trial, {n: c[0] for n, c in choice.items()}, None)
+            configurations[memory_format] = _apply(trial, {n: c[0] for n, c in choice.items()}, memory_format)
 
         whole = time_interleaved({key: (lambda m=m: m(example_input)) for key, m in configurations.items()}, repeats)
         best = min(whole, key=lambda key: _median(whole[key]))

@@ -205,10 +205,14 @@ class _FormMixin(nn.Module):
         else:
             kernel = self._form_kernel(self.form)
         # Follow the layout of the factors (model.to(memory_format=torch.channels_last)), so
-        # that oneDNN does not reorder the cached kernel at every call.
-        factor = self.last.weight  # type: ignore[union-attr]
-        if kernel.dim() == 4 and factor.dim() == 4 and factor.is_contiguous(memory_format=torch.channels_last) \
-                and not factor.is_contiguous():
+        # that oneDNN does not reorder the cached kernel at every call.  1x1 and depthwise
+        # factors are contiguous in both layouts and say nothing; a module whose factors are
+        # all such (CP) keeps a contiguous kernel until the next model.to(memory_format=...),
+        # which converts this buffer too.
+        if kernel.dim() == 4 and any(
+            p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+            for p in self.parameters()
+        ):
             kernel = kernel.contiguous(memory_format=torch.channels_last)
         self._form_weight = kernel
 
