@@ -33,7 +33,10 @@ def test_optimized_model_is_equivalent_and_input_untouched():
         assert torch.equal(value, before[key]) and value.is_contiguous()
     assert [row.name for row in report.layers] == list(_forms(model))
     assert report.memory_format in ("contiguous", "channels_last")
-    assert set(report.configurations_ms) == {"as given", "contiguous", "channels_last"}
+    assert set(report.configurations_ms) <= {
+        "as given", "contiguous", "channels_last", "contiguous, all dense", "channels_last, all dense"
+    }
+    assert {"as given", "contiguous", "channels_last"} <= set(report.configurations_ms)
     for row in report.layers:
         assert row.form_before == "chain" and row.ms_before > 0 and row.ms_after > 0 and row.params > 0
         assert row.macs_after > 0
@@ -81,7 +84,7 @@ def test_cost_model_prunes_expensive_forms(monkeypatch):
     # convolutions here, but the head's (rank 3 of a 5 x 6 matrix: dense is the cheaper one).
     *convs, head, whole = seen
     assert all("dense" not in keys for keys in convs) and len(convs) == 6
-    assert head == {"chain", "dense"} and whole == {"as given", "contiguous"}
+    assert head == {"chain", "dense"} and whole == {"as given", "contiguous", "contiguous, all dense"}
 
 
 def test_forms_survive_spec_round_trip():
@@ -153,3 +156,21 @@ def test_cached_kernels_follow_the_layout():
         variant = deploy._apply(cp, {"": form}, "channels_last")
         kernel = variant._form_weight
         assert kernel.is_contiguous(memory_format=cl) and (form == "merged" or not kernel.is_contiguous())
+
+
+def test_all_dense_configuration_competes_as_a_whole(monkeypatch):
+    """Per-layer winners that lose together: the all-dense configuration is taken."""
+    model, x = SmallFactorized(), small_input()
+
+    def fake(calls, repeats, warmup=1):
+        for fn in calls.values():
+            fn()
+        speed = {"chain": 1.0, "merged": 2.0, "dense": 3.0, "as given": 9.0, "contiguous": 8.0,
+                 "contiguous, all dense": 7.0}
+        return {key: [speed.get(key, 1.0)] * repeats for key in calls}
+
+    monkeypatch.setattr(deploy, "time_interleaved", fake)
+    fast, report = optimize_for_inference(model, x, repeats=2, memory_formats="contiguous", return_report=True)
+    assert set(_forms(fast).values()) == {"dense"} and report.memory_format == "contiguous"
+    assert report.configurations_ms["contiguous, all dense"] == report.ms_after == 7.0
+    torch.testing.assert_close(fast(x), model(x), rtol=1e-4, atol=1e-5)

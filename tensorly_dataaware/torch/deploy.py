@@ -13,8 +13,9 @@ overhead of three or four kernels can exceed the dense convolution's arithmetic.
 :func:`optimize_for_inference` times the alternatives on each layer's actual input (captured
 from one forward pass of an example input), for each candidate memory layout, keeps the
 fastest per layer, then times the whole model under each layout and keeps the fastest
-configuration *including the model as given*, so the result is never slower than its input
-(up to timing noise, which medians over interleaved repeats keep small).  Because the dense
+configuration *including the model as given* and the all-dense one, so the result is never
+slower than its input nor than the uncompressed model with the same BatchNorm folding and
+layout (up to timing noise, which medians over interleaved repeats keep small).  Because the dense
 form costs what the original layer costs, a compressed model optimized with ``'dense'``
 among the candidates is, layer by layer, never slower than the uncompressed one either.
 """
@@ -330,8 +331,9 @@ def optimize_for_inference(
     :class:`~tensorly_dataaware.torch.LowRankConv2d`, :class:`~tensorly_dataaware.torch.LowRankLinear`)
     is timed in each of its forms among ``candidates`` on its actual input (captured from
     ``model(example_input)``) and the fastest is kept; then the whole model is timed in each
-    resulting configuration and in its configuration as given, interleaved, and the fastest
-    is returned.  The result computes the same function (forms are exact rewrites; the
+    resulting configuration, with every factorized layer dense (what the uncompressed model
+    computes, at its cost) in each layout, and in its configuration as given, interleaved,
+    and the fastest is returned.  The result computes the same function (forms are exact rewrites; the
     difference is floating-point rounding, reported in ``max_abs_diff``).
 
     Parameters
@@ -406,8 +408,9 @@ def optimize_for_inference(
             except ValueError as exc:
                 warnings.warn(f"optimize_for_inference: BatchNorm not folded. {exc}", RuntimeWarning, stacklevel=2)
 
-        # Per-layer choice in each layout, on that layout's own activations.
-        configurations: dict[str, nn.Module] = {"as given": reference}
+        # Per-layer choice in each layout, on that layout's own activations.  Configurations
+        # map a name to (model, forms, layout); the model as given is one of them.
+        configurations: dict[str, tuple] = {"as given": (reference, forms_before, layout_before)}
         choices: dict[str, dict] = {}
         for memory_format in memory_formats:
             trial = _to_format(copy.deepcopy(folded), memory_format)
@@ -415,16 +418,26 @@ def optimize_for_inference(
                 module.set_form("chain")
             choice = _choose_forms(trial, example_input, candidates, repeats, max_macs_ratio, memory_format)
             choices[memory_format] = choice
-            configurations[memory_format] = _apply(trial, {n: c[0] for n, c in choice.items()}, memory_format)
+            forms = {n: c[0] for n, c in choice.items()}
+            configurations[memory_format] = (_apply(trial, forms, memory_format), forms, memory_format)
+            # Every layer dense computes what the (folded) uncompressed model computes, at its
+            # cost: timed as a whole too, so that layer choices that win alone but lose
+            # together (cache effects, timing noise) cannot make the result slower than it.
+            dense = {n: "dense" for n, m in _factorized(trial).items() if "dense" in m.forms and "dense" in candidates}
+            if dense and dense != forms:
+                configurations[f"{memory_format}, all dense"] = (
+                    _apply(copy.deepcopy(trial), dense, memory_format), dense, memory_format
+                )
 
-        whole = time_interleaved({key: (lambda m=m: m(example_input)) for key, m in configurations.items()}, repeats)
+        whole = time_interleaved(
+            {key: (lambda m=c[0]: m(example_input)) for key, c in configurations.items()}, repeats
+        )
         best = min(whole, key=lambda key: _median(whole[key]))
+        _, forms_after, layout_after = configurations[best]
         if best == "as given":
-            forms_after, layout_after, pairs = forms_before, layout_before, []
-        else:
-            forms_after, layout_after = {n: c[0] for n, c in choices[best].items()}, best
-            if pairs:
-                fold_batchnorm(target, inplace=True)
+            pairs = []
+        elif pairs:
+            fold_batchnorm(target, inplace=True)
         _apply(target, forms_after, layout_after)
         got = target(example_input)
         abs_diff = float((got - expected).abs().max()) if expected.numel() else 0.0
@@ -441,7 +454,7 @@ def optimize_for_inference(
                     {"before": lambda b=before, x=inputs_before[name]: b(x), "after": lambda a=module, x=inputs_after[name]: a(x)},
                     repeats,
                 )
-                timing = choices.get(layout_after, {}).get(name, (None, {}))[1]
+                timing = choices.get(best, {}).get(name, (None, {}))[1]
                 rows.append(LayerLatency(
                     name=name,
                     kind=type(module).__name__,
