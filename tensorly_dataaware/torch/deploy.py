@@ -13,11 +13,10 @@ overhead of three or four kernels can exceed the dense convolution's arithmetic.
 :func:`optimize_for_inference` times the alternatives on each layer's actual input (captured
 from one forward pass of an example input), for each candidate memory layout, keeps the
 fastest per layer, then times the whole model under each layout and keeps the fastest
-configuration *including the model as given* and the all-dense one, so the result is never
-slower than its input nor than the uncompressed model with the same BatchNorm folding and
-layout (up to timing noise, which medians over interleaved repeats keep small).  Because the dense
-form costs what the original layer costs, a compressed model optimized with ``'dense'``
-among the candidates is, layer by layer, never slower than the uncompressed one either.
+configuration *including the model as given* and the one with every layer in the dense
+form, whose cost is that of the uncompressed layers: the result is never slower than its
+input nor than the uncompressed model with the same BatchNorm folding and layout (up to
+timing noise, which medians over interleaved repeats keep small).
 """
 
 from __future__ import annotations
@@ -333,8 +332,8 @@ def optimize_for_inference(
     ``model(example_input)``) and the fastest is kept; then the whole model is timed in each
     resulting configuration, with every factorized layer dense (what the uncompressed model
     computes, at its cost) in each layout, and in its configuration as given, interleaved,
-    and the fastest is returned.  The result computes the same function (forms are exact rewrites; the
-    difference is floating-point rounding, reported in ``max_abs_diff``).
+    and the fastest is returned.  The result computes the same function (forms are exact
+    rewrites; the difference is floating-point rounding, reported in ``max_abs_diff``).
 
     Parameters
     ----------
