@@ -21,6 +21,9 @@ layer fitted to the original output from the partly compressed network's own inp
 collects its own statistics from the calibration images; its time includes them).
 ``sequential-budget`` is the same with the whole-model ``budget=ratio`` allocation instead
 of the same ratio in every layer, and ``sigma-budget`` the one-shot fit with that allocation.
+``--refit LAYER...`` (or ``--refit all``: ``refit=True``, every layer left dense after the
+first compressed one) refits dense layers in the sequential pass; ``--refit-damping`` sets
+their ridge (default: ``compress_sequential``'s, cross-validated).
 
 Every accuracy is measured on ``--eval`` held-out Fashion-MNIST test images (the embedded
 2000 by default, or the full 10k test split with ``--full-test`` when the Debian package
@@ -120,7 +123,8 @@ def data(args):
     return calib, test, finetune, source
 
 
-def run_compress(model, stats, layers, method, ratio, variant, n_iter_max, calib_loader=None, refit=None):
+def run_compress(model, stats, layers, method, ratio, variant, n_iter_max, calib_loader=None, refit=None,
+                 sequential_options=None):
     """Compress with one variant; ``stats`` for the one-shot ones, ``calib_loader`` for the
     sequential ones (which stream their own statistics; their time includes that)."""
     norm, bias = VARIANTS[variant]
@@ -131,15 +135,30 @@ def run_compress(model, stats, layers, method, ratio, variant, n_iter_max, calib
     )
     start = time.perf_counter()
     if variant in SEQUENTIAL:
-        small, report = compress_sequential(model, calib_loader, method, refit=refit, **options)
+        options = {"refit": refit, **options, **(sequential_options or {})}
+        small, report = compress_sequential(model, calib_loader, method, **options)
     else:
         small, report = compress(model, stats, method, **options)
     seconds = time.perf_counter() - start
-    # The compressed conv layers only: a refitted dense layer keeps its size.
+    # The compressed conv layers only: a refitted dense layer keeps its size (its notes say
+    # which ridge it got).
+    refitted = {r.name: r.notes for r in report if r.method == "refit"}
     report = [r for r in report if r.method != "refit"]
     params = (sum(r.params_after for r in report), sum(r.params_before for r in report))
     macs = (sum(r.macs_after for r in report), sum(r.macs_before for r in report))
-    return small, report, seconds, params, macs
+    return small, report, seconds, params, macs, refitted
+
+
+def sequential_options(args) -> dict:
+    """Extra keyword arguments of compress_sequential given on the command line."""
+    options = {}
+    if args.refit == ["all"]:
+        options["refit"] = True
+    if args.refit_damping is not None:
+        options["refit_damping"] = args.refit_damping if args.refit_damping == "cv" else float(args.refit_damping)
+    if args.damping is not None:
+        options["damping"] = args.damping
+    return options
 
 
 def sweep(args, model, calib, test, finetune):
@@ -153,17 +172,20 @@ def sweep(args, model, calib, test, finetune):
         for method in args.methods:
             for variant in args.variants:
                 torch.manual_seed(0)
-                small, report, secs, params, macs = run_compress(
-                    model, stats, layers, method, ratio, variant, args.n_iter_max, calib_loader, args.refit
+                small, report, secs, params, macs, refitted = run_compress(
+                    model, stats, layers, method, ratio, variant, args.n_iter_max, calib_loader, args.refit,
+                    sequential_options(args),
                 )
                 label = variant + "+refit" if args.refit and variant in SEQUENTIAL else variant
                 row = {
                     "ratio": ratio, "method": method, "variant": label, "refit": args.refit,
+                    "sequential_options": sequential_options(args) if variant in SEQUENTIAL else None,
                     "conv_params": params[0], "conv_params_dense": params[1],
                     "conv_macs_per_pos": macs[0], "conv_macs_per_pos_dense": macs[1],
                     "accuracy": accuracy(small, test_loader), "seconds": secs,
                     "mean_sigma_error": float(np.mean([r.sigma_error for r in report])),
                     "layer_errors": {r.name: r.sigma_error for r in report},
+                    "refitted": refitted,
                 }
                 if args.finetune and variant in ("sigma", "frobenius", "sigma-budget"):
                     torch.manual_seed(0)
@@ -201,7 +223,7 @@ def transfer(args, model, calib, test, finetune):
             for method in args.methods:
                 variants = ["sigma"] + (["frobenius+bias", "frobenius"] if name.startswith("fashion") else ["frobenius+bias"])
                 for variant in variants:
-                    small, _, secs, params, _ = run_compress(model, stats, layers, method, ratio, variant, args.n_iter_max)
+                    small, _, secs, params, _, _ = run_compress(model, stats, layers, method, ratio, variant, args.n_iter_max)
                     row = {"source": name, "images": len(images), "ratio": ratio, "method": method, "variant": variant,
                            "conv_params": params[0], "accuracy": accuracy(small, test_loader), "seconds": secs}
                     rows.append(row)
@@ -229,7 +251,7 @@ def calibration(args, model, calib, test, finetune):
         for ratio in args.ratios:
             for method in args.methods:
                 for variant in variants:
-                    small, _, secs, params, _ = run_compress(
+                    small, _, secs, params, _, _ = run_compress(
                         model, stats, layers, method, ratio, variant, args.n_iter_max, loader
                     )
                     row = {"calibration_images": size, "ratio": ratio, "method": method, "variant": variant,
@@ -257,7 +279,11 @@ def main(argv=None):
     p.add_argument("--finetune-lr", type=float, default=0.01, help="SGD learning rate (CP models use a tenth of it)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--refit", nargs="+", default=None, metavar="LAYER",
-                   help="sequential variants: layers kept dense but refitted (e.g. the classifier)")
+                   help="sequential variants: layers kept dense but refitted (e.g. the classifier); 'all': every "
+                        "layer left dense (refit=True)")
+    p.add_argument("--refit-damping", default=None,
+                   help="sequential variants: compress_sequential's refit_damping (a number, or 'cv')")
+    p.add_argument("--damping", type=float, default=None, help="sequential variants: compress_sequential's damping")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)

@@ -305,7 +305,12 @@ def test_check_memory_refuses_with_a_clear_message():
 # Sequential calibration over shards
 # ------------------------------------------------------------------------------------------
 
-SEQ_KW = dict(ratio=0.5, n_iter_max=4, random_state=0, progress=False, return_report=True)
+# refit=True: the 1x1 `proj` and `fc` are refitted with a cross-validated ridge, from the
+# all-reduced moments of every fold of images.
+SEQ_KW = dict(
+    ratio=0.5, n_iter_max=4, random_state=0, progress=False, return_report=True,
+    layers=["conv1", "conv2", "conv3"], refit=True,
+)
 
 
 def _sequential_worker(rank, world, port, outdir, fail):

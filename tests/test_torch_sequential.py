@@ -351,7 +351,8 @@ def test_refit_keeps_a_layer_dense_and_fits_it():
     g = torch.Generator().manual_seed(3)
     x = torch.randn(300, 6, generator=g, dtype=torch.float64) @ torch.randn(6, 6, generator=g, dtype=torch.float64)
     small, report = compress_sequential(
-        net, [x[:150], x[150:]], "svd", ranks={"0": 2}, refit=["2"], progress=False, damping=0.0, return_report=True
+        net, [x[:150], x[150:]], "svd", ranks={"0": 2}, refit=["2"], progress=False, damping=0.0, return_report=True,
+        refit_damping=None,  # that is, `damping`
     )
     assert type(small[2]) is nn.Linear and small[2].weight.shape == net[2].weight.shape
     assert [(r.name, r.method) for r in report] == [("0", "svd"), ("2", "refit")]
@@ -365,3 +366,95 @@ def test_refit_keeps_a_layer_dense_and_fits_it():
         compress_sequential(net, [x], "svd", ranks={"2": 2}, refit=["2"], progress=False)
     with pytest.raises(ValueError, match="refit"):
         compress_sequential(net, [x], "svd", ratio=0.5, layers=["0"], refit=["1"], progress=False)
+
+
+def test_refit_true_refits_the_layers_left_dense_after_the_first_compressed_one():
+    net = _conv_net()
+    batches = _batches()
+    small, report = compress_sequential(
+        net, batches, ranks={"3": (4, 3)}, layers=["3"], refit=True, progress=False, n_iter_max=5,
+        return_report=True,
+    )
+    # "0" runs before the compressed layer: its inputs do not change, it is left alone.
+    assert [(r.name, r.method) for r in report] == [("3", "tucker2"), ("5", "refit"), ("7", "refit")]
+    torch.testing.assert_close(small[0].state_dict(), net[0].state_dict(), rtol=0, atol=0)
+    assert type(small[5]) is nn.Conv2d and not torch.allclose(small[5].weight, net[5].weight)
+    assert all(any("cross-validated" in note for note in r.notes) for r in report[1:])
+    with pytest.raises(ValueError, match="refit=True"):
+        compress_sequential(net, batches, ratio=0.5, refit=True, progress=False)
+
+
+def _refit_brute_force(w, b0, x, y, folds, grid, centered, bias_correction):
+    """Held-out squared error of the ridge refit for every relative ridge, by explicit fits."""
+    n = y.shape[1]
+    eye = torch.eye(n, dtype=torch.float64)
+    out = []
+    for rel in grid:
+        total = 0.0
+        for k in range(folds):
+            test = torch.arange(len(x)) % folds == k
+            xt, yt = x[~test], y[~test]
+            mx, my = xt.mean(0), yt.mean(0)
+            xc, yc = (xt - mx, yt - my) if centered else (xt, yt)
+            c_yy, c_xy = yc.T @ yc / len(xt), xc.T @ yc / len(xt)
+            delta = rel * torch.trace(c_yy) / n
+            fit = w @ (c_xy + delta * eye) @ torch.linalg.inv(c_yy + delta * eye)
+            bias = b0 + (w @ mx - fit @ my if bias_correction else 0)
+            err = x[test] @ w.T + b0 - (y[test] @ fit.T + bias)
+            total += float((err**2).sum())
+        out.append(total)
+    return torch.tensor(out, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("centered,bias_correction", [(True, True), (True, False), (False, True)])
+def test_cross_validation_scores_equal_explicit_held_out_fits(centered, bias_correction):
+    """The moment formula of the held-out error equals refitting on the other folds and
+    measuring on the held-out one, for every ridge of the grid (up to the constant E||Wx||^2)."""
+    from tensorly_dataaware.torch import sequential as seq
+    from tensorly_dataaware.torch.statistics import CrossStatistics
+
+    torch.manual_seed(0)
+    layer = nn.Linear(5, 4).double()
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(40, 5, generator=g, dtype=torch.float64) + 0.5
+    mix = torch.eye(5, dtype=torch.float64) + 0.3 * torch.randn(5, 5, generator=g, dtype=torch.float64)
+    y = x @ mix + 0.2 * torch.randn(40, 5, generator=g, dtype=torch.float64)
+    folds = [CrossStatistics(5) for _ in range(4)]
+    for k, part in enumerate(folds):
+        part.update(x[k::4], y[k::4])
+    got = seq._cv_scores(layer, folds, centered, bias_correction, torch.device("cpu"))
+    want = _refit_brute_force(
+        layer.weight.detach(), layer.bias.detach(), x, y, 4, seq._CV_GRID, centered, bias_correction
+    )
+    torch.testing.assert_close(got - got[0], want - want[0], rtol=1e-8, atol=1e-9)
+    assert seq._cross_validated_damping(layer, folds, centered, bias_correction, torch.device("cpu")) == (
+        seq._CV_GRID[int(torch.argmin(want))]
+    )
+    assert seq._cv_scores(layer, folds[:1] + [CrossStatistics(5)], centered, bias_correction, "cpu") is None
+
+
+def test_cross_validated_refit_does_not_overfit_few_images():
+    """A refitted layer with more inputs than calibration samples: the least-squares fit
+    interpolates the calibration data; the cross-validated ridge generalizes far better."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(40, 40), nn.Tanh(), nn.Linear(40, 3)).double().eval()
+    g = torch.Generator().manual_seed(5)
+    mix = torch.randn(40, 40, generator=g, dtype=torch.float64) / 40**0.5
+    calib = [torch.randn(16, 40, generator=g, dtype=torch.float64) @ mix for _ in range(2)]
+    fresh = torch.randn(2000, 40, generator=g, dtype=torch.float64) @ mix
+    kwargs = dict(ranks={"0": 8}, refit=["2"], progress=False, return_report=True)
+    with pytest.warns(RuntimeWarning, match="overfit"):
+        plain, _ = compress_sequential(net, calib, "svd", refit_damping=1e-6, **kwargs)
+    cv, report = compress_sequential(net, calib, "svd", **kwargs)
+    assert "cross-validated" in report[-1].notes[-1]
+    with torch.no_grad():
+        truth = net(fresh)
+        err_plain = float(((plain(fresh) - truth) ** 2).mean())
+        err_cv = float(((cv(fresh) - truth) ** 2).mean())
+    assert err_cv < 0.5 * err_plain
+
+
+@pytest.mark.parametrize("value", [-1.0, float("inf"), "gcv", True])
+def test_bad_refit_damping(value):
+    with pytest.raises(ValueError, match="refit_damping"):
+        compress_sequential(_conv_net(), _batches(1), ratio=0.5, refit_damping=value, progress=False)
