@@ -46,13 +46,16 @@ def accuracy(paths: list[Path]):
           "Budget variants: the kept fraction they reached in parentheses.\n")
     table = defaultdict(dict)
     for r in rows:
-        table[(r["ratio"], r["method"])][r["variant"]] = r
+        # Refit runs differ by what they refit: every dense layer (cross-validated ridge) or named ones.
+        variant = r["variant"] + ("-all" if r.get("refit") == ["all"] else "")
+        table[(r["ratio"], r["method"])][variant] = r
     columns = [
         ("Frobenius", "frobenius", "accuracy"), ("Frobenius + bias", "frobenius+bias", "accuracy"),
         ("Frobenius, 1 epoch FT", "frobenius", "accuracy_finetuned"), ("sigma", "sigma", "accuracy"),
         ("sigma, 1 epoch FT", "sigma", "accuracy_finetuned"), ("sigma (budget)", "sigma-budget", "accuracy"),
         ("**sequential**", "sequential", "accuracy"), ("**sequential (budget)**", "sequential-budget", "accuracy"),
-        ("sequential + dense refit of the classifier", "sequential+refit", "accuracy"),
+        ("sequential + refit of the classifier (ridge 1e-6)", "sequential+refit", "accuracy"),
+        ("**sequential + refit of every dense layer (cross-validated ridge)**", "sequential+refit-all", "accuracy"),
     ]
     present = [c for c in columns if any(c[1] in v and c[2] in v[c[1]] for v in table.values())]
     print("| kept (target) | method | conv params | " + " | ".join(c[0] for c in present) + " |")
