@@ -109,6 +109,34 @@ def sequential_speed(path: Path):
               f"{r['ratio_sequential_to_one_shot']:.2f}x | {', '.join(f'{x:.2f}' for x in r['paired_ratios'])} |")
 
 
+def latency(path: Path):
+    """Whole-model latency per model, thread count and batch (``benchmarks/latency.py``)."""
+    data = json.loads(path.read_text())
+    print(f"\n#### `{data['command']}`\n")
+    print(f"torch {data['torch']}, {data['platform']}, {data['cpu_count']} cores; medians of interleaved runs "
+          "[inter-quartile range]; speed-ups are ratios of medians.\n")
+    for name, res in data["models"].items():
+        info = res["info"]
+        for setting in res["settings"]:
+            whole = setting["whole_model"]
+            load = setting.get("loadavg")
+            print(f"\n{name}, {setting['threads']} thread(s), batch {setting['batch']}"
+                  + (f" (load average {load[0]:.1f} when timed)" if load else "") + ":\n")
+            print("| model | accuracy | params | latency (ms) | vs original | vs original optimized |")
+            print("|---|---|---|---|---|---|")
+            for key, s in whole.items():
+                base = key.replace(" as compressed", "").replace(" optimized", "")
+                i = info.get(base, info["original"])
+                fair = s.get("speedup_vs_original_optimized")
+                print(f"| {key} | {i['accuracy']:.4f} | {i['params']} | {s['median_ms']:.2f} [{s['q1_ms']:.2f}, "
+                      f"{s['q3_ms']:.2f}] | {s['speedup_vs_original']:.2f}x | "
+                      + (f"{fair:.2f}x |" if fair is not None else "- |"))
+        if res.get("onnx_rel_diff"):
+            worst = max(v for d in res["onnx_rel_diff"].values() for v in d.values() if v is not None)
+            print(f"\nONNX Runtime against PyTorch, {name}, every model (chain and optimized): "
+                  f"max relative difference {worst:.1e}.")
+
+
 def main():
     for path in sorted(RESULTS.glob("speed_*.json")):
         speed(path)
@@ -118,7 +146,7 @@ def main():
     for paths in by_model.values():
         accuracy(paths)
     for kind, fn in (("transfer_*.json", transfer), ("calibration_*.json", calibration),
-                     ("sequential_speed*.json", sequential_speed)):
+                     ("sequential_speed*.json", sequential_speed), ("latency*.json", latency)):
         for path in sorted(RESULTS.glob(kind)):
             fn(path)
 
