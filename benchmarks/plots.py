@@ -5,7 +5,8 @@ python benchmarks/plots.py            # reads benchmarks/results/*.json, writes 
 * ``accuracy_vs_params.png``: test accuracy without fine-tuning against the fraction of
   conv weights kept, for Tucker-2 / CP x sigma / Frobenius (Frobenius with bias
   correction dashed) / sequential calibration (squares; with the budget allocation
-  dash-dotted), from every ``accuracy_<model>*.json``;
+  dash-dotted; stars: budget allocation and every dense layer refitted), from every
+  ``accuracy_<model>*.json``;
 * ``sigma_error_per_layer.png``: relative sigma-error of each layer at one ratio, sigma vs
   Frobenius Tucker-2;
 * ``solver_time.png``: solver wall time against layer size on the GPU, ours against
@@ -58,11 +59,17 @@ def accuracy_plot(results: Path, out: Path):
             ("tucker2", "sequential-budget"): ("tab:cyan", "-.", "D"),
             ("cp", "sequential"): ("tab:orange", "-", "s"),
             ("cp", "sequential-budget"): ("tab:orange", "-.", "D"),
+            ("tucker2", "sequential-budget+refit-all"): ("navy", "-", "*"),
+            ("cp", "sequential-budget+refit-all"): ("darkred", "-", "*"),
         }
+
+        def variant_of(r):  # refit runs differ by what they refit (see tables.py)
+            return r["variant"] + ("-all" if r.get("refit") == ["all"] else "")
+
         for (method, variant), (color, ls, marker) in styles.items():
             pts = sorted(
                 (r["conv_params"] / r["conv_params_dense"], r["accuracy"])
-                for r in rows if r["method"] == method and r["variant"] == variant
+                for r in rows if r["method"] == method and variant_of(r) == variant
             )
             if pts:
                 ax.plot(*zip(*pts), color=color, ls=ls, marker=marker, label=f"{method} {variant}")

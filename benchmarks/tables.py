@@ -56,6 +56,7 @@ def accuracy(paths: list[Path]):
         ("**sequential**", "sequential", "accuracy"), ("**sequential (budget)**", "sequential-budget", "accuracy"),
         ("sequential + refit of the classifier (ridge 1e-6)", "sequential+refit", "accuracy"),
         ("**sequential + refit of every dense layer (cross-validated ridge)**", "sequential+refit-all", "accuracy"),
+        ("**sequential (budget) + refit of every dense layer**", "sequential-budget+refit-all", "accuracy"),
     ]
     present = [c for c in columns if any(c[1] in v and c[2] in v[c[1]] for v in table.values())]
     print("| kept (target) | method | conv params | " + " | ".join(c[0] for c in present) + " |")
@@ -69,7 +70,7 @@ def accuracy(paths: list[Path]):
                 return "-"
             r = v[name]
             text = f"{r[key]:.4f}"
-            if name.endswith("-budget"):
+            if "-budget" in name:
                 text += f" ({r['conv_params'] / r['conv_params_dense']:.1%})"
             return text
 

@@ -577,6 +577,8 @@ def cmd_compress(args) -> int:
         raise CLIError("--distributed collects its own statistics: drop --stats-in.")
     if args.sequential and (args.stats_in is not None or args.stats_out is not None):
         raise CLIError("--sequential streams its own statistics layer by layer: drop --stats-in/--stats-out.")
+    if args.refit and not args.sequential:
+        raise CLIError("--refit refits layers during sequential calibration: add --sequential.")
     if not args.distributed:
         for flag, value in (("--max-memory", args.max_memory), ("--backend", args.backend), ("--timeout", args.timeout)):
             if value is not None:
@@ -606,6 +608,7 @@ def cmd_compress(args) -> int:
             n_iter_max=args.n_iter_max, seed=args.seed, calib_samples=n, batch_size=args.batch_size,
             output=output, stats_out=stats_out, max_memory=max_memory, progress=progress,
             backend=args.backend or "auto", timeout_s=args.timeout or 1800.0, sequential=args.sequential,
+            refit=args.refit,
         )
 
     if args.sequential:
@@ -641,7 +644,8 @@ def cmd_compress(args) -> int:
             n = min(args.calib_samples, data.calib_x.shape[0])
             start = time.perf_counter()
             compressed, report = compress_sequential(
-                model, list(_batches(data.calib_x, args.batch_size, n)), args.method, **options
+                model, list(_batches(data.calib_x, args.batch_size, n)), args.method,
+                refit=True if args.refit else None, **options,
             )
             print(f"sequential calibration of {len(layers)} layers on {n} images ({data.source}) in "
                   f"{_fmt_seconds(time.perf_counter() - start)}")
@@ -950,6 +954,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "the original output from the partly compressed network's own inputs. Much more accurate "
                         "below ~20%% kept; reads the calibration images once per layer (about 3x the time); "
                         "collects its own statistics, so --stats-in/--stats-out do not apply")
+    r.add_argument("--refit", action="store_true",
+                   help="with --sequential: also refit every dense conv/linear layer that runs after the first "
+                        "compressed one (shortcuts, classifier) to the original outputs, at no parameter cost, with a "
+                        "ridge chosen by cross-validation; best combined with --budget below ~20%% kept")
     r.add_argument("--uncentered", action="store_true", help="weight with the uncentred second moment instead of the covariance")
     r.add_argument("--damping", type=float, default=1e-6, help="relative ridge added to each covariance")
     r.add_argument("--n-iter-max", type=_positive_int, default=30, help="maximum ALS sweeps of the solvers")

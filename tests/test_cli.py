@@ -181,6 +181,31 @@ def test_compress_sequential(tiny_files, tmp_path, capsys):
     assert code == 2 and "--sequential" in err and len(err.strip().splitlines()) == 1
 
 
+def test_compress_sequential_refit(tiny_files, tmp_path, capsys):
+    from tensorly_dataaware.torch import compress_sequential
+
+    out = tmp_path / "seq.pt"
+    args = ["compress", "--model-file", str(tiny_files["full"]), "--allow-pickle", "--data-dir", str(tiny_files["data"]),
+            "--ratio", "0.5", "--batch-size", "32", "--n-iter-max", "10", "--no-progress"]
+    assert main(args + ["--sequential", "--refit", "--output", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "refit" in printed and "fc" in printed
+    loaded = load_compressed(TinyNet(width=12), out).eval()
+    x = torch.from_numpy(((tiny_files["images"][:, None] / 255.0 - 0.286) / 0.353).astype(np.float32))
+    batches = [x[s : s + 32] for s in range(0, 96, 32)]
+    options = dict(ratio=0.5, layers=["conv2", "conv3"], progress=False, n_iter_max=10, random_state=0)
+    expected = compress_sequential(tiny_files["model"], batches, "tucker2", refit=True, **options).eval()
+    plain = compress_sequential(tiny_files["model"], batches, "tucker2", **options).eval()
+    # The classifier was refitted (it differs from the plain sequential run's) and the file holds it.
+    assert not torch.equal(expected.fc.weight, plain.fc.weight)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x[:16]), expected(x[:16]), rtol=1e-5, atol=1e-6)
+    # --refit only means something during sequential calibration.
+    assert main(args + ["--refit"]) == 2
+    err = capsys.readouterr().err
+    assert "--refit" in err and "--sequential" in err and len(err.strip().splitlines()) == 1
+
+
 def test_collect_then_compress_with_stats_in(tiny_files, tmp_path, capsys):
     stats_path = tmp_path / "all.pt"
     assert main(["collect", "--model-file", str(tiny_files["full"]), "--allow-pickle", "--data-dir", str(tiny_files["data"]),

@@ -93,6 +93,7 @@ def run_distributed(
     timeout_s: float = 1800.0,
     quiet: bool = False,
     sequential: bool = False,
+    refit: bool = False,
 ) -> int:
     """Join the process group, compress ``model`` on ``images`` across all ranks, clean up.
 
@@ -101,7 +102,9 @@ def run_distributed(
     ``images`` (``(N, C, H, W)`` float, normalized). Returns the exit code (0 or 1).
     With ``sequential=True`` the layers are fitted one after the other
     (:func:`~tensorly_dataaware.torch.distributed.compress_sequential_distributed`): every
-    rank streams its shard, rank 0 factorizes; ``stats_out`` does not apply then.
+    rank streams its shard, rank 0 factorizes; ``stats_out`` does not apply then, and
+    ``refit=True`` also refits the dense layers after the first compressed one
+    (``compress_sequential(..., refit=True)``).
     """
     import torch.distributed as dist
 
@@ -137,7 +140,7 @@ def run_distributed(
             compressed, report = compress_sequential_distributed(
                 model, shard(batches, rank, world), method, ranks=ranks, ratio=ratio, energy=energy, budget=budget,
                 norm=norm, centered=centered, layers=layers, damping=damping, progress=progress and rank == 0,
-                return_report=True, n_iter_max=n_iter_max, random_state=seed,
+                return_report=True, n_iter_max=n_iter_max, random_state=seed, refit=refit or None,
             )
             say(f"sequential calibration of {len(report)} layers from {n} images on {world} rank(s) "
                 f"({dist.get_backend()}) in {time.perf_counter() - start:.1f}s\n")
