@@ -336,6 +336,8 @@ class Tucker2Conv2d(_FactorizedConv2d):
     ``'merged'`` (core and ``last`` as one ``kh x kw`` convolution) and ``'dense'``.
     """
 
+    forms = ("chain", "merged", "dense")
+
     def __init__(
         self,
         core: torch.Tensor,
@@ -375,8 +377,6 @@ class Tucker2Conv2d(_FactorizedConv2d):
         if bias is not None:
             _set(self.last.bias, bias)
         self._init_form()
-
-    forms = ("chain", "merged", "dense")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.form == "dense" and not self.training:
