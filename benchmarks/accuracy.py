@@ -23,7 +23,8 @@ collects its own statistics from the calibration images; its time includes them)
 of the same ratio in every layer, and ``sigma-budget`` the one-shot fit with that allocation.
 ``--refit LAYER...`` (or ``--refit all``: ``refit=True``, every layer left dense after the
 first compressed one) refits dense layers in the sequential pass; ``--refit-damping`` sets
-their ridge (default: ``compress_sequential``'s, cross-validated).
+their ridge (default: ``compress_sequential``'s, cross-validated), ``--target-damping`` the
+ridge of the compressed layers' regression target (a number, or ``cv``).
 
 Every accuracy is measured on ``--eval`` held-out Fashion-MNIST test images (the embedded
 2000 by default, or the full 10k test split with ``--full-test`` when the Debian package
@@ -158,6 +159,8 @@ def sequential_options(args) -> dict:
         options["refit_damping"] = args.refit_damping if args.refit_damping == "cv" else float(args.refit_damping)
     if args.damping is not None:
         options["damping"] = args.damping
+    if args.target_damping is not None:
+        options["target_damping"] = args.target_damping if args.target_damping == "cv" else float(args.target_damping)
     return options
 
 
@@ -185,6 +188,7 @@ def sweep(args, model, calib, test, finetune):
                     "accuracy": accuracy(small, test_loader), "seconds": secs,
                     "mean_sigma_error": float(np.mean([r.sigma_error for r in report])),
                     "layer_errors": {r.name: r.sigma_error for r in report},
+                    "layer_notes": {r.name: r.notes for r in report},
                     "refitted": refitted,
                 }
                 if args.finetune and variant in ("sigma", "frobenius", "sigma-budget"):
@@ -284,6 +288,8 @@ def main(argv=None):
     p.add_argument("--refit-damping", default=None,
                    help="sequential variants: compress_sequential's refit_damping (a number, or 'cv')")
     p.add_argument("--damping", type=float, default=None, help="sequential variants: compress_sequential's damping")
+    p.add_argument("--target-damping", default=None,
+                   help="sequential variants: compress_sequential's target_damping (a number, or 'cv')")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)

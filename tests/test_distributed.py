@@ -306,10 +306,11 @@ def test_check_memory_refuses_with_a_clear_message():
 # ------------------------------------------------------------------------------------------
 
 # refit=True: the 1x1 `proj` and `fc` are refitted with a cross-validated ridge, from the
-# all-reduced moments of every fold of images.
+# all-reduced moments of every fold of images; target_damping='cv' does the same for the
+# targets of the compressed layers after the first.
 SEQ_KW = dict(
     ratio=0.5, n_iter_max=4, random_state=0, progress=False, return_report=True,
-    layers=["conv1", "conv2", "conv3"], refit=True,
+    layers=["conv1", "conv2", "conv3"], refit=True, target_damping="cv",
 )
 
 
@@ -324,7 +325,7 @@ def _sequential_worker(rank, world, port, outdir, fail):
         try:
             small, report = tdd.compress_sequential_distributed(make_model(), batches, "tucker2", **SEQ_KW)
             result["state"] = {k: v.clone() for k, v in small.state_dict().items()}
-            result["report"] = [(r.name, r.rank, r.params_after) for r in report]
+            result["report"] = [(r.name, r.rank, r.params_after, r.notes) for r in report]
         except tdd.DistributedCompressionError as exc:
             result["error"] = str(exc)
     finally:
@@ -345,7 +346,8 @@ def test_sequential_distributed_matches_one_process(tmp_path):
     expected = small.state_dict()
     for res in results:
         assert "error" not in res, res.get("error")
-        assert res["report"] == [(r.name, r.rank, r.params_after) for r in report]
+        # The same layers, ranks and (cross-validated) ridges.
+        assert res["report"] == [(r.name, r.rank, r.params_after, r.notes) for r in report]
         for key, value in expected.items():
             # Sums over shards round differently from one sum: equal up to that round-off.
             torch.testing.assert_close(res["state"][key], value, rtol=1e-4, atol=1e-6, msg=key)

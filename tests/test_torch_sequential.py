@@ -458,3 +458,88 @@ def test_cross_validated_refit_does_not_overfit_few_images():
 def test_bad_refit_damping(value):
     with pytest.raises(ValueError, match="refit_damping"):
         compress_sequential(_conv_net(), _batches(1), ratio=0.5, refit_damping=value, progress=False)
+
+
+# --------------------------------------------------------------------------------------------
+# target_damping: the ridge of the compressed layers' regression target
+# --------------------------------------------------------------------------------------------
+
+
+def test_target_damping_sets_the_ridge_of_the_target_only():
+    """A full-rank compressed layer reproduces the ridge predictor W (C_xy + dI)(C_yy + dI)^-1
+    with ``d`` from ``target_damping`` (and its best bias), whatever the weight's ``damping``."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 4)).double().eval()
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(300, 6, generator=g, dtype=torch.float64) @ torch.randn(6, 6, generator=g, dtype=torch.float64) + 1
+    kwargs = dict(ranks={"0": 2, "2": 4}, progress=False)
+    small = compress_sequential(net, [x[:100], x[100:]], "svd", damping=1e-9, target_damping=0.3, **kwargs)
+    with torch.no_grad():
+        y = small[1](small[0](x))  # what the compressed network feeds layer 2
+        h = net[1](net[0](x))  # ... and the original one
+    yc, hc = y - y.mean(0), h - h.mean(0)
+    c_yy, c_xy = yc.T @ yc / len(x), hc.T @ yc / len(x)
+    delta = 0.3 * torch.trace(c_yy) / 5
+    eye = torch.eye(5, dtype=torch.float64)
+    w = net[2].weight.detach()
+    want = w @ (c_xy + delta * eye) @ torch.linalg.inv(c_yy + delta * eye)
+    got = small[2].last.weight @ small[2].first.weight
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-9)
+    want_bias = net[2].bias + w @ h.mean(0) - want @ y.mean(0)
+    torch.testing.assert_close(small[2].last.bias, want_bias.detach(), rtol=1e-6, atol=1e-9)
+    # None means `damping`, for the target and the weight alike.
+    a = compress_sequential(net, [x], "svd", damping=0.3, **kwargs)
+    b = compress_sequential(net, [x], "svd", damping=0.3, target_damping=0.3, **kwargs)
+    for (k, ta), tb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(ta, tb), k
+
+
+def test_cross_validated_target_damping_is_the_chosen_fixed_one():
+    """``target_damping='cv'`` notes the ridge it chose (none for the first compressed
+    layer, whose target is W whatever the ridge) and fits exactly as that fixed ridge."""
+    from tensorly_dataaware.torch import sequential as seq
+
+    net = _conv_net()
+    batches = _batches(n_batches=2, size=12)
+    kwargs = dict(ranks={"0": (4, 2), "3": (5, 4)}, layers=["0", "3"], progress=False, n_iter_max=10,
+                  random_state=0, return_report=True)
+    cv, report = compress_sequential(net, batches, "tucker2", target_damping="cv", **kwargs)
+    assert not any("target damping" in note for note in report[0].notes)
+    (note,) = [note for note in report[1].notes if note.startswith("target damping")]
+    assert note.endswith("(cross-validated)")
+    ridge = min(seq._CV_GRID, key=lambda v: abs(v - float(note.split()[2])))
+    fixed, _ = compress_sequential(net, batches, "tucker2", target_damping=ridge, **kwargs)
+    for (k, a), b in zip(cv.state_dict().items(), fixed.state_dict().values()):
+        # Equal up to round-off: the folds' moments are summed in another order.
+        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-9, msg=k)
+    # The weight of the low-rank fit keeps `damping`: another target ridge changes the model.
+    other = seq._CV_GRID[0] if ridge != seq._CV_GRID[0] else seq._CV_GRID[-1]
+    moved, _ = compress_sequential(net, batches, "tucker2", target_damping=other, **kwargs)
+    assert not torch.allclose(moved[3].core.weight, cv[3].core.weight)
+
+
+def test_cross_validated_target_does_not_overfit_few_images():
+    """A compressed second layer with more inputs than calibration samples: its least-squares
+    target interpolates the calibration data; the cross-validated ridge generalizes better."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(40, 40), nn.Tanh(), nn.Linear(40, 12)).double().eval()
+    g = torch.Generator().manual_seed(5)
+    mix = torch.randn(40, 40, generator=g, dtype=torch.float64) / 40**0.5
+    calib = [torch.randn(16, 40, generator=g, dtype=torch.float64) @ mix for _ in range(2)]
+    fresh = torch.randn(2000, 40, generator=g, dtype=torch.float64) @ mix
+    kwargs = dict(ranks={"0": 8, "2": 6}, progress=False, return_report=True)
+    with pytest.warns(RuntimeWarning, match="overfit"):
+        plain, _ = compress_sequential(net, calib, "svd", **kwargs)
+    cv, report = compress_sequential(net, calib, "svd", target_damping="cv", **kwargs)
+    assert "cross-validated" in report[-1].notes[-1]
+    with torch.no_grad():
+        truth = net(fresh)
+        err_plain = float(((plain(fresh) - truth) ** 2).mean())
+        err_cv = float(((cv(fresh) - truth) ** 2).mean())
+    assert err_cv < 0.5 * err_plain
+
+
+@pytest.mark.parametrize("value", [-1.0, float("inf"), "gcv", True])
+def test_bad_target_damping(value):
+    with pytest.raises(ValueError, match="target_damping"):
+        compress_sequential(_conv_net(), _batches(1), ratio=0.5, target_damping=value, progress=False)

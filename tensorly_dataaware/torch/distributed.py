@@ -979,6 +979,7 @@ def compress_sequential_distributed(
     cache_bytes: int = 2**30,
     refit: Iterable[str] | bool | None = None,
     refit_damping: float | str | None = "cv",
+    target_damping: float | str | None = None,
     group=None,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     **solver_options,
@@ -995,11 +996,11 @@ def compress_sequential_distributed(
 
     Parameters
     ----------
-    model, batches, method, ranks, ratio, energy, budget, norm, layers, centered, bias_correction, inplace, return_report, max_batches, device, damping, cache_bytes, refit, refit_damping, **solver_options
+    model, batches, method, ranks, ratio, energy, budget, norm, layers, centered, bias_correction, inplace, return_report, max_batches, device, damping, cache_bytes, refit, refit_damping, target_damping, **solver_options
         As in :func:`~tensorly_dataaware.torch.compress_sequential`; ``batches`` is this
-        rank's shard (re-iterable) and must not be empty. With ``refit_damping='cv'`` the
-        moments of every fold of images are all-reduced (fold ``k`` holds image ``k``,
-        ``k + 4``, ... of every batch of every rank).
+        rank's shard (re-iterable) and must not be empty. With ``refit_damping='cv'`` or
+        ``target_damping='cv'`` the moments of every fold of images are all-reduced (fold
+        ``k`` holds image ``k``, ``k + 4``, ... of every batch of every rank).
     progress : bool, optional
         Default: on rank 0 only.
     group : ProcessGroup, optional
@@ -1024,5 +1025,6 @@ def compress_sequential_distributed(
         layers=layers, centered=centered, bias_correction=bias_correction, inplace=inplace,
         return_report=return_report, progress=comm.rank == 0 if progress is None else progress,
         max_batches=max_batches, device=device, damping=damping, solver_options=solver_options,
-        cache_bytes=cache_bytes, refit=refit, refit_damping=refit_damping, collectives=comm,
+        cache_bytes=cache_bytes, refit=refit, refit_damping=refit_damping, target_damping=target_damping,
+        collectives=comm,
     )
