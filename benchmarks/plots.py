@@ -26,6 +26,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402,F401
 
 from tensorly_dataaware._atomic import atomic_write  # noqa: E402
+from tables import is_headline  # noqa: E402  (benchmarks/, the script's folder)
 
 HERE = Path(__file__).resolve().parent
 
@@ -42,7 +43,7 @@ def accuracy_plot(results: Path, out: Path):
     for path in sorted(results.glob("accuracy_*.json")):
         data = json.loads(path.read_text())
         merged = by_model.setdefault(data["info"]["model"], {"info": data["info"], "rows": []})
-        merged["rows"].extend(data["rows"])
+        merged["rows"].extend(r for r in data["rows"] if is_headline(r, data["info"], merged["info"]["eval_images"]))
     if not by_model:
         return
     fig, axes = plt.subplots(1, len(by_model), figsize=(6 * len(by_model), 4.2), squeeze=False)

@@ -33,10 +33,23 @@ def speed(path: Path):
               f"{r['sigma_error']:.4f} | {peak} | {ratio} |")
 
 
+def is_headline(row: dict, info: dict, eval_images: int) -> bool:
+    """Whether a sweep row belongs in the merged per-model table and plot.
+
+    Option studies (rows run with extra ``compress_sequential`` options such as ``damping``
+    or ``target_damping``) and runs on another test split would overwrite the headline
+    cells of the same (ratio, method, variant): RESULTS.md reports them in prose.
+    """
+    extra = set(row.get("sequential_options") or {}) - {"refit"}
+    return not extra and info.get("eval_images") == eval_images
+
+
 def accuracy(paths: list[Path]):
     """One table per model, merging its sweeps (e.g. one-shot and sequential runs)."""
-    infos = [json.loads(p.read_text())["info"] for p in paths]
-    rows = [r for p in paths for r in json.loads(p.read_text())["rows"]]
+    loaded = [json.loads(p.read_text()) for p in paths]
+    eval_images = loaded[0]["info"]["eval_images"]
+    rows = [r for d in loaded for r in d["rows"] if is_headline(r, d["info"], eval_images)]
+    infos = [d["info"] for d in loaded if any(is_headline(r, d["info"], eval_images) for r in d["rows"])]
     info = infos[0]
     print(f"\n#### {info['model']}\n")
     for other in infos:
