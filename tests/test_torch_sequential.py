@@ -433,25 +433,33 @@ def test_cross_validation_scores_equal_explicit_held_out_fits(centered, bias_cor
     assert seq._cv_scores(layer, folds[:1] + [CrossStatistics(5)], centered, bias_correction, "cpu") is None
 
 
-def test_cross_validated_refit_does_not_overfit_few_images():
-    """A refitted layer with more inputs than calibration samples: the least-squares fit
-    interpolates the calibration data; the cross-validated ridge generalizes far better."""
+def _few_images_net(out_features: int):
+    """Two linear layers with 40 correlated inputs, 32 calibration samples (fewer than the
+    second layer's inputs) in two batches, and 2000 fresh samples to measure generalization."""
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(40, 40), nn.Tanh(), nn.Linear(40, 3)).double().eval()
+    net = nn.Sequential(nn.Linear(40, 40), nn.Tanh(), nn.Linear(40, out_features)).double().eval()
     g = torch.Generator().manual_seed(5)
     mix = torch.randn(40, 40, generator=g, dtype=torch.float64) / 40**0.5
     calib = [torch.randn(16, 40, generator=g, dtype=torch.float64) @ mix for _ in range(2)]
     fresh = torch.randn(2000, 40, generator=g, dtype=torch.float64) @ mix
+    return net, calib, fresh
+
+
+@torch.no_grad()
+def _held_out_mse(model, net, x) -> float:
+    return float(((model(x) - net(x)) ** 2).mean())
+
+
+def test_cross_validated_refit_does_not_overfit_few_images():
+    """A refitted layer with more inputs than calibration samples: the least-squares fit
+    interpolates the calibration data; the cross-validated ridge generalizes far better."""
+    net, calib, fresh = _few_images_net(3)
     kwargs = dict(ranks={"0": 8}, refit=["2"], progress=False, return_report=True)
     with pytest.warns(RuntimeWarning, match="overfit"):
         plain, _ = compress_sequential(net, calib, "svd", refit_damping=1e-6, **kwargs)
     cv, report = compress_sequential(net, calib, "svd", **kwargs)
     assert "cross-validated" in report[-1].notes[-1]
-    with torch.no_grad():
-        truth = net(fresh)
-        err_plain = float(((plain(fresh) - truth) ** 2).mean())
-        err_cv = float(((cv(fresh) - truth) ** 2).mean())
-    assert err_cv < 0.5 * err_plain
+    assert _held_out_mse(cv, net, fresh) < 0.5 * _held_out_mse(plain, net, fresh)
 
 
 @pytest.mark.parametrize("value", [-1.0, float("inf"), "gcv", True])
@@ -521,22 +529,13 @@ def test_cross_validated_target_damping_is_the_chosen_fixed_one():
 def test_cross_validated_target_does_not_overfit_few_images():
     """A compressed second layer with more inputs than calibration samples: its least-squares
     target interpolates the calibration data; the cross-validated ridge generalizes better."""
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(40, 40), nn.Tanh(), nn.Linear(40, 12)).double().eval()
-    g = torch.Generator().manual_seed(5)
-    mix = torch.randn(40, 40, generator=g, dtype=torch.float64) / 40**0.5
-    calib = [torch.randn(16, 40, generator=g, dtype=torch.float64) @ mix for _ in range(2)]
-    fresh = torch.randn(2000, 40, generator=g, dtype=torch.float64) @ mix
+    net, calib, fresh = _few_images_net(12)
     kwargs = dict(ranks={"0": 8, "2": 6}, progress=False, return_report=True)
     with pytest.warns(RuntimeWarning, match="overfit"):
         plain, _ = compress_sequential(net, calib, "svd", **kwargs)
     cv, report = compress_sequential(net, calib, "svd", target_damping="cv", **kwargs)
     assert "cross-validated" in report[-1].notes[-1]
-    with torch.no_grad():
-        truth = net(fresh)
-        err_plain = float(((plain(fresh) - truth) ** 2).mean())
-        err_cv = float(((cv(fresh) - truth) ** 2).mean())
-    assert err_cv < 0.5 * err_plain
+    assert _held_out_mse(cv, net, fresh) < 0.5 * _held_out_mse(plain, net, fresh)
 
 
 @pytest.mark.parametrize("value", [-1.0, float("inf"), "gcv", True])

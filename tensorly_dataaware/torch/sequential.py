@@ -434,11 +434,13 @@ def compress_sequential(
     )
 
 
-def _check_ridge(value, what: str) -> None:
-    if value != "cv" and (
-        not isinstance(value, numbers.Real) or isinstance(value, bool) or not (value >= 0) or value == float("inf")
-    ):
-        raise ValueError(f"`{what}` must be a finite number >= 0, 'cv' or None; got {value!r}.")
+def _check_ridge(value, what: str, allow_cv: bool = True) -> None:
+    """A relative ridge must be a finite number >= 0 (or ``'cv'`` where cross-validation applies)."""
+    if allow_cv and value == "cv":
+        return
+    if not isinstance(value, numbers.Real) or isinstance(value, bool) or not (value >= 0) or value == float("inf"):
+        also = ", 'cv' or None" if allow_cv else ""
+        raise ValueError(f"`{what}` must be a finite number >= 0{also}; got {value!r}.")
 
 
 def _run_sequential(
@@ -458,8 +460,7 @@ def _run_sequential(
     device = check_device(device)
     if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, numbers.Integral) or max_batches < 1):
         raise ValueError(f"`max_batches` must be a positive int or None; got {max_batches!r}.")
-    if not isinstance(damping, numbers.Real) or isinstance(damping, bool) or not (damping >= 0) or damping == float("inf"):
-        raise ValueError(f"`damping` must be a finite number >= 0; got {damping!r}.")
+    _check_ridge(damping, "damping", allow_cv=False)
     if refit_damping is None:
         refit_damping = damping
     _check_ridge(refit_damping, "refit_damping")
