@@ -159,21 +159,36 @@ def run_shape(shape, args, dtype_name):
     tucker2_sigma(W, r_tucker, sigma, n_iter_max=2, threads=args.solver_threads)
     partial_tucker(W, rank=list(r_tucker), modes=[0, 1], n_iter_max=2)
 
+    def pair(base_fn, ours_fn):
+        """Time baseline and ours ``args.repeats`` times, interleaved (the order alternates so
+        that neither always runs on a warmer cache or a quieter moment); medians decide."""
+        base_runs, ours_runs = [], []
+        for i in range(args.repeats):
+            for fn, runs in ((base_fn, base_runs), (ours_fn, ours_runs))[:: 1 if i % 2 == 0 else -1]:
+                runs.append(timed(fn, device=args.device))
+        spread = {}
+        for key, runs in (("base", base_runs), ("ours", ours_runs)):
+            secs = sorted(r[1] for r in runs)
+            spread[key] = {"seconds_all": secs, "seconds_min": secs[0], "seconds_max": secs[-1]}
+        median = lambda runs: float(np.median([r[1] for r in runs]))  # noqa: E731
+        # Every repeat computes the same result (deterministic); report the last one.
+        return (base_runs[-1][0], median(base_runs), base_runs[-1][2], spread["base"]), (
+            ours_runs[-1][0], median(ours_runs), ours_runs[-1][2], spread["ours"])
+
+    def spread_text(rec):
+        return f"median of {len(rec['seconds_all'])}, min {rec['seconds_min']:.3f} max {rec['seconds_max']:.3f}"
+
     if "tucker" in args.methods:
-        (res, secs, peak) = timed(
+        (res_b, secs_b, peak_b, spread_b), (res, secs, peak, spread_o) = pair(
             lambda: partial_tucker(W, rank=list(r_tucker), modes=[0, 1], tol=args.tol, n_iter_max=args.n_iter_max),
-            device=args.device,
-        )
-        (core, factors), tl_err = res
-        base = row("tensorly partial_tucker", secs, len(tl_err), tl.tucker_to_tensor((core, factors)), peak)
-        (res, secs, peak) = timed(
             lambda: tucker2_sigma(
                 W, r_tucker, sigma, tol=args.tol, n_iter_max=args.n_iter_max, return_errors=True, threads=args.solver_threads
             ),
-            device=args.device,
         )
+        (core, factors), tl_err = res_b
+        base = row("tensorly partial_tucker", secs_b, len(tl_err), tl.tucker_to_tensor((core, factors)), peak_b, spread_b)
         tucker, errors = res
-        ours = row("tucker2_sigma", secs, len(errors), tl.tucker_to_tensor(tucker), peak, {"ranks": r_tucker})
+        ours = row("tucker2_sigma", secs, len(errors), tl.tucker_to_tensor(tucker), peak, {"ranks": r_tucker, **spread_o})
         ours["ratio_vs_tensorly"] = ours["seconds"] / base["seconds"]
         if args.reference and dtype_name in args.reference_dtypes:
             (res, secs, peak) = timed(
@@ -202,25 +217,29 @@ def run_shape(shape, args, dtype_name):
                 f"{'>=' if not reached else ''}{ours['speedup_vs_reference']:.1f}x",
                 flush=True,
             )
-        print(f"{'':>14} {'':>7} tucker2_sigma / partial_tucker time ratio: {ours['ratio_vs_tensorly']:.2f}", flush=True)
+        print(
+            f"{'':>14} {'':>7} tucker2_sigma / partial_tucker time ratio: {ours['ratio_vs_tensorly']:.2f} "
+            f"(ours {spread_text(ours)}; partial_tucker {spread_text(base)})",
+            flush=True,
+        )
 
     if "cp" in args.methods:
-        (res, secs, peak) = timed(
+        (res_b, secs_b, peak_b, spread_b), (res, secs, peak, spread_o) = pair(
             lambda: parafac(W, r_cp, tol=args.tol, n_iter_max=args.n_iter_max, return_errors=True),
-            device=args.device,
-        )
-        cp, tl_err = res
-        base = row("tensorly parafac", secs, len(tl_err), tl.cp_to_tensor(cp), peak)
-        (res, secs, peak) = timed(
             lambda: parafac_sigma(
                 W, r_cp, sigma, tol=args.tol, n_iter_max=args.n_iter_max, return_errors=True, threads=args.solver_threads
             ),
-            device=args.device,
         )
+        cp, tl_err = res_b
+        base = row("tensorly parafac", secs_b, len(tl_err), tl.cp_to_tensor(cp), peak_b, spread_b)
         cp, errors = res
-        ours = row("parafac_sigma", secs, len(errors), tl.cp_to_tensor(cp), peak, {"rank": r_cp})
+        ours = row("parafac_sigma", secs, len(errors), tl.cp_to_tensor(cp), peak, {"rank": r_cp, **spread_o})
         ours["ratio_vs_tensorly"] = ours["seconds"] / base["seconds"]
-        print(f"{'':>14} {'':>7} parafac_sigma / parafac time ratio: {ours['ratio_vs_tensorly']:.2f}", flush=True)
+        print(
+            f"{'':>14} {'':>7} parafac_sigma / parafac time ratio: {ours['ratio_vs_tensorly']:.2f} "
+            f"(ours {spread_text(ours)}; parafac {spread_text(base)})",
+            flush=True,
+        )
     return rows
 
 
@@ -247,6 +266,10 @@ def main(argv=None):
     parser.add_argument("--cp-keep", type=float, default=0.25, help="CP rank keeps this fraction of parameters")
     parser.add_argument("--tol", type=float, default=1e-6, help="same stopping tolerance for every solver")
     parser.add_argument("--n-iter-max", type=int, default=100)
+    parser.add_argument(
+        "--repeats", type=int, default=3,
+        help="timed runs of each solver, baseline and ours interleaved; medians are reported (default 3)",
+    )
     parser.add_argument("--no-reference", dest="reference", action="store_false")
     parser.add_argument("--reference-dtypes", nargs="+", default=["float64", "float32"])
     parser.add_argument("--reference-budget", type=float, default=300.0, help="seconds before the reference is cut")

@@ -45,8 +45,14 @@ __all__ = ["parafac_sigma", "ParafacSigma"]
 
 
 class _CPState:
-    def __init__(self, A, inputs, error):
-        self.A, self.inputs, self.error = A, inputs, error
+    """One iterate: the factors, its relative sigma-error and ``sig_m = Sigma M`` (``n x R``).
+
+    ``sig_m`` is a by-product of the output step that gives the next channel solve its
+    starting residual for free.
+    """
+
+    def __init__(self, A, inputs, error, sig_m):
+        self.A, self.inputs, self.error, self.sig_m = A, inputs, error, sig_m
 
 
 def _khatri_rao(factors):
@@ -77,7 +83,7 @@ def _output_step(prob: SigmaProblem, inputs) -> _CPState:
     gram = tl.dot(tl.transpose(M), sig_m)
     A = tl.transpose(psd_solve((gram + tl.transpose(gram)) / 2, tl.transpose(tl.dot(prob.W, sig_m))))
     error = prob.relative_error(tl.dot(A, tl.transpose(M)), tl.dot(A, tl.transpose(sig_m)))
-    return _CPState(A, inputs, error)
+    return _CPState(A, inputs, error, sig_m)
 
 
 def _spatial_step(prob: SigmaProblem, A, inputs, k: int):
@@ -106,8 +112,9 @@ def _spatial_step(prob: SigmaProblem, A, inputs, k: int):
     return tl.reshape(sol, (dims[k], rank))
 
 
-def _channel_step(prob: SigmaProblem, system: InputFactorSystem, A, inputs, method, cg_tol, cg_maxiter, reduction):
+def _channel_step(prob: SigmaProblem, system: InputFactorSystem, state: _CPState, method, cg_tol, cg_maxiter, reduction):
     """Exact (CG: to ``cg_tol``) update of the input-channel factor ``B = inputs[0]``."""
+    A, inputs = state.A, state.inputs
     context = tl.context(A)
     c = _spatial_products(inputs, context)  # P x R
     T, rank = tl.shape(A)
@@ -117,7 +124,13 @@ def _channel_step(prob: SigmaProblem, system: InputFactorSystem, A, inputs, meth
     G = A_small[:, :, None] * tl.transpose(c)[None, :, :]
     wsig = tl.reshape(prob.Wsig, (T, prob.n_in, prob.n_pos))
     rhs = contract("tr,pr,tsp->sr", A, c, wsig)
-    return system.solve(G, rhs, inputs[0], method=method, tol=cg_tol, maxiter=cg_maxiter, reduction=reduction)
+    # The operator at the current B: Y Sigma = A_small (Sigma M)^T with the output step's
+    # Sigma M, since Y[a, (s, p)] = sum_r A_small[a, r] M[(s, p), r].
+    ysig = tl.reshape(tl.dot(A_small, tl.transpose(state.sig_m)), (tl.shape(A_small)[0], prob.n_in, prob.n_pos))
+    ax0 = contract("aup,abp->ub", ysig, G)
+    return system.solve(
+        G, rhs, inputs[0], method=method, tol=cg_tol, maxiter=cg_maxiter, reduction=reduction, ax0=ax0
+    )
 
 
 def _initial_inputs(tensor, prob: SigmaProblem, rank: int, init, random_state):
@@ -183,7 +196,7 @@ class _CPModel:
     @staticmethod
     def sweep(prob, system, state: _CPState, solver, cg_tol, cg_maxiter, reduction):
         A, inputs = state.A, list(state.inputs)
-        B, info = _channel_step(prob, system, A, inputs, solver, cg_tol, cg_maxiter, reduction)
+        B, info = _channel_step(prob, system, state, solver, cg_tol, cg_maxiter, reduction)
         A, inputs[0] = _normalize_into(A, B)
         for k in range(1, len(inputs)):
             A, inputs[k] = _normalize_into(A, _spatial_step(prob, A, inputs, k))

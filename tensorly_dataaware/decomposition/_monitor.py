@@ -69,6 +69,8 @@ class ALSMonitor:
         self.best: Any = None
         self.stop_reason = "n_iter_max"
         self.non_monotone_steps: list[tuple[int, float, float]] = []
+        self.inner_starved = False
+        self._budget_raised = False
 
     def noise(self, error: float) -> float:
         """Largest increase of the relative error that round-off can explain near ``error``.
@@ -98,8 +100,23 @@ class ALSMonitor:
         decrease = max((self.errors[-2] - self.errors[-1]) / self.errors[-1], 0.0)
         return max(floor, min(ceiling, float(np.sqrt(decrease))))
 
-    def record(self, error: float, state: Any, make_decomposition: Callable[[Any], Any], extra: str = "") -> bool:
-        """Record the error of a new iterate; return True when the run should stop."""
+    def record(
+        self,
+        error: float,
+        state: Any,
+        make_decomposition: Callable[[Any], Any],
+        extra: str = "",
+        inner_truncated: bool = False,
+    ) -> bool:
+        """Record the error of a new iterate; return True when the run should stop.
+
+        ``inner_truncated`` says that the sweep's inner solve stopped at an iteration
+        budget the driver may still raise. A small decrease then may say more about the
+        budget than about convergence, so instead of stopping, the monitor sets
+        :attr:`inner_starved` (the driver doubles the budget) and stops only if the next
+        sweep, with the larger budget, also gains less than ``tol``.
+        """
+        self.inner_starved = False
         if not np.isfinite(error):
             self.stop_reason = "non-finite error"
             warnings.warn(
@@ -136,6 +153,10 @@ class ALSMonitor:
             self.stop_reason = "callback"
             return True
         if len(self.errors) >= 2 and self.tol and (self.errors[-2] - self.errors[-1]) < self.tol:
+            if inner_truncated and not self._budget_raised:
+                self.inner_starved = self._budget_raised = True
+                return False
             self.stop_reason = "converged"
             return True
+        self._budget_raised = False
         return False

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import numpy as np
 import tensorly as tl
@@ -62,6 +63,13 @@ class SigmaProblem:
     noise_scale: float = 1.0
     out_context: dict | None = None
     scale: float = 1.0
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    def cached(self, key: str, compute: Callable[[], Any]) -> Any:
+        """``compute()`` once per problem (layouts of ``sigma`` that a solver reuses every sweep)."""
+        if key not in self._cache:
+            self._cache[key] = compute()
+        return self._cache[key]
 
     @property
     def tensor(self):

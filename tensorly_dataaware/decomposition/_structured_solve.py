@@ -58,6 +58,8 @@ class SolveInfo:
     method: str
     iterations: int
     relative_residual: float
+    #: ``False`` when CG stopped at its iteration budget before reaching its tolerance.
+    converged: bool = True
 
 
 def _eps(tensor) -> float:
@@ -120,7 +122,10 @@ class InputFactorSystem:
 
         return apply
 
-    def solve(self, G, rhs, x0, *, method: str = "cg", tol: float = 1e-8, maxiter: int = 500, reduction: float = 0.0):
+    def solve(
+        self, G, rhs, x0, *, method: str = "cg", tol: float = 1e-8, maxiter: int = 500, reduction: float = 0.0,
+        ax0=None,
+    ):
         """Solve for ``V`` given the core-like ``G`` (``a x R x P``) and ``rhs`` (``S x R``).
 
         Parameters
@@ -139,6 +144,9 @@ class InputFactorSystem:
             CG also stops when the residual is ``reduction`` times the starting one (the
             forcing term of an inexact ALS: the warm start is already good in most
             directions).
+        ax0 : tensor of shape ``(S, R)``, optional
+            :meth:`matvec` of ``x0``, when the caller has it from its previous step (it
+            saves CG its first operator application).
 
         Returns
         -------
@@ -154,9 +162,9 @@ class InputFactorSystem:
             return V, SolveInfo("direct", 1, rel)
         if method != "cg":
             raise ValueError(f"Unknown input-factor solver {method!r}; use 'cg' or 'direct'.")
-        return self._pcg(G, rhs, x0, tol=tol, maxiter=maxiter, reduction=reduction)
+        return self._pcg(G, rhs, x0, tol=tol, maxiter=maxiter, reduction=reduction, ax0=ax0)
 
-    def _pcg(self, G, rhs, x0, *, tol: float, maxiter: int, reduction: float):
+    def _pcg(self, G, rhs, x0, *, tol: float, maxiter: int, reduction: float, ax0=None):
         precond = self._preconditioner(G)
         rhs_norm = float(tl.norm(rhs))
         if rhs_norm == 0.0:
@@ -165,12 +173,13 @@ class InputFactorSystem:
         # burns iterations (float32 cannot go much below 1e-6 on ill-conditioned sigma).
         tol = max(tol, 10 * _eps(rhs))
         x = x0
-        r = rhs - self.matvec(x, G)
+        r = rhs - (self.matvec(x, G) if ax0 is None else ax0)
         res = float(tl.norm(r)) / rhs_norm
         it = 0
         if res <= tol:
             return x, SolveInfo("cg", 0, res)
         tol = max(tol, reduction * res)
+        converged = False
         z = precond(r)
         p = z
         rz = tl.sum(r * z)
@@ -180,15 +189,17 @@ class InputFactorSystem:
             if float(pAp) <= 0.0:
                 # The operator is PSD; a non-positive curvature only appears once the
                 # residual lives in its null space (singular sigma): nothing left to gain.
+                converged = True
                 break
             alpha = rz / pAp
             x = x + alpha * p
             r = r - alpha * Ap
             res = float(tl.norm(r)) / rhs_norm
             if res <= tol:
+                converged = True
                 break
             z = precond(r)
             rz_new = tl.sum(r * z)
             p = z + (rz_new / rz) * p
             rz = rz_new
-        return x, SolveInfo("cg", it, res)
+        return x, SolveInfo("cg", it, res, converged)
