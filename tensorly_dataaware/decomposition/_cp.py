@@ -76,30 +76,53 @@ def _normalize_into(A, factor):
     return A * safe[None, :], factor / safe[None, :]
 
 
-def _output_step(prob: SigmaProblem, inputs) -> _CPState:
-    """Exact ``A`` for fixed input factors, and the explicit error of the new model."""
+def _sigma_times_channel(prob: SigmaProblem, B):
+    """``Sigma`` contracted with the channel factor on its column side: ``(S, P, P, R)``.
+
+    ``[s, p, q, r] = sum_u sigma[(s, p), (u, q)] B[u, r]``: the sweep's one ``O(n^2 R)``
+    product. The spatial and output steps only contract it further with the small spatial
+    factors, so they cost ``O(n P R)`` each instead of another product with ``sigma``.
+    """
+    return tl.reshape(tl.dot(prob.sigma_by_input(), B), (prob.n_in, prob.n_pos, prob.n_pos, tl.shape(B)[1]))
+
+
+def _output_step(prob: SigmaProblem, inputs, sig_b=None) -> _CPState:
+    """Exact ``A`` for fixed input factors, and the explicit error of the new model.
+
+    ``sig_b`` is :func:`_sigma_times_channel` of ``inputs[0]`` (computed if not given).
+    """
+    if sig_b is None:
+        sig_b = _sigma_times_channel(prob, inputs[0])
     M = _khatri_rao(inputs)  # n x R
-    sig_m = tl.dot(prob.sigma, M)  # the O(n^2 R) product of the step
+    c = _spatial_products(inputs, tl.context(M))  # P x R
+    sig_m = tl.reshape(contract("spqr,qr->spr", sig_b, c), (prob.n_in * prob.n_pos, -1))  # Sigma M
     gram = tl.dot(tl.transpose(M), sig_m)
     A = tl.transpose(psd_solve((gram + tl.transpose(gram)) / 2, tl.transpose(tl.dot(prob.W, sig_m))))
     error = prob.relative_error(tl.dot(A, tl.transpose(M)), tl.dot(A, tl.transpose(sig_m)))
     return _CPState(A, inputs, error, sig_m)
 
 
-def _spatial_step(prob: SigmaProblem, A, inputs, k: int):
-    """Exact update of input mode ``k >= 1`` (a spatial mode) by a dense solve."""
+def _spatial_step(prob: SigmaProblem, A, inputs, k: int, sig_b):
+    """Exact update of input mode ``k >= 1`` (a spatial mode) by a dense solve.
+
+    ``sig_b`` is :func:`_sigma_times_channel` of the current channel factor ``inputs[0]``.
+    """
     m = len(inputs)
     dims = [tl.shape(f)[0] for f in inputs]
     rank = tl.shape(A)[1]
     letters = string.ascii_letters
-    x = letters[:m]  # row indices of sigma
-    y = letters[m : 2 * m]  # column indices of sigma
+    x = letters[:m]  # row indices of sigma (channel, then spatial)
+    y = letters[m : 2 * m]  # column indices of sigma; y[0] is already contracted in sig_b
     r, q, t = "R", "Q", "T"
-    sigma_full = tl.reshape(prob.sigma, tuple(dims) + tuple(dims))
-    others = [j for j in range(m) if j != k]
-    # Contract the column side with the other factors first: n^2 R flops, the dominant cost.
-    expr1 = f"{x}{y}," + ",".join(f"{y[j]}{q}" for j in others) + f"->{x}{y[k]}{q}"
-    half = contract(expr1, sigma_full, *[inputs[j] for j in others])
+    sig_b = tl.reshape(sig_b, tuple(dims) + tuple(dims[1:]) + (rank,))
+    spatial_others = [j for j in range(1, m) if j != k]
+    others = [0] + spatial_others
+    # Column side: contract the other spatial modes (O(n P R)); row side: all other modes.
+    if spatial_others:
+        expr1 = f"{x}{y[1:]}{q}," + ",".join(f"{y[j]}{q}" for j in spatial_others) + f"->{x}{y[k]}{q}"
+        half = contract(expr1, sig_b, *[inputs[j] for j in spatial_others])
+    else:  # a single spatial mode: nothing to contract on the column side
+        half = sig_b
     expr2 = f"{x}{y[k]}{q}," + ",".join(f"{x[j]}{r}" for j in others) + f"->{x[k]}{r}{y[k]}{q}"
     quad = contract(expr2, half, *[inputs[j] for j in others])
     quad = quad * tl.reshape(tl.dot(tl.transpose(A), A), (1, rank, 1, rank))
@@ -198,9 +221,10 @@ class _CPModel:
         A, inputs = state.A, list(state.inputs)
         B, info = _channel_step(prob, system, state, solver, cg_tol, cg_maxiter, reduction)
         A, inputs[0] = _normalize_into(A, B)
+        sig_b = _sigma_times_channel(prob, inputs[0])
         for k in range(1, len(inputs)):
-            A, inputs[k] = _normalize_into(A, _spatial_step(prob, A, inputs, k))
-        return _output_step(prob, inputs), info
+            A, inputs[k] = _normalize_into(A, _spatial_step(prob, A, inputs, k, sig_b))
+        return _output_step(prob, inputs, sig_b), info
 
     @staticmethod
     def to_decomposition(prob: SigmaProblem, state: _CPState) -> CPTensor:
@@ -260,7 +284,10 @@ def parafac_sigma(
     solver : {'auto', 'cg', 'direct'}, default is 'auto'
         Solver of the input-channel system (``S * R`` unknowns).
     cg_tol, cg_maxiter : float, int
-        Stopping rule of the conjugate gradients.
+        Stopping rule of the conjugate gradients of the channel update; as in
+        :func:`~tensorly_dataaware.tucker2_sigma`, each sweep gets a budget of
+        ``CG_ITERATIONS_START`` (2) iterations, doubled (up to ``cg_maxiter``) before the run
+        is allowed to stop on a small decrease while CG was cut short.
     check_psd : bool, default is True
         Verify that ``sigma`` is positive semi-definite.
     random_state : None, int or np.random.RandomState
@@ -288,9 +315,11 @@ def parafac_sigma(
 
     Notes
     -----
-    Each sweep costs about ``(2 + #spatial modes) n^2 R`` flops for the sigma products
-    plus ``2 min(T, R) n^2`` per CG iteration of the channel update; nothing larger than
-    ``n x n`` or ``(d R)^2`` (``d`` a spatial size) is formed with ``solver='cg'``.
+    Each sweep costs about ``2 n^2 R`` flops for its one product of ``sigma`` with the
+    channel factor (an ``n x P R`` array that the spatial and output steps reuse), plus
+    ``2 min(T, R) n^2`` per CG iteration of the channel update; nothing larger than
+    ``n x n``, ``n x P R`` or ``(d R)^2`` (``d`` a spatial size) is formed with
+    ``solver='cg'``.
     CP is prone to degenerate components at high ranks; the pseudo-inverse solves and the
     per-mode normalization keep the iterates finite and the objective monotone, but they do
     not regularize the model: warm-start from ``init='frobenius'`` when in doubt.

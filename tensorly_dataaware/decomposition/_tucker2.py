@@ -13,8 +13,9 @@ factors on the output mode (``U``, ``T x R_out``) and the input mode (``V``,
 One sweep has two exact block updates:
 
 1. **Input factor** ``V`` given ``(U, G)``: the coupled linear system of
-   :mod:`._structured_solve` (preconditioned CG started from the current ``V``, or a dense
-   solve when small), followed by a QR orthonormalization, which changes nothing because
+   :mod:`._structured_solve` (a few preconditioned CG iterations started from the current
+   ``V``, or a dense solve when small), followed by a QR orthonormalization, which changes
+   nothing because
 2. **output factor and core jointly** given ``span(V)``: with ``Z = V kron I_P`` and
    ``C = Z^T Sigma Z``, the best ``U`` is made of the ``R_out`` leading eigenvectors of
    ``(W Sigma Z) C^+ (W Sigma Z)^T`` and then ``G = U^T (W Sigma Z) C^+``. This is the
@@ -57,22 +58,6 @@ class _Tucker2State:
         self.U, self.V, self.G, self.error, self.core_sig = U, V, G, error, core_sig
 
 
-def _sigma_by_input(prob: SigmaProblem):
-    """``sigma`` as an ``(S P P) x S`` matrix, ``[(s, p, q), u] = sigma[(s, p), (u, q)]``.
-
-    In this layout ``Sigma Z`` is one plain GEMM with ``V`` (an einsum on the natural layout
-    transposes ``sigma`` every sweep: 2.3x slower at 64 channels). It is a copy of
-    ``sigma``, made once per decomposition.
-    """
-    S, P = prob.n_in, prob.n_pos
-
-    def compute():
-        sigma4 = tl.reshape(prob.sigma, (S, P, S, P))
-        return tl.reshape(tl.transpose(sigma4, (0, 1, 3, 2)), (S * P * P, S))
-
-    return prob.cached("sigma_by_input", compute)
-
-
 def _output_and_core(C, F, r_out: int):
     """``U`` = leading eigenvectors of ``F C^+ F^T`` and ``G = U^T F C^+``.
 
@@ -106,7 +91,7 @@ def _joint_step(prob: SigmaProblem, V, r_out: int) -> _Tucker2State:
     S, P = prob.n_in, prob.n_pos
     r_in = tl.shape(V)[1]
     # Sigma Z as [s, p, q, b] (the only O(n^2 R_in) product of the step), then C[b, p, c, q].
-    sig_z = tl.dot(_sigma_by_input(prob), V)
+    sig_z = tl.dot(prob.sigma_by_input(), V)
     C = tl.dot(tl.transpose(V), tl.reshape(sig_z, (S, P * P * r_in)))
     C = tl.reshape(tl.transpose(tl.reshape(C, (r_in, P, P, r_in)), (0, 1, 3, 2)), (r_in * P, r_in * P))
     F = tl.reshape(contract("tsp,sb->tbp", tl.reshape(prob.Wsig, (prob.n_out, S, P)), V), (prob.n_out, r_in * P))
@@ -264,7 +249,13 @@ def tucker2_sigma(
     cg_tol : float, default is 1e-8
         Relative residual at which CG stops (floored at ten machine epsilons).
     cg_maxiter : int, default is 500
-        Maximum CG iterations per sweep.
+        Most CG iterations in one sweep. Each run starts with a budget of
+        ``CG_ITERATIONS_START`` (2) iterations per sweep: the solve is warm-started and the
+        joint step moves ``U`` and ``G`` anyway, so solving it more accurately buys
+        little (on the embedded networks' layers: the same final errors in 0.35-0.7x the
+        time, ``benchmarks/inner_iterations.py``). When a sweep gains less than ``tol``
+        while CG was cut short, the budget doubles (up to ``cg_maxiter``) and the run
+        stops only if the next sweep also gains less than ``tol``.
     check_psd : bool, default is True
         Verify that ``sigma`` is positive semi-definite (a float64 Cholesky on the host,
         ``n^3/3`` flops).
