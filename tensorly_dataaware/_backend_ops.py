@@ -14,7 +14,7 @@ import functools
 import numpy as np
 import tensorly as tl
 
-__all__ = ["cholesky_factor", "cholesky_solve", "contract", "triangular_solve", "host_dtype", "dtype_kind", "framework_of"]
+__all__ = ["cholesky_solve", "contract", "host_dtype", "dtype_kind", "framework_of"]
 
 
 @functools.lru_cache(maxsize=512)
@@ -81,93 +81,61 @@ def _well_conditioned(diagonal, max_cond: float) -> bool:
     return bool(d.min() > 0 and (d.max() / d.min()) ** 2 < max_cond)
 
 
-def _factor_numpy(matrix):
+def _numpy(matrix, rhs, max_cond):
     import scipy.linalg
 
     try:
-        return scipy.linalg.cholesky(matrix, lower=True, check_finite=False)
+        factor = scipy.linalg.cho_factor(matrix, lower=True, check_finite=False)
     except np.linalg.LinAlgError:
         return None
+    if not _well_conditioned(np.diag(factor[0]), max_cond):
+        return None
+    return scipy.linalg.cho_solve(factor, rhs, check_finite=False)
 
 
-def _factor_pytorch(matrix):
+def _pytorch(matrix, rhs, max_cond):
     import torch
 
     factor, info = torch.linalg.cholesky_ex(matrix)
-    return factor if int(info) == 0 else None
-
-
-def _factor_jax(matrix):
-    import jax.numpy as jnp
-
-    # JAX signals a failed factorization with NaNs rather than an exception.
-    factor = jnp.linalg.cholesky(matrix)
-    return factor if np.all(np.isfinite(np.asarray(jnp.diag(factor)))) else None
-
-
-def _triangular_numpy(factor, rhs, transpose):
-    import scipy.linalg
-
-    return scipy.linalg.solve_triangular(factor, rhs, lower=True, trans=1 if transpose else 0, check_finite=False)
-
-
-def _triangular_pytorch(factor, rhs, transpose):
-    import torch
-
+    if int(info) != 0 or not _well_conditioned(factor.diagonal().cpu().numpy(), max_cond):
+        return None
     squeeze = rhs.ndim == 1
-    rhs = rhs[:, None] if squeeze else rhs
-    if transpose:
-        out = torch.linalg.solve_triangular(factor.mT, rhs, upper=True)
-    else:
-        out = torch.linalg.solve_triangular(factor, rhs, upper=False)
+    out = torch.cholesky_solve(rhs[:, None] if squeeze else rhs, factor)
     return out[:, 0] if squeeze else out
 
 
-def _triangular_jax(factor, rhs, transpose):
+def _jax(matrix, rhs, max_cond):
+    import jax.numpy as jnp
     import jax.scipy.linalg as jsl
 
-    return jsl.solve_triangular(factor, rhs, lower=True, trans=1 if transpose else 0)
-
-
-_FACTOR = {"numpy": _factor_numpy, "pytorch": _factor_pytorch, "jax": _factor_jax}
-_TRIANGULAR = {"numpy": _triangular_numpy, "pytorch": _triangular_pytorch, "jax": _triangular_jax}
-
-
-def cholesky_factor(matrix, max_cond: float | None = None):
-    """Lower Cholesky factor ``L`` (``matrix = L L^T``) of a symmetric positive definite matrix.
-
-    Only the lower triangle of ``matrix`` is read. Returns ``None`` if the factorization
-    fails (the matrix is singular or indefinite in working precision), if its pivots reveal
-    a condition number above ``max_cond`` (default ``1 / (1000 eps)``), or if the backend has
-    no Cholesky routine here.
-    """
-    factorize = _FACTOR.get(tl.get_backend())
-    if factorize is None:
+    factor = jnp.linalg.cholesky(matrix)
+    # JAX signals a failed factorization with NaNs rather than an exception.
+    diagonal = np.asarray(jnp.diag(factor))
+    if not np.all(np.isfinite(diagonal)) or not _well_conditioned(diagonal, max_cond):
         return None
-    if max_cond is None:
-        max_cond = 1e-3 / float(np.finfo(host_dtype(matrix)).eps)
-    factor = factorize(matrix)
-    if factor is None or not _well_conditioned(tl.to_numpy(tl.diag(factor)), max_cond):
-        return None
-    return factor
+    return jsl.cho_solve((factor, True), rhs)
 
 
-def triangular_solve(factor, rhs, *, transpose: bool = False):
-    """``L^{-1} rhs`` (or ``L^{-T} rhs`` with ``transpose=True``) for a lower-triangular ``L``."""
-    return _TRIANGULAR[tl.get_backend()](factor, rhs, transpose)
+_DISPATCH = {"numpy": _numpy, "pytorch": _pytorch, "jax": _jax}
 
 
 def cholesky_solve(matrix, rhs, max_cond: float | None = None):
     """Solve ``matrix @ x = rhs`` for a symmetric positive definite ``matrix``.
 
-    Returns ``None`` when :func:`cholesky_factor` does, or when the solution is not finite
-    (a factorization of a nearly singular matrix can "succeed" with huge pivot ratios); the
-    caller then falls back to a pseudo-inverse.
+    Returns ``None`` if the factorization fails (the matrix is singular or indefinite in
+    working precision), if its pivots reveal a condition number above ``max_cond``
+    (default ``1 / (1000 eps)``), or if the backend has no Cholesky routine here.
     """
-    factor = cholesky_factor(matrix, max_cond)
-    if factor is None:
+    solver = _DISPATCH.get(tl.get_backend())
+    if solver is None:
         return None
-    out = triangular_solve(factor, triangular_solve(factor, rhs), transpose=True)
+    if max_cond is None:
+        max_cond = 1e-3 / float(np.finfo(host_dtype(matrix)).eps)
+    out = solver(matrix, rhs, max_cond)
+    if out is None:
+        return None
+    # A factorization of a nearly singular matrix can "succeed" with huge pivots ratios;
+    # reject non-finite results so the caller falls back to the pseudo-inverse.
     if not np.isfinite(float(tl.sum(out))):
         return None
     return out

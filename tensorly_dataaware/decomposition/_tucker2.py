@@ -28,11 +28,10 @@ the fixed points are those of Frobenius HOOI (TensorLy's ``partial_tucker``).
 
 from __future__ import annotations
 
-import numpy as np
 import tensorly as tl
 from tensorly.tucker_tensor import TuckerTensor
 
-from .._backend_ops import cholesky_factor, contract, host_dtype, triangular_solve
+from .._backend_ops import contract
 from .._validation import validate_tucker2_rank
 from ..norms import psd_solve, top_eigvecs
 from ._als import finish, run_als
@@ -58,29 +57,6 @@ class _Tucker2State:
         self.U, self.V, self.G, self.error, self.core_sig = U, V, G, error, core_sig
 
 
-def _output_and_core(C, F, r_out: int):
-    """``U`` = leading eigenvectors of ``F C^+ F^T`` and ``G = U^T F C^+``.
-
-    With ``C = L L^T`` (Cholesky, when ``C`` is well conditioned) this is ``X = L^{-1} F^T``,
-    ``U`` from ``X^T X`` and ``G^T = L^{-T} X U``: two triangular solves instead of a full
-    solve with ``T`` right-hand sides. ``C`` singular or ill-conditioned (a rank-deficient
-    covariance) takes the pseudo-inverse path of :func:`~tensorly_dataaware.norms.psd_solve`.
-    Only the lower triangle of ``C`` is read on the Cholesky path.
-    """
-    factor = cholesky_factor(C) if host_dtype(C).itemsize == 8 else None
-    if factor is not None:
-        X = triangular_solve(factor, tl.transpose(F))
-        B = tl.dot(tl.transpose(X), X)
-        U, _ = top_eigvecs((B + tl.transpose(B)) / 2, r_out)
-        G_t = triangular_solve(factor, tl.dot(X, U), transpose=True)
-        if np.isfinite(float(tl.sum(G_t))):
-            return U, tl.transpose(G_t)
-    H = psd_solve((C + tl.transpose(C)) / 2, tl.transpose(F))  # C^+ F^T, (R_in P) x T
-    B = tl.dot(F, H)
-    U, _ = top_eigvecs((B + tl.transpose(B)) / 2, r_out)
-    return U, tl.transpose(tl.dot(H, U))
-
-
 def _joint_step(prob: SigmaProblem, V, r_out: int) -> _Tucker2State:
     """Exact minimizer over ``(U, G)`` together for a fixed orthonormal input factor ``V``.
 
@@ -95,7 +71,10 @@ def _joint_step(prob: SigmaProblem, V, r_out: int) -> _Tucker2State:
     C = tl.dot(tl.transpose(V), tl.reshape(sig_z, (S, P * P * r_in)))
     C = tl.reshape(tl.transpose(tl.reshape(C, (r_in, P, P, r_in)), (0, 1, 3, 2)), (r_in * P, r_in * P))
     F = tl.reshape(contract("tsp,sb->tbp", tl.reshape(prob.Wsig, (prob.n_out, S, P)), V), (prob.n_out, r_in * P))
-    U, G_mat = _output_and_core(C, F, r_out)  # G_mat: R_out x (R_in P)
+    H = psd_solve((C + tl.transpose(C)) / 2, tl.transpose(F))  # C^+ F^T, (R_in P) x T
+    B = tl.dot(F, H)
+    U, _ = top_eigvecs((B + tl.transpose(B)) / 2, r_out)
+    G_mat = tl.transpose(tl.dot(H, U))  # R_out x (R_in P)
     G = tl.reshape(G_mat, (r_out, r_in, P))
     # W~ = U G (V kron I)^T and W~ Sigma = U G (Sigma Z)^T, both T x n; Sigma Z's columns
     # are in (q, b) order, so G is read in that order too.
