@@ -17,9 +17,10 @@ def speed(path: Path):
     info = data["info"]
     print(f"\n#### `{info['command']}`\n")
     print(f"{info.get('gpu', info['device'])}, backend {info['backend']}, torch {info.get('torch', '-')}, "
-          f"TensorLy {info['tensorly']}, NumPy {info['numpy']}, {info['machine']}\n")
-    print("| layer | dtype | solver | time (s) | sweeps | rel. sigma-error | peak MiB | ratio |")
-    print("|---|---|---|---|---|---|---|---|")
+          f"TensorLy {info['tensorly']}, NumPy {info['numpy']}, {info['machine']}; baseline threads "
+          f"{info.get('process_threads')}, ours {info.get('solver_threads') or 'their policy (1)'}\n")
+    print("| layer | dtype | solver | time (s) | [min-max] | sweeps | rel. sigma-error | peak MiB | ratio |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in data["rows"]:
         ratio = ""
         if "ratio_vs_tensorly" in r:
@@ -29,7 +30,8 @@ def speed(path: Path):
         if r["method"].startswith("reference"):
             ratio = f"stopped: {r.get('reason')}"
         peak = f"{r['peak_mib']:.0f}" if r.get("peak_mib") is not None else "n/a"
-        print(f"| {r['shape']} | {r['dtype']} | {r['method']} | {r['seconds']:.3f} | {r['sweeps']} | "
+        spread = f"[{r['seconds_min']:.3f}-{r['seconds_max']:.3f}] ({len(r['seconds_all'])} runs)" if "seconds_all" in r else "1 run"
+        print(f"| {r['shape']} | {r['dtype']} | {r['method']} | {r['seconds']:.3f} | {spread} | {r['sweeps']} | "
               f"{r['sigma_error']:.4f} | {peak} | {ratio} |")
 
 
@@ -151,7 +153,34 @@ def latency(path: Path):
                   f"max relative difference {worst:.1e}.")
 
 
+def speed_summary(paths: list[Path]):
+    """One line per (backend, dtype, shape, thread setting): our time / TensorLy's, medians."""
+    print("\n| backend | dtype | layer | threads (TensorLy) | Tucker-2: ours / `partial_tucker` | CP: ours / `parafac` | file |")
+    print("|---|---|---|---|---|---|---|")
+    for path in paths:
+        data = json.loads(path.read_text())
+        info = data["info"]
+        threads = "1" if "OMP_NUM_THREADS=1" in info.get("env", "") or all(
+            v == 1 for v in info["process_threads"].values()) else "default"
+        cells = defaultdict(dict)
+        for r in data["rows"]:
+            cells[(r["dtype"], r["shape"])][r["method"]] = r
+        for (dtype, shape), rows in cells.items():
+            out = []
+            for ours, base in (("tucker2_sigma", "tensorly partial_tucker"), ("parafac_sigma", "tensorly parafac")):
+                if ours in rows and base in rows:
+                    a, b = rows[ours], rows[base]
+                    out.append(f"{a['seconds']:.3f} s / {b['seconds']:.3f} s = **{a['ratio_vs_tensorly']:.2f}x**")
+                else:
+                    out.append("not run")
+            print(f"| {info['backend']} | {dtype} | {shape} | {threads} | {out[0]} | {out[1]} | `results/{path.name}` |")
+
+
 def main():
+    fresh = [p for p in sorted(RESULTS.glob("speed_cpu_*.json"))
+             if any("seconds_all" in r for r in json.loads(p.read_text())["rows"])]
+    if fresh:
+        speed_summary(fresh)
     for path in sorted(RESULTS.glob("speed_*.json")):
         speed(path)
     by_model = defaultdict(list)

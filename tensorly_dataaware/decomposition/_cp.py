@@ -27,7 +27,6 @@ degenerate components). With ``sigma = I`` this is plain CP-ALS.
 
 from __future__ import annotations
 
-import string
 import warnings
 
 import tensorly as tl
@@ -95,42 +94,52 @@ def _output_step(prob: SigmaProblem, inputs, sig_b=None) -> _CPState:
         sig_b = _sigma_times_channel(prob, inputs[0])
     M = _khatri_rao(inputs)  # n x R
     c = _spatial_products(inputs, tl.context(M))  # P x R
-    sig_m = tl.reshape(contract("spqr,qr->spr", sig_b, c), (prob.n_in * prob.n_pos, -1))  # Sigma M
+    # Sigma M: the spatial products enter column by column (a broadcast product, O(n P R)).
+    sig_m = tl.reshape(tl.sum(sig_b * c[None, None, :, :], axis=2), (prob.n_in * prob.n_pos, -1))
     gram = tl.dot(tl.transpose(M), sig_m)
     A = tl.transpose(psd_solve((gram + tl.transpose(gram)) / 2, tl.transpose(tl.dot(prob.W, sig_m))))
     error = prob.relative_error(tl.dot(A, tl.transpose(M)), tl.dot(A, tl.transpose(sig_m)))
     return _CPState(A, inputs, error, sig_m)
 
 
+def _weighted_sum(tensor, factor, axis: int):
+    """``sum_i tensor[..., i (at axis), ..., r] * factor[i, r]``: a mode contracted with a
+    factor whose rank index is the tensor's last axis (a Khatri-Rao step, done as a
+    broadcast product; einsum backends turn it into slow batched products)."""
+    shape = [1] * tl.ndim(tensor)
+    shape[axis], shape[-1] = tl.shape(factor)
+    return tl.sum(tensor * tl.reshape(factor, tuple(shape)), axis=axis)
+
+
 def _spatial_step(prob: SigmaProblem, A, inputs, k: int, sig_b):
     """Exact update of input mode ``k >= 1`` (a spatial mode) by a dense solve.
 
     ``sig_b`` is :func:`_sigma_times_channel` of the current channel factor ``inputs[0]``.
+    With ``N_k`` the Khatri-Rao product of the other input factors, the system matrix is
+    ``(A^T A) * (N_k^T Sigma_kk N_k)`` blockwise and the right-hand side comes from
+    ``A^T W Sigma``.
     """
     m = len(inputs)
     dims = [tl.shape(f)[0] for f in inputs]
     rank = tl.shape(A)[1]
-    letters = string.ascii_letters
-    x = letters[:m]  # row indices of sigma (channel, then spatial)
-    y = letters[m : 2 * m]  # column indices of sigma; y[0] is already contracted in sig_b
-    r, q, t = "R", "Q", "T"
-    sig_b = tl.reshape(sig_b, tuple(dims) + tuple(dims[1:]) + (rank,))
-    spatial_others = [j for j in range(1, m) if j != k]
-    others = [0] + spatial_others
-    # Column side: contract the other spatial modes (O(n P R)); row side: all other modes.
-    if spatial_others:
-        expr1 = f"{x}{y[1:]}{q}," + ",".join(f"{y[j]}{q}" for j in spatial_others) + f"->{x}{y[k]}{q}"
-        half = contract(expr1, sig_b, *[inputs[j] for j in spatial_others])
-    else:  # a single spatial mode: nothing to contract on the column side
-        half = sig_b
-    expr2 = f"{x}{y[k]}{q}," + ",".join(f"{x[j]}{r}" for j in others) + f"->{x[k]}{r}{y[k]}{q}"
-    quad = contract(expr2, half, *[inputs[j] for j in others])
-    quad = quad * tl.reshape(tl.dot(tl.transpose(A), A), (1, rank, 1, rank))
+    others = [j for j in range(m) if j != k]
+    n_others = prob.n_in * prob.n_pos // dims[k]
+    # Column side: sig_b is (S, *rows, *cols, R); contract the other spatial columns,
+    # last first so that the remaining axis numbers stay valid.
+    half = tl.reshape(sig_b, tuple(dims) + tuple(dims[1:]) + (rank,))
+    for j in reversed(others[1:]):
+        half = _weighted_sum(half, inputs[j], m + j - 1)
+    # Row side: one GEMM with N_k over the other rows, x_k moved next to y_k first.
+    half = tl.reshape(tl.transpose(half, tuple(others) + (k, m, m + 1)), (n_others, dims[k] * dims[k] * rank))
+    N_k = _khatri_rao([inputs[j] for j in others])  # n_others x R, rows in the same order
+    quad = tl.reshape(tl.dot(tl.transpose(N_k), half), (rank, dims[k], dims[k], rank))  # [R, i, j, Q]
+    quad = tl.transpose(quad, (1, 0, 2, 3)) * tl.reshape(tl.dot(tl.transpose(A), A), (1, rank, 1, rank))
     size = dims[k] * rank
     quad = tl.reshape(quad, (size, size))
-    wsig = tl.reshape(prob.Wsig, (prob.n_out,) + tuple(dims))
-    expr3 = f"{t}{x},{t}{r}," + ",".join(f"{x[j]}{r}" for j in others) + f"->{x[k]}{r}"
-    rhs = contract(expr3, wsig, A, *[inputs[j] for j in others])
+    # rhs[i, r] = sum over the other rows of (A^T W Sigma)[r, rows] N_k[others, r].
+    aws = tl.reshape(tl.dot(tl.transpose(A), prob.Wsig), (rank,) + tuple(dims))
+    aws = tl.reshape(tl.transpose(aws, (0,) + tuple(j + 1 for j in others) + (k + 1,)), (rank, n_others, dims[k]))
+    rhs = tl.transpose(tl.sum(aws * tl.transpose(N_k)[:, :, None], axis=1))  # d_k x R
     sol = psd_solve((quad + tl.transpose(quad)) / 2, tl.reshape(rhs, (-1,)))
     return tl.reshape(sol, (dims[k], rank))
 
@@ -145,8 +154,8 @@ def _channel_step(prob: SigmaProblem, system: InputFactorSystem, state: _CPState
     # triangular factor of its QR, which makes every CG matvec cheaper when T > R.
     A_small = tl.qr(A)[1] if T > rank else A
     G = A_small[:, :, None] * tl.transpose(c)[None, :, :]
-    wsig = tl.reshape(prob.Wsig, (T, prob.n_in, prob.n_pos))
-    rhs = contract("tr,pr,tsp->sr", A, c, wsig)
+    aws = tl.reshape(tl.dot(tl.transpose(A), prob.Wsig), (rank, prob.n_in, prob.n_pos))  # A^T W Sigma
+    rhs = tl.transpose(tl.sum(aws * tl.transpose(c)[:, None, :], axis=2))  # S x R
     # The operator at the current B: Y Sigma = A_small (Sigma M)^T with the output step's
     # Sigma M, since Y[a, (s, p)] = sum_r A_small[a, r] M[(s, p), r].
     ysig = tl.reshape(tl.dot(A_small, tl.transpose(state.sig_m)), (tl.shape(A_small)[0], prob.n_in, prob.n_pos))
