@@ -24,7 +24,9 @@ of the same ratio in every layer, and ``sigma-budget`` the one-shot fit with tha
 ``--refit LAYER...`` (or ``--refit all``: ``refit=True``, every layer left dense after the
 first compressed one) refits dense layers in the sequential pass; ``--refit-damping`` sets
 their ridge (default: ``compress_sequential``'s, cross-validated), ``--target-damping`` the
-ridge of the compressed layers' regression target (a number, or ``cv``).
+ridge of the compressed layers' regression target (a number, or ``cv``);
+``--budget-weighting fisher`` weights the budget allocation by each layer's output Fisher and
+``--fit-weighting fisher`` the rows of each layer's fit.
 
 Every accuracy is measured on ``--eval`` held-out Fashion-MNIST test images (the embedded
 2000 by default, or the full 10k test split with ``--full-test`` when the Debian package
@@ -161,6 +163,10 @@ def sequential_options(args) -> dict:
         options["damping"] = args.damping
     if args.target_damping is not None:
         options["target_damping"] = args.target_damping if args.target_damping == "cv" else float(args.target_damping)
+    if args.budget_weighting is not None:
+        options["budget_weighting"] = args.budget_weighting
+    if args.fit_weighting is not None:
+        options["fit_weighting"] = args.fit_weighting
     return options
 
 
@@ -290,6 +296,10 @@ def main(argv=None):
     p.add_argument("--damping", type=float, default=None, help="sequential variants: compress_sequential's damping")
     p.add_argument("--target-damping", default=None,
                    help="sequential variants: compress_sequential's target_damping (a number, or 'cv')")
+    p.add_argument("--budget-weighting", default=None, choices=["relative", "fisher"],
+                   help="sequential variants: compress_sequential's budget_weighting")
+    p.add_argument("--fit-weighting", default=None, choices=["fisher"],
+                   help="sequential variants: compress_sequential's fit_weighting")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
