@@ -414,12 +414,17 @@ def compress_sequential(
         loss is most sensitive. ``F`` is measured label-free on the original network (the
         cross-entropy of its own predicted class: ``model(x)`` must return logits with the
         classes on axis 1) with one forward and backward pass over ``batches``
-        (:func:`~tensorly_dataaware.torch.sensitivity.output_fisher`).
+        (:func:`~tensorly_dataaware.torch.sensitivity.output_fisher`). Measured without
+        fine-tuning, 500 calibration images, ``budget=0.1`` with ``refit=True``
+        (``benchmarks/results/accuracy_*_sequential_fisher*.json``): on the embedded VGG,
+        Tucker-2 92.90% and CP 93.30% against 92.70% and 92.85% (2000 test images; within
+        the noise of about +-0.9 point); on ResNet-20 within noise of ``'relative'``.
     fit_weighting : {'fisher'} or None, optional
         ``'fisher'`` weights the output rows of every compressed layer's objective by the
         same Fisher ``F_c`` (floored at ``1e-3`` of the layer's mean):
         ``min ||F^{1/2} (W' - W~) C~^{1/2}||``. The report's ``sigma_error`` is then in the
-        weighted norm.
+        weighted norm. Measured as above, with ``budget_weighting='fisher'``: VGG CP 93.55%
+        (93.08% on the 10k test split, against 92.95% before), Tucker-2 unchanged.
     **solver_options
         Passed to the solvers, as in :func:`~tensorly_dataaware.torch.compress`.
 
