@@ -24,7 +24,11 @@ of the same ratio in every layer, and ``sigma-budget`` the one-shot fit with tha
 ``--refit LAYER...`` (or ``--refit all``: ``refit=True``, every layer left dense after the
 first compressed one) refits dense layers in the sequential pass; ``--refit-damping`` sets
 their ridge (default: ``compress_sequential``'s, cross-validated), ``--target-damping`` the
-ridge of the compressed layers' regression target (a number, or ``cv``).
+ridge of the compressed layers' regression target (a number, or ``cv``);
+``--budget-weighting fisher`` weights the budget allocation by each layer's output Fisher and
+``--fit-weighting fisher`` the rows of each layer's fit. ``--calib-flips`` (sweep) adds the
+horizontal mirror image of every calibration image: the same ``--calib`` images, twice the
+inputs.
 
 Every accuracy is measured on ``--eval`` held-out Fashion-MNIST test images (the embedded
 2000 by default, or the full 10k test split with ``--full-test`` when the Debian package
@@ -150,6 +154,17 @@ def run_compress(model, stats, layers, method, ratio, variant, n_iter_max, calib
     return small, report, seconds, params, macs, refitted
 
 
+def calibration_set(calib, n: int, flips: bool = False):
+    """The first ``n`` calibration images and labels; with ``flips``, followed by their
+    horizontal mirror images (still ``n`` distinct images, ``2 n`` inputs: more patches for
+    the deep layers' covariances, at twice the calibration time and memory)."""
+    images, labels = calib[0][:n], calib[1][:n]
+    if flips:
+        images = np.concatenate([images, np.ascontiguousarray(images[:, :, ::-1])])
+        labels = np.concatenate([labels, labels])
+    return images, labels
+
+
 def sequential_options(args) -> dict:
     """Extra keyword arguments of compress_sequential given on the command line."""
     options = {}
@@ -161,6 +176,10 @@ def sequential_options(args) -> dict:
         options["damping"] = args.damping
     if args.target_damping is not None:
         options["target_damping"] = args.target_damping if args.target_damping == "cv" else float(args.target_damping)
+    if args.budget_weighting is not None:
+        options["budget_weighting"] = args.budget_weighting
+    if args.fit_weighting is not None:
+        options["fit_weighting"] = args.fit_weighting
     return options
 
 
@@ -168,7 +187,7 @@ def sweep(args, model, calib, test, finetune):
     layers = conv_layers(model)
     test_loader = make_loader(*test, batch_size=500)
     ft_loader = make_loader(*finetune, batch_size=64, shuffle=True)
-    calib_loader = make_loader(calib[0][: args.calib], calib[1][: args.calib], batch_size=250)
+    calib_loader = make_loader(*calibration_set(calib, args.calib, args.calib_flips), batch_size=250)
     stats = collect_covariances(model, calib_loader, layers=layers, progress=False)
     rows = []
     for ratio in args.ratios:
@@ -189,7 +208,7 @@ def sweep(args, model, calib, test, finetune):
                     "mean_sigma_error": float(np.mean([r.sigma_error for r in report])),
                     "layer_errors": {r.name: r.sigma_error for r in report},
                     "layer_notes": {r.name: r.notes for r in report},
-                    "refitted": refitted,
+                    "refitted": refitted, "calib_flips": args.calib_flips,
                 }
                 if args.finetune and variant in ("sigma", "frobenius", "sigma-budget"):
                     torch.manual_seed(0)
@@ -290,6 +309,13 @@ def main(argv=None):
     p.add_argument("--damping", type=float, default=None, help="sequential variants: compress_sequential's damping")
     p.add_argument("--target-damping", default=None,
                    help="sequential variants: compress_sequential's target_damping (a number, or 'cv')")
+    p.add_argument("--calib-flips", action="store_true",
+                   help="sweep: add the horizontal mirror image of every calibration image (2x the inputs, "
+                        "the same --calib images)")
+    p.add_argument("--budget-weighting", default=None, choices=["relative", "fisher"],
+                   help="sequential variants: compress_sequential's budget_weighting")
+    p.add_argument("--fit-weighting", default=None, choices=["fisher"],
+                   help="sequential variants: compress_sequential's fit_weighting")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)

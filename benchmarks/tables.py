@@ -38,12 +38,13 @@ def speed(path: Path):
 def is_headline(row: dict, info: dict, eval_images: int) -> bool:
     """Whether a sweep row belongs in the merged per-model table and plot.
 
-    Option studies (rows run with extra ``compress_sequential`` options such as ``damping``
-    or ``target_damping``) and runs on another test split would overwrite the headline
+    Option studies (rows run with extra ``compress_sequential`` options such as ``damping``,
+    ``target_damping`` or ``budget_weighting``, or with ``--calib-flips``) and runs on another test split would overwrite the headline
     cells of the same (ratio, method, variant): RESULTS.md reports them in prose.
     """
     extra = set(row.get("sequential_options") or {}) - {"refit"}
-    return not extra and info.get("eval_images") == eval_images
+    # Mirrored calibration images (--calib-flips) are an input study too.
+    return not extra and not row.get("calib_flips") and info.get("eval_images") == eval_images
 
 
 def accuracy(paths: list[Path]):

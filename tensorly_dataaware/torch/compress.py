@@ -376,6 +376,7 @@ def plan_compression(
     layers: Iterable[str] | None = None,
     device: str | torch.device | None = None,
     skipped: list | None = None,
+    budget_weights: Mapping[str, torch.Tensor] | None = None,
 ) -> list[LayerJob]:
     """Select the layers of ``model`` to compress and resolve their ranks (no decomposition).
 
@@ -389,6 +390,11 @@ def plan_compression(
     skipped : list, optional
         Receives ``(name, reason)`` for each layer with statistics that is left dense
         because it is not supported (only when ``layers`` is None).
+    budget_weights : mapping of str to torch.Tensor, optional
+        With ``budget``: a per-output-channel weight for every selected layer (e.g. its
+        diagonal Fisher, see :func:`~tensorly_dataaware.torch.sensitivity.output_fisher`).
+        The allocation then minimizes the summed *weighted absolute* output error instead
+        of the summed relative error.
 
     Returns
     -------
@@ -425,7 +431,17 @@ def plan_compression(
         prepared.append((name, module, _layer_method(module, method), weight, sigma, mean))
     if budget is not None:
         ranks = dict(ranks or {})
-        ranks.update(_budget_ranks([p[:5] for p in prepared], budget))
+        if budget_weights is not None:
+            missing = [p[0] for p in prepared if p[0] not in budget_weights]
+            if missing:
+                raise ValueError(f"`budget_weights` has no entry for layers {missing}.")
+            for p in prepared:
+                if budget_weights[p[0]].shape != (p[3].shape[0],):
+                    raise ValueError(
+                        f"`budget_weights[{p[0]!r}]` must have shape ({p[3].shape[0]},), one weight per output "
+                        f"channel; got {tuple(budget_weights[p[0]].shape)}."
+                    )
+        ranks.update(_budget_ranks([p[:5] for p in prepared], budget, budget_weights))
     return [
         LayerJob(name, module, layer_method, weight, sigma, mean,
                  _resolve_rank(name, module, layer_method, ranks, ratio, energy, weight, sigma))
@@ -606,17 +622,29 @@ def _cast_tensors(tensors, dtype, device):
     return out
 
 
-def _budget_ranks(prepared, budget: float) -> dict[str, Any]:
-    """Ranks from a global budget, using each layer's whitened output spectrum as its curve."""
+def _budget_ranks(prepared, budget: float, output_weights: Mapping[str, torch.Tensor] | None = None) -> dict[str, Any]:
+    """Ranks from a global budget, using each layer's whitened output spectrum as its curve.
+
+    Without ``output_weights`` a layer's error is its *relative* squared sigma-error (every
+    layer's relative error counts the same). With them (name -> per-output-channel weight
+    ``F``, e.g. the diagonal Fisher of the layer's output) it is the *absolute* weighted
+    error ``||F^{1/2} (W - W~) Sigma^{1/2}||_F^2``, comparable across layers as an estimate
+    of the loss increase; its tail is that of ``F^{1/2} W Sigma W^T F^{1/2}``.
+    """
     curves = {}
     total = 0
     for name, _module, method, weight, sigma in prepared:
         shape = tuple(weight.shape)
         total += rk.dense_params(shape)
         mat = weight.reshape(shape[0], -1)
+        if output_weights is not None:
+            mat = output_weights[name].to(mat).sqrt()[:, None] * mat
         gram = mat @ sigma @ mat.T
         eig = torch.clamp(torch.linalg.eigvalsh((gram + gram.T) / 2).flip(0), min=0)
-        tail = 1 - torch.cumsum(eig, 0) / max(float(eig.sum()), 1e-300)
+        if output_weights is not None:
+            tail = float(eig.sum()) - torch.cumsum(eig, 0)
+        else:
+            tail = 1 - torch.cumsum(eig, 0) / max(float(eig.sum()), 1e-300)
         curve = []
         for frac in [0.02 * i for i in range(1, 51)]:
             rank = rk.ranks_for_ratio(method, shape, frac)

@@ -182,8 +182,12 @@ def allocate_budget(
     dict name -> rank
         Greedy marginal allocation: start every layer at its smallest candidate and
         repeatedly upgrade the layer with the largest error decrease per added parameter
-        while the budget allows. Raises ``ValueError`` if even the smallest candidates do
-        not fit.
+        while the budget allows. The upgrade of a layer may skip candidates: from its
+        current one it goes to the later candidate (within the budget) with the steepest
+        decrease per parameter, so that a plateau (a larger candidate with the same
+        estimated error, e.g. a Tucker-2 rank pair whose input rank alone grew) does not
+        stop the layer from ever growing. Raises ``ValueError`` if even the smallest
+        candidates do not fit.
     """
     choice = {name: 0 for name in curves}
     used = sum(c[0][0] for c in curves.values())
@@ -192,20 +196,20 @@ def allocate_budget(
             f"The parameter budget {budget} is below the smallest factorization ({used} weights)."
         )
     while True:
-        best, best_gain = None, 0.0
+        best, best_gain, best_to = None, 0.0, None
         for name, curve in curves.items():
             i = choice[name]
-            if i + 1 >= len(curve):
-                continue
-            extra = curve[i + 1][0] - curve[i][0]
-            if extra <= 0 or used + extra > budget:
-                continue
-            gain = (curve[i][1] - curve[i + 1][1]) / extra
-            if gain > best_gain:
-                best, best_gain = name, gain
+            for j in range(i + 1, len(curve)):
+                extra = curve[j][0] - curve[i][0]
+                if extra <= 0:
+                    continue
+                if used + extra > budget:
+                    continue
+                gain = (curve[i][1] - curve[j][1]) / extra
+                if gain > best_gain:
+                    best, best_gain, best_to = name, gain, j
         if best is None:
             break
-        i = choice[best]
-        used += curves[best][i + 1][0] - curves[best][i][0]
-        choice[best] = i + 1
+        used += curves[best][best_to][0] - curves[best][choice[best]][0]
+        choice[best] = best_to
     return {name: curves[name][i][2] for name, i in choice.items()}

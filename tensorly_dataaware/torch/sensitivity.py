@@ -1,0 +1,155 @@
+r"""How much each output channel of a layer matters to the network's loss: the diagonal Fisher.
+
+A small change :math:`\delta y` of a layer's output raises the expected loss, to second
+order, by :math:`\tfrac12\,\delta y^\top H\,\delta y`; the diagonal of the empirical Fisher,
+:math:`F_c = \mathbb E[(\partial L/\partial y_c)^2]`, is the usual cheap stand-in for the
+diagonal of :math:`H`. Summed over the positions of an image, and with the layer's output
+error per position :math:`\mathbb E[\delta y_c^2]`, the loss increase of one image is about
+:math:`\tfrac12 \sum_c F_c\,\mathbb E[\delta y_c^2]`: a per-channel weight that makes output
+errors of different layers (and channels) comparable. :func:`output_fisher` measures it with
+one backward pass per calibration batch, needing no labels: the loss is the cross-entropy of
+the model's own predicted class (the "label-free" empirical Fisher).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from .statistics import _batch_input, _model_device
+
+__all__ = ["output_fisher"]
+
+
+def _channel_axis(module: nn.Module, output: torch.Tensor) -> int:
+    # Conv2d writes channels on axis 1; Linear on the last axis, whatever the leading ones.
+    return 1 if isinstance(module, nn.Conv2d) else output.dim() - 1
+
+
+def output_fisher(
+    model: nn.Module,
+    batches: Iterable[Any],
+    layers: Iterable[str],
+    *,
+    max_batches: int | None = None,
+    reduce=None,
+) -> dict[str, torch.Tensor]:
+    r"""Diagonal empirical Fisher of every named layer's output channels, label-free.
+
+    For every image the loss is the cross-entropy of the model's output against its own
+    predicted class (``argmax`` over axis 1, so logits of shape ``(N, C)`` or ``(N, C, ...)``
+    for dense prediction); the result for channel ``c`` of layer ``l`` is the mean over
+    images of :math:`\sum_p (\partial L / \partial y_{c,p})^2`, the sum running over the
+    positions ``p`` of the layer's output (for a Linear layer, over every axis but the last).
+    Accumulated in float64. The model runs in eval mode; its parameters' ``.grad`` and its
+    modes are left as they were (the gradients are taken with respect to the layer outputs
+    only, through a zero added to each).
+
+    Parameters
+    ----------
+    model : nn.Module
+        A classifier: ``model(x)`` returns logits with the classes on axis 1.
+    batches : iterable of batches
+        Tensors, or tuples/lists whose first item is the input (labels are ignored).
+    layers : iterable of str
+        Names of ``nn.Conv2d`` / ``nn.Linear`` modules, each called once per forward pass.
+    max_batches : int, optional
+        Use only the first ``max_batches`` batches.
+    reduce : callable, optional
+        ``reduce(tensor)`` sums a float64 tensor over processes in place (distributed runs);
+        it is called once with the concatenated sums and image count.
+
+    Returns
+    -------
+    dict of str to torch.Tensor
+        Float64 vector of length ``out_channels`` per layer, on the CPU.
+
+    Raises
+    ------
+    ValueError
+        If ``batches`` is empty, a layer is not called, or the output is not logits.
+    """
+    names = list(layers)
+    modules = {name: model.get_submodule(name) for name in names}
+    for name, module in modules.items():
+        if not isinstance(module, (nn.Conv2d, nn.Linear)):
+            raise ValueError(f"`layers`: {name!r} is a {type(module).__name__}, not an nn.Conv2d or nn.Linear.")
+    sums = {name: torch.zeros(m.weight.shape[0], dtype=torch.float64) for name, m in modules.items()}
+    images = 0
+    device = _model_device(model)
+    flags = {name: m.training for name, m in model.named_modules()}
+    model.eval()
+    try:
+        with torch.enable_grad():
+            for index, batch in enumerate(batches):
+                if max_batches is not None and index >= max_batches:
+                    break
+                x = _batch_input(batch, index).to(device)
+                probes: dict[str, torch.Tensor] = {}
+                outputs: dict[str, torch.Tensor] = {}
+
+                def make_hook(name):
+                    def hook(_module, _args, output):
+                        # d(loss)/d(probe) = d(loss)/d(output): a leaf to differentiate
+                        # against, whether or not the parameters require grad.
+                        probe = torch.zeros_like(output, requires_grad=True)
+                        probes[name], outputs[name] = probe, output
+                        return output + probe
+
+                    return hook
+
+                handles = [m.register_forward_hook(make_hook(name)) for name, m in modules.items()]
+                try:
+                    logits = model(x)
+                finally:
+                    for handle in handles:
+                        handle.remove()
+                missing = [name for name in names if name not in probes]
+                if missing:
+                    raise ValueError(f"Layers {missing} were not called by the forward pass.")
+                if not isinstance(logits, torch.Tensor) or logits.dim() < 2 or not logits.is_floating_point():
+                    raise ValueError(
+                        "The label-free Fisher needs a classifier: `model(x)` must return floating logits of shape "
+                        f"(N, C, ...); got {type(logits).__name__}"
+                        + (f" of shape {tuple(logits.shape)}." if isinstance(logits, torch.Tensor) else ".")
+                    )
+                predicted = logits.detach().argmax(1)
+                loss = nn.functional.cross_entropy(logits, predicted, reduction="sum")
+                grads = torch.autograd.grad(loss, [probes[name] for name in names])
+                for name, grad in zip(names, grads):
+                    axis = _channel_axis(modules[name], grad)
+                    g = grad.detach().to(torch.float64)
+                    sums[name] += (g * g).sum(dim=tuple(d for d in range(g.dim()) if d != axis)).cpu()
+                images += logits.shape[0]
+    finally:
+        for name, module in model.named_modules():
+            if name in flags:
+                module.train(flags[name])
+    if reduce is not None:
+        flat = torch.cat([sums[name] for name in names] + [torch.tensor([float(images)], dtype=torch.float64)])
+        reduce(flat)
+        images = int(round(float(flat[-1])))
+        offset = 0
+        for name in names:
+            size = sums[name].numel()
+            sums[name] = flat[offset : offset + size].clone()
+            offset += size
+    if images == 0:
+        raise ValueError("`batches` yielded no batch: nothing to measure the Fisher on.")
+    return {name: value / images for name, value in sums.items()}
+
+
+def fisher_row_weights(fisher: Mapping[str, torch.Tensor], floor: float = 1e-3) -> dict[str, torch.Tensor]:
+    """Per-channel weights ``F_c`` with a floor of ``floor`` times the layer's mean.
+
+    A channel whose Fisher is zero (e.g. dead after its ReLU on every calibration image)
+    would otherwise get weight 0, which the weighted fit cannot divide back out.
+    """
+    out = {}
+    for name, f in fisher.items():
+        mean = float(f.mean()) if f.numel() else 0.0
+        out[name] = f.clamp_min(floor * mean) if mean > 0 else torch.ones_like(f)
+    return out

@@ -1,0 +1,199 @@
+"""Fisher sensitivity: the output Fisher, the weighted budget allocation and the weighted fit."""
+
+import pytest
+
+torch = pytest.importorskip("torch")
+from torch import nn  # noqa: E402
+
+from tensorly_dataaware.torch import collect_covariances, compress_sequential, plan_compression  # noqa: E402
+from tensorly_dataaware.torch.compress import _budget_ranks  # noqa: E402
+from tensorly_dataaware.torch.sensitivity import fisher_row_weights, output_fisher  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+
+
+def _net(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1),
+        nn.BatchNorm2d(6),
+        nn.ReLU(),
+        nn.Conv2d(6, 7, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(7, 5, 3, stride=2),
+        nn.Flatten(),
+        nn.Linear(5 * 3 * 3, 4),
+    ).double()
+
+
+def _batches(n_batches=3, size=5, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(size, 3, 8, 8, generator=g, dtype=torch.float64), torch.zeros(size)) for _ in range(n_batches)]
+
+
+def _explicit_fisher(net, batches, names):
+    """One image at a time: the gradient of CE(own argmax) w.r.t. each layer output."""
+    sums = {n: 0.0 for n in names}
+    images = 0
+    for x, _ in batches:
+        for i in range(x.shape[0]):
+            outs = {}
+
+            def keep(_m, _a, o, n):
+                o.retain_grad()
+                outs[n] = o
+
+            handles = [net.get_submodule(n).register_forward_hook(lambda m, a, o, n=n: keep(m, a, o, n)) for n in names]
+            xi = x[i : i + 1].clone().requires_grad_(True)
+            logits = net(xi)
+            for h in handles:
+                h.remove()
+            loss = nn.functional.cross_entropy(logits, logits.argmax(1))
+            loss.backward()
+            for n in names:
+                g = outs[n].grad[0]
+                sums[n] = sums[n] + (g.reshape(g.shape[0], -1) ** 2 if g.dim() > 1 else g[:, None] ** 2).sum(1)
+            images += 1
+    return {n: s / images for n, s in sums.items()}
+
+
+def test_output_fisher_equals_per_image_gradients():
+    net = _net().eval()
+    batches = _batches()
+    names = ["3", "5", "7"]
+    got = output_fisher(net, batches, names)
+    want = _explicit_fisher(net, batches, names)
+    for n in names:
+        assert got[n].dtype == torch.float64 and got[n].shape == (net.get_submodule(n).weight.shape[0],)
+        torch.testing.assert_close(got[n], want[n].detach(), rtol=1e-10, atol=1e-14)
+        assert float(got[n].sum()) > 0
+
+
+def test_output_fisher_leaves_the_model_alone():
+    net = _net().train()
+    net[0].weight.grad = None
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    output_fisher(net, _batches(), ["3", "7"])
+    assert net.training and all(m.training for m in net.modules())
+    assert all(p.grad is None for p in net.parameters())
+    # Eval mode inside: BatchNorm's running statistics are not updated.
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    # And it also works when nothing requires grad (a frozen model).
+    for p in net.parameters():
+        p.requires_grad_(False)
+    assert float(output_fisher(net.eval(), _batches(), ["3"])["3"].sum()) > 0
+
+
+def test_output_fisher_refuses_non_logits_and_empty_batches():
+    class Scalar(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.fc(x).sum()
+
+    with pytest.raises(ValueError, match="classifier"):
+        output_fisher(Scalar(), [torch.randn(4, 3)], ["fc"])
+    with pytest.raises(ValueError, match="no batch"):
+        output_fisher(_net(), [], ["3"])
+    with pytest.raises(ValueError, match="not an nn.Conv2d"):
+        output_fisher(_net(), _batches(), ["1"])
+
+
+def test_fisher_row_weights_floor():
+    w = fisher_row_weights({"a": torch.tensor([0.0, 2.0, 2.0], dtype=torch.float64), "b": torch.zeros(2)})
+    assert float(w["a"][0]) == pytest.approx(1e-3 * 4 / 3)
+    assert torch.equal(w["b"], torch.ones(2))
+
+
+def _two_layer_prepared():
+    torch.manual_seed(0)
+    weight = torch.randn(16, 16, 3, 3, dtype=torch.float64)
+    a = torch.randn(144, 144, dtype=torch.float64)
+    sigma = a @ a.T / 144 + 0.1 * torch.eye(144, dtype=torch.float64)
+    # Two identical layers: only their sensitivity differs.
+    return [(name, None, "tucker2", weight, sigma) for name in ("low", "high")]
+
+
+def test_weighted_allocation_prefers_the_sensitive_layer():
+    prepared = _two_layer_prepared()
+    plain = _budget_ranks(prepared, 0.25)
+    assert plain["low"] == plain["high"]  # identical curves: no preference
+    ones = torch.ones(16, dtype=torch.float64)
+    weighted = _budget_ranks(prepared, 0.25, {"low": ones, "high": 100 * ones})
+    assert weighted["high"][0] > weighted["low"][0]
+    # Swapping the sensitivities swaps the ranks.
+    swapped = _budget_ranks(prepared, 0.25, {"low": 100 * ones, "high": ones})
+    assert swapped["low"] == weighted["high"] and swapped["high"] == weighted["low"]
+
+
+def _weighted_output_error(small, net, name, batches, fisher):
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for x, _ in batches:
+            outs = []
+            h1 = net.get_submodule(name).register_forward_hook(lambda m, a, o: outs.append(o))
+            net(x)
+            h1.remove()
+            h2 = small.get_submodule(name).register_forward_hook(lambda m, a, o: outs.append(o))
+            small(x)
+            h2.remove()
+            diff = (outs[0] - outs[1]).transpose(0, 1).reshape(outs[0].shape[1], -1)
+            total += float((fisher[:, None] * diff**2).sum())
+            count += diff.shape[1]
+    return total / count
+
+
+@pytest.mark.parametrize("method", ["svd", "tucker2"])
+def test_fisher_weighted_fit_lowers_the_weighted_error(method):
+    net = _net().eval()
+    with torch.no_grad():
+        # Make channel 0 of layer 5's output 20x more influential on the logits, so that its
+        # Fisher stands out and the weighted fit has something to prefer.
+        net[7].weight[:, :9] *= 20
+    batches = _batches(n_batches=4, size=16)
+    # The first compressed layer: x~ = x and the fit is the plain weighted problem.
+    fisher = fisher_row_weights(output_fisher(net, batches, ["5"]))["5"]
+    common = dict(ranks={"5": (2, 3) if method == "tucker2" else 2}, layers=["5"], progress=False,
+                  n_iter_max=200, tol=1e-12, random_state=0)
+    plain = compress_sequential(net, batches, method, **common)
+    weighted = compress_sequential(net, batches, method, fit_weighting="fisher", **common)
+    e_plain = _weighted_output_error(plain, net, "5", batches, fisher)
+    e_weighted = _weighted_output_error(weighted, net, "5", batches, fisher)
+    assert e_weighted < 0.8 * e_plain
+
+
+def test_budget_weighting_fisher_uses_the_output_fisher():
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 24, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(24, 16, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(64, 4),
+    ).double().eval()
+    batches = _batches()
+    layers = ["2", "4"]
+    small, report = compress_sequential(
+        net, batches, "tucker2", budget=0.5, layers=layers, budget_weighting="fisher",
+        return_report=True, progress=False, n_iter_max=5, random_state=0,
+    )
+    got = {r.name: r.rank for r in report if r.method == "tucker2"}
+    stats = collect_covariances(net, batches, layers=layers, progress=False)
+    weights = fisher_row_weights(output_fisher(net, batches, layers))
+    jobs = plan_compression(net, stats, "tucker2", budget=0.5, layers=layers, budget_weights=weights)
+    assert got == {job.name: job.rank for job in jobs}
+    relative = plan_compression(net, stats, "tucker2", budget=0.5, layers=layers)
+    # The weighting changes the allocation on this network (else the test above proves nothing).
+    assert {job.name: job.rank for job in relative} != got
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"budget_weighting": "loss"}, "budget_weighting"),
+        ({"fit_weighting": "relative"}, "fit_weighting"),
+    ],
+)
+def test_bad_weighting_options(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        compress_sequential(_net().eval(), _batches(), "tucker2", budget=0.3, progress=False, **kwargs)
