@@ -15,6 +15,7 @@ from .compress import (
 from .sequential import compress_sequential, layer_call_order
 from .layers import CPConv2d, LowRankConv2d, LowRankLinear, Tucker2Conv2d, build_from_spec
 from .ranks import allocate_budget, ranks_for_energy, ranks_for_ratio
+from .sensitivity import output_fisher
 from .serialization import compression_spec, load_compressed, save_compressed
 from .statistics import (
     CrossStatistics,
@@ -53,6 +54,7 @@ __all__ = [
     "ranks_for_ratio",
     "ranks_for_energy",
     "allocate_budget",
+    "output_fisher",
 ]
 
 # Deployment (issue 11): fastest equivalent layer forms, export.
