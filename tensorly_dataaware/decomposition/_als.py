@@ -28,12 +28,12 @@ DIRECT_SOLVE_MAX_UNKNOWNS = 512
 
 #: CG iterations allowed in the first sweeps' input-factor solves. The solve is warm-started
 #: at the current factor and the next joint/output step moves the other factors anyway, so
-#: solving it accurately buys almost no outer progress: on the embedded ResNet-20 and VGG
-#: layers (10% kept, 30 sweeps) two iterations per sweep gave the same final errors as
-#: solves to 1e-8 relative residual in 2.5x less time (``benchmarks/inner_iterations.py``).
-#: The budget doubles, up to ``cg_maxiter``, whenever the run would otherwise stop while
-#: the inner solve was still truncated, so a converged result solves its block problem to
-#: the forcing tolerance.
+#: solving it accurately buys little outer progress: on the embedded ResNet-20 and VGG
+#: layers (10% kept, 30 sweeps) two iterations per sweep gave the same final Tucker-2 errors
+#: as solves to the forcing tolerance in 0.35-0.71x the time, and CP errors within +-1% in
+#: 0.72-0.88x (``benchmarks/inner_iterations.py``). When a sweep gains less than ``tol``
+#: while the solve was cut short, the budget doubles (up to ``cg_maxiter``) and the run
+#: stops only if the sweep with the larger budget also gains less than ``tol``.
 CG_ITERATIONS_START = 2
 
 

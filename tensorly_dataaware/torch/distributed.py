@@ -620,7 +620,8 @@ def estimate_memory(
             inner = n2 + (r_in * P) ** 2 + 3 * (S * r_in) ** 2
         else:
             inner = 3 * r_out * n + r_out * r_in * P + 8 * S * r_in + 3 * r_in * r_in
-        # 2 n^2: transposed copies of sigma that the tensordot-based contractions make.
+        # 2 n^2: the solver's (S P P) x S copy of sigma and a transposed copy in the matvec
+        # (calibrated before that copy replaced per-sweep transposes; still on the safe side).
         work = 2 * n2 + r_out * n + max(joint, inner)
     else:  # cp
         r = int(rank)
@@ -636,7 +637,8 @@ def estimate_memory(
             channel = a * r * P + 3 * a * n + 8 * S * r + 3 * r * r
         init = 2 * T * n + (T + S + sum(spatial)) * r
         # 8 n^2: sigma reshaped/transposed by the multi-operand contractions of the spatial
-        # and channel steps (measured: 7.5 to 11 n^2 above the resident terms at n = 2304-4608).
+        # and channel steps (measured: 7.5 to 11 n^2 above the resident terms at n = 2304-4608,
+        # before the spatial steps reused one n x P R product; now an overestimate).
         work = 8 * n2 + factors + max(output, spatial_step, channel, init)
     peak = base + max(build, work)
     return int(math.ceil(1.1 * peak * int(dtype_bytes)))
