@@ -312,9 +312,15 @@ SEQ_KW = dict(
     ratio=0.5, n_iter_max=4, random_state=0, progress=False, return_report=True,
     layers=["conv1", "conv2", "conv3"], refit=True, target_damping="cv",
 )
+# The Fisher options: the per-channel Fisher sums are all-reduced too.
+SEQ_KW_FISHER = dict(
+    budget=0.5, n_iter_max=4, random_state=0, progress=False, return_report=True,
+    layers=["conv1", "conv2", "conv3"], budget_weighting="fisher", fit_weighting="fisher",
+)
 
 
-def _sequential_worker(rank, world, port, outdir, fail):
+def _sequential_worker(rank, world, port, outdir, fail, kw=None):
+    kw = SEQ_KW if kw is None else kw
     _join_gloo(rank, world, port)
     result = {}
     try:
@@ -323,7 +329,7 @@ def _sequential_worker(rank, world, port, outdir, fail):
             batches[0] = batches[0].clone()
             batches[0][0, 0, 0, 0] = float("nan")
         try:
-            small, report = tdd.compress_sequential_distributed(make_model(), batches, "tucker2", **SEQ_KW)
+            small, report = tdd.compress_sequential_distributed(make_model(), batches, "tucker2", **kw)
             result["state"] = {k: v.clone() for k, v in small.state_dict().items()}
             result["report"] = [(r.name, r.rank, r.params_after, r.notes) for r in report]
         except tdd.DistributedCompressionError as exc:
@@ -333,16 +339,17 @@ def _sequential_worker(rank, world, port, outdir, fail):
         dist.destroy_process_group()
 
 
-def _run_sequential_workers(world, outdir, fail=False):
-    return _spawn(_sequential_worker, world, outdir, fail)
+def _run_sequential_workers(world, outdir, fail=False, kw=None):
+    return _spawn(_sequential_worker, world, outdir, fail, kw)
 
 
-def test_sequential_distributed_matches_one_process(tmp_path):
+@pytest.mark.parametrize("kw", [SEQ_KW, SEQ_KW_FISHER], ids=["cv-ridges", "fisher"])
+def test_sequential_distributed_matches_one_process(tmp_path, kw):
     from tensorly_dataaware.torch import compress_sequential
 
-    results = _run_sequential_workers(2, tmp_path)
+    results = _run_sequential_workers(2, tmp_path, kw=kw)
     with _one_thread():
-        small, report = compress_sequential(make_model(), make_batches(), "tucker2", **SEQ_KW)
+        small, report = compress_sequential(make_model(), make_batches(), "tucker2", **kw)
     expected = small.state_dict()
     for res in results:
         assert "error" not in res, res.get("error")

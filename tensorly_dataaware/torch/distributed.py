@@ -939,6 +939,10 @@ class _Collectives(_Local):
         for tensor in moments.sum_tensors():
             tensor.copy_(_reduce_tensor_(tensor, comm, self.group, self.chunk))
 
+    def reduce_tensor(self, tensor):
+        if self.world > 1:
+            tensor.copy_(_reduce_tensor_(tensor, _comm_device(self.group), self.group, self.chunk))
+
     def decide(self, compute, name):
         # Rank 0 factorizes and every rank installs its module: bit-identical models on all
         # ranks, whatever the ranks' devices and thread counts.
@@ -982,6 +986,8 @@ def compress_sequential_distributed(
     refit: Iterable[str] | bool | None = None,
     refit_damping: float | str | None = "cv",
     target_damping: float | str | None = None,
+    budget_weighting: str = "relative",
+    fit_weighting: str | None = None,
     group=None,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     **solver_options,
@@ -998,11 +1004,12 @@ def compress_sequential_distributed(
 
     Parameters
     ----------
-    model, batches, method, ranks, ratio, energy, budget, norm, layers, centered, bias_correction, inplace, return_report, max_batches, device, damping, cache_bytes, refit, refit_damping, target_damping, **solver_options
+    model, batches, method, ranks, ratio, energy, budget, norm, layers, centered, bias_correction, inplace, return_report, max_batches, device, damping, cache_bytes, refit, refit_damping, target_damping, budget_weighting, fit_weighting, **solver_options
         As in :func:`~tensorly_dataaware.torch.compress_sequential`; ``batches`` is this
         rank's shard (re-iterable) and must not be empty. With ``refit_damping='cv'`` or
         ``target_damping='cv'`` the moments of every fold of images are all-reduced (fold
-        ``k`` holds image ``k``, ``k + 4``, ... of every batch of every rank).
+        ``k`` holds image ``k``, ``k + 4``, ... of every batch of every rank); with a
+        ``'fisher'`` weighting, the per-channel Fisher sums are all-reduced as well.
     progress : bool, optional
         Default: on rank 0 only.
     group : ProcessGroup, optional
@@ -1028,5 +1035,5 @@ def compress_sequential_distributed(
         return_report=return_report, progress=comm.rank == 0 if progress is None else progress,
         max_batches=max_batches, device=device, damping=damping, solver_options=solver_options,
         cache_bytes=cache_bytes, refit=refit, refit_damping=refit_damping, target_damping=target_damping,
-        collectives=comm,
+        budget_weighting=budget_weighting, fit_weighting=fit_weighting, collectives=comm,
     )
