@@ -80,6 +80,17 @@ class SigmaProblem:
             self._cache["sigma_by_input"] = tl.reshape(tl.transpose(sigma4, (0, 1, 3, 2)), (S * P * P, S))
         return self._cache["sigma_by_input"]
 
+    def wsig_by_input(self):
+        """``W Sigma`` as a ``(T P) x S`` matrix, ``[(t, p), s] = (W Sigma)[t, (s, p)]``.
+
+        ``W Sigma (V kron I_P)`` is then one GEMM with ``V`` instead of a contraction that
+        transposes ``W Sigma`` every sweep. Made once per decomposition.
+        """
+        if "wsig_by_input" not in self._cache:
+            wsig3 = tl.reshape(self.Wsig, (self.n_out, self.n_in, self.n_pos))
+            self._cache["wsig_by_input"] = tl.reshape(tl.transpose(wsig3, (0, 2, 1)), (self.n_out * self.n_pos, self.n_in))
+        return self._cache["wsig_by_input"]
+
     @property
     def tensor(self):
         """The tensor in working precision, shape ``(T, S, *spatial)``."""

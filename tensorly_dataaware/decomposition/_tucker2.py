@@ -70,8 +70,11 @@ def _joint_step(prob: SigmaProblem, V, r_out: int) -> _Tucker2State:
     sig_z = tl.dot(prob.sigma_by_input(), V)
     C = tl.dot(tl.transpose(V), tl.reshape(sig_z, (S, P * P * r_in)))
     C = tl.reshape(tl.transpose(tl.reshape(C, (r_in, P, P, r_in)), (0, 1, 3, 2)), (r_in * P, r_in * P))
-    F = tl.reshape(contract("tsp,sb->tbp", tl.reshape(prob.Wsig, (prob.n_out, S, P)), V), (prob.n_out, r_in * P))
-    H = psd_solve((C + tl.transpose(C)) / 2, tl.transpose(F))  # C^+ F^T, (R_in P) x T
+    F = tl.dot(prob.wsig_by_input(), V)  # W Sigma Z as [(t, p), b]
+    F = tl.reshape(tl.transpose(tl.reshape(F, (prob.n_out, P, r_in)), (0, 2, 1)), (prob.n_out, r_in * P))
+    # psd_solve reads one triangle of C on every backend (Cholesky, or eigh for a singular
+    # C), so the round-off asymmetry of the product needs no symmetrization here.
+    H = psd_solve(C, tl.transpose(F))  # C^+ F^T, (R_in P) x T
     B = tl.dot(F, H)
     U, _ = top_eigvecs((B + tl.transpose(B)) / 2, r_out)
     G_mat = tl.transpose(tl.dot(H, U))  # R_out x (R_in P)
@@ -142,8 +145,7 @@ class _Tucker2Model:
     @staticmethod
     def sweep(prob, system, state: _Tucker2State, solver, cg_tol, cg_maxiter, reduction):
         # Input-factor step: only U^T W matters because U is orthonormal.
-        Wsig3 = tl.reshape(prob.Wsig, (prob.n_out, prob.n_in, prob.n_pos))
-        x_sig = contract("ta,tsp->asp", state.U, Wsig3)
+        x_sig = tl.reshape(tl.dot(tl.transpose(state.U), prob.Wsig), (tl.shape(state.U)[1], prob.n_in, prob.n_pos))
         rhs = contract("asp,abp->sb", x_sig, state.G)
         # The operator at the current V, from the joint step's G (Sigma Z)^T.
         ax0 = contract("asp,abp->sb", tl.reshape(state.core_sig, tl.shape(x_sig)), state.G)
