@@ -528,14 +528,17 @@ def _shift_moments(
                 product(base_frame[r, :, c], shifted_frame[r, :, c]) for r in rows for c in cols
             ]).view(len(rows), len(cols), c_g, c_g) if rows and cols else None
             # blocks for every offset a = (a1, a2) at once (only those with b = a + delta valid are kept):
-            # full - excluded rows - excluded columns + excluded corners.
+            # full - excluded rows - excluded columns + excluded corners. The indicator
+            # matrices are applied as plain matrix products (torch.einsum searched a
+            # contraction path on every call: 12% of a ResNet-20 collection).
             per_a = full.expand(kh, kw, c_g, c_g).clone()
             if rows:
-                per_a -= torch.einsum("ar,rij->aij", row_ind, by_row)[:, None]
+                per_a -= (row_ind @ by_row.reshape(len(rows), -1)).view(kh, 1, c_g, c_g)
             if cols:
-                per_a -= torch.einsum("ac,cij->aij", col_ind, by_col)[None, :]
+                per_a -= (col_ind @ by_col.reshape(len(cols), -1)).view(1, kw, c_g, c_g)
             if by_corner is not None:
-                per_a += torch.einsum("ar,bc,rcij->abij", row_ind, col_ind, by_corner)
+                corner = (row_ind @ by_corner.reshape(len(rows), -1)).view(kh, len(cols), c_g * c_g)
+                per_a += torch.matmul(col_ind, corner).view(kh, kw, c_g, c_g)
             a1 = torch.arange(0, kh - d1)
             a2 = torch.arange(max(0, -d2), min(kw, kw - d2))
             a1, a2 = (t.reshape(-1) for t in torch.meshgrid(a1, a2, indexing="ij"))
