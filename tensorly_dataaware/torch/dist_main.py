@@ -94,6 +94,7 @@ def run_distributed(
     quiet: bool = False,
     sequential: bool = False,
     refit: bool = False,
+    fisher: bool = False,
 ) -> int:
     """Join the process group, compress ``model`` on ``images`` across all ranks, clean up.
 
@@ -104,7 +105,8 @@ def run_distributed(
     (:func:`~tensorly_dataaware.torch.distributed.compress_sequential_distributed`): every
     rank streams its shard, rank 0 factorizes; ``stats_out`` does not apply then, and
     ``refit=True`` also refits the dense layers after the first compressed one
-    (``compress_sequential(..., refit=True)``).
+    (``compress_sequential(..., refit=True)``) and ``fisher=True`` sets
+    ``budget_weighting='fisher'`` and ``fit_weighting='fisher'``.
     """
     import torch.distributed as dist
 
@@ -141,6 +143,7 @@ def run_distributed(
                 model, shard(batches, rank, world), method, ranks=ranks, ratio=ratio, energy=energy, budget=budget,
                 norm=norm, centered=centered, layers=layers, damping=damping, progress=progress and rank == 0,
                 return_report=True, n_iter_max=n_iter_max, random_state=seed, refit=refit or None,
+                **(dict(budget_weighting="fisher", fit_weighting="fisher") if fisher else {}),
             )
             say(f"sequential calibration of {len(report)} layers from {n} images on {world} rank(s) "
                 f"({dist.get_backend()}) in {time.perf_counter() - start:.1f}s\n")
