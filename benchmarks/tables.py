@@ -161,8 +161,7 @@ def speed_summary(paths: list[Path]):
     for path in paths:
         data = json.loads(path.read_text())
         info = data["info"]
-        threads = "1" if "OMP_NUM_THREADS=1" in info.get("env", "") or all(
-            v == 1 for v in info["process_threads"].values()) else "default"
+        threads = "1" if all(v == 1 for v in info["process_threads"].values()) else "default"
         cells = defaultdict(dict)
         for r in data["rows"]:
             cells[(r["dtype"], r["shape"])][r["method"]] = r

@@ -937,7 +937,7 @@ class _Collectives(_Local):
         dist.all_reduce(count, op=dist.ReduceOp.SUM, group=self.group)
         moments.count = int(count.item())
         for tensor in moments.sum_tensors():
-            tensor.copy_(_reduce_tensor_(tensor, comm, self.group, self.chunk))
+            self.reduce_tensor(tensor)
 
     def reduce_tensor(self, tensor):
         if self.world > 1:
