@@ -78,6 +78,19 @@ def _eprint(*args: Any) -> None:
     print(*args, file=sys.stderr, flush=True)
 
 
+def _ridge(text: str):
+    """``'cv'`` or a finite number >= 0 (a relative ridge)."""
+    if text == "cv":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'cv' or a number >= 0, got {text!r}") from None
+    if not (value >= 0.0 and value != float("inf")):
+        raise argparse.ArgumentTypeError(f"expected 'cv' or a finite number >= 0, got {text!r}")
+    return value
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -581,7 +594,11 @@ def cmd_compress(args) -> int:
         raise CLIError("--refit refits layers during sequential calibration: add --sequential.")
     if args.fisher and not args.sequential:
         raise CLIError("--fisher weights the sequential calibration: add --sequential.")
-    fisher = dict(budget_weighting="fisher", fit_weighting="fisher") if args.fisher else {}
+    sequential_options = dict(budget_weighting="fisher", fit_weighting="fisher") if args.fisher else {}
+    if args.target_damping is not None and not args.sequential:
+        raise CLIError("--target-damping regularizes the sequential calibration's targets: add --sequential.")
+    if args.target_damping is not None:
+        sequential_options["target_damping"] = args.target_damping
     if not args.distributed:
         for flag, value in (("--max-memory", args.max_memory), ("--backend", args.backend), ("--timeout", args.timeout)):
             if value is not None:
@@ -611,7 +628,7 @@ def cmd_compress(args) -> int:
             n_iter_max=args.n_iter_max, seed=args.seed, calib_samples=n, batch_size=args.batch_size,
             output=output, stats_out=stats_out, max_memory=max_memory, progress=progress,
             backend=args.backend or "auto", timeout_s=args.timeout or 1800.0, sequential=args.sequential,
-            refit=args.refit, fisher=args.fisher,
+            refit=args.refit, fisher=args.fisher, target_damping=args.target_damping,
         )
 
     if args.sequential:
@@ -648,7 +665,7 @@ def cmd_compress(args) -> int:
             start = time.perf_counter()
             compressed, report = compress_sequential(
                 model, list(_batches(data.calib_x, args.batch_size, n)), args.method,
-                refit=True if args.refit else None, **fisher, **options,
+                refit=True if args.refit else None, **sequential_options, **options,
             )
             print(f"sequential calibration of {len(layers)} layers on {n} images ({data.source}) in "
                   f"{_fmt_seconds(time.perf_counter() - start)}")
@@ -965,6 +982,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --sequential: weight the --budget allocation and each layer's fit by the label-free "
                         "Fisher of the layers' output channels (the model must return logits); opt-in, measured "
                         "within noise of the default on the embedded VGG's 10k test split")
+    r.add_argument("--target-damping", type=_ridge, metavar="{cv,RIDGE}",
+                   help="with --sequential: relative ridge of each compressed layer's regression target, or 'cv' to "
+                        "choose it per layer by cross-validation over the calibration images (default: --damping)")
     r.add_argument("--uncentered", action="store_true", help="weight with the uncentred second moment instead of the covariance")
     r.add_argument("--damping", type=float, default=1e-6, help="relative ridge added to each covariance")
     r.add_argument("--n-iter-max", type=_positive_int, default=30, help="maximum ALS sweeps of the solvers")

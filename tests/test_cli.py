@@ -231,6 +231,39 @@ def test_compress_sequential_fisher(tiny_files, tmp_path, capsys):
     assert "--fisher" in err and "--sequential" in err and len(err.strip().splitlines()) == 1
 
 
+def test_compress_sequential_target_damping(tiny_files, tmp_path, capsys):
+    from tensorly_dataaware.torch import compress_sequential
+
+    out = tmp_path / "seq_tcv.pt"
+    args = ["compress", "--model-file", str(tiny_files["full"]), "--allow-pickle", "--data-dir", str(tiny_files["data"]),
+            "--ratio", "0.5", "--batch-size", "32", "--n-iter-max", "10", "--no-progress"]
+    assert main(args + ["--sequential", "--target-damping", "cv", "--output", str(out)]) == 0
+    capsys.readouterr()
+    loaded = load_compressed(TinyNet(width=12), out).eval()
+    x = torch.from_numpy(((tiny_files["images"][:, None] / 255.0 - 0.286) / 0.353).astype(np.float32))
+    batches = [x[s : s + 32] for s in range(0, 96, 32)]
+    options = dict(ratio=0.5, layers=["conv2", "conv3"], progress=False, n_iter_max=10, random_state=0)
+    expected = compress_sequential(tiny_files["model"], batches, "tucker2", target_damping="cv", **options).eval()
+    heavy = compress_sequential(tiny_files["model"], batches, "tucker2", target_damping=10.0, **options).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x[:16]), expected(x[:16]), rtol=1e-5, atol=1e-6)
+    # A number is passed on as the ridge (a large one changes the fit: the flag is not dropped).
+    heavy_out = tmp_path / "seq_heavy.pt"
+    assert main(args + ["--sequential", "--target-damping", "10", "--output", str(heavy_out)]) == 0
+    capsys.readouterr()
+    with torch.no_grad():
+        got = load_compressed(TinyNet(width=12), heavy_out).eval()(x[:16])
+        torch.testing.assert_close(got, heavy(x[:16]), rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(got, expected(x[:16]), rtol=1e-4, atol=1e-5)
+    # It only means something during sequential calibration, and takes 'cv' or a number >= 0.
+    assert main(args + ["--target-damping", "cv"]) == 2
+    err = capsys.readouterr().err
+    assert "--target-damping" in err and "--sequential" in err and len(err.strip().splitlines()) == 1
+    for bad in ("-1", "abc", "inf"):
+        assert main(args + ["--sequential", "--target-damping", bad]) == 2
+        assert "--target-damping" in capsys.readouterr().err
+
+
 def test_collect_then_compress_with_stats_in(tiny_files, tmp_path, capsys):
     stats_path = tmp_path / "all.pt"
     assert main(["collect", "--model-file", str(tiny_files["full"]), "--allow-pickle", "--data-dir", str(tiny_files["data"]),

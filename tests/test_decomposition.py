@@ -303,12 +303,17 @@ class TestBadInput:
         with pytest.raises(ValueError, match="not symmetric"):
             parafac_sigma(rng.standard_normal(SHAPE), 3, sigma)
 
-    def test_sigma_indefinite(self, rng):
+    def test_sigma_indefinite(self, backend, rng):
+        # On every backend: PyTorch runs the PSD test with its own Cholesky, the others on
+        # the host.
         sigma = np.eye(N)
         sigma[3, 3] = 0.0
         sigma[3, 4] = sigma[4, 3] = 0.9
         with pytest.raises(ValueError, match="not positive semi-definite"):
             tucker2_sigma(rng.standard_normal(SHAPE), 3, sigma)
+        # A singular but PSD sigma (a rank-deficient covariance) passes the same test.
+        X = rng.standard_normal((N // 2, N))
+        tucker2_sigma(rng.standard_normal(SHAPE), 3, X.T @ X / N, n_iter_max=2)
 
     @pytest.mark.parametrize("where", ["tensor", "sigma"])
     def test_nan_and_inf(self, rng, where):

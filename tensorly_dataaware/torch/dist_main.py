@@ -95,6 +95,7 @@ def run_distributed(
     sequential: bool = False,
     refit: bool = False,
     fisher: bool = False,
+    target_damping: float | str | None = None,
 ) -> int:
     """Join the process group, compress ``model`` on ``images`` across all ranks, clean up.
 
@@ -106,7 +107,8 @@ def run_distributed(
     rank streams its shard, rank 0 factorizes; ``stats_out`` does not apply then, and
     ``refit=True`` also refits the dense layers after the first compressed one
     (``compress_sequential(..., refit=True)``) and ``fisher=True`` sets
-    ``budget_weighting='fisher'`` and ``fit_weighting='fisher'``.
+    ``budget_weighting='fisher'`` and ``fit_weighting='fisher'``; ``target_damping`` is
+    passed on as it is.
     """
     import torch.distributed as dist
 
@@ -144,6 +146,7 @@ def run_distributed(
                 norm=norm, centered=centered, layers=layers, damping=damping, progress=progress and rank == 0,
                 return_report=True, n_iter_max=n_iter_max, random_state=seed, refit=refit or None,
                 **(dict(budget_weighting="fisher", fit_weighting="fisher") if fisher else {}),
+                target_damping=target_damping,
             )
             say(f"sequential calibration of {len(report)} layers from {n} images on {world} rank(s) "
                 f"({dist.get_backend()}) in {time.perf_counter() - start:.1f}s\n")
