@@ -568,6 +568,34 @@ def test_shift_moments_equal_patch_moments(kernel):
         torch.testing.assert_close(total, p.sum(1), rtol=1e-12, atol=1e-11, msg=lambda m: f"{config}: {m}")
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_kernel_major_moments_equal_patch_moments(kernel):
+    """Strided convolutions (kernel-major patches, permuted moments): the same sums as P^T P
+    of patches_for, in its column order, for every padding mode / dilation / groups."""
+    from tensorly_dataaware.torch.statistics import _batch_moments
+
+    x = torch.randn(2, 4, 9, 8, dtype=F64, generator=torch.Generator().manual_seed(5))
+    checked = 0
+    for stride, padding, mode, dilation, groups in itertools.product(
+        [2, (1, 2), (3, 2)], [0, 1, (2, 0)], ["zeros", "reflect", "circular"], [1, (2, 1)], [1, 2]
+    ):
+        config = f"kernel={kernel} stride={stride} padding={padding!r} mode={mode} dilation={dilation} groups={groups}"
+        conv = nn.Conv2d(4, 6, kernel, stride=stride, padding=padding, padding_mode=mode, dilation=dilation,
+                         groups=groups, dtype=F64)
+        try:
+            p = patches_for(conv, x)
+        except (ValueError, RuntimeError):
+            continue
+        count, total, outer = _batch_moments(conv, x, max_positions_per_image=None, generator=None,
+                                             precision="float64")
+        assert count == p.shape[1], config
+        torch.testing.assert_close(outer, torch.bmm(p.transpose(1, 2), p), rtol=1e-12, atol=1e-11,
+                                   msg=lambda m: f"{config}: {m}")
+        torch.testing.assert_close(total, p.sum(1), rtol=1e-12, atol=1e-11, msg=lambda m: f"{config}: {m}")
+        checked += 1
+    assert checked > 20
+
+
 def test_shift_moments_conv1d_and_float32_bound():
     from tensorly_dataaware.torch.statistics import _batch_moments, float32_error_bound
 

@@ -300,6 +300,50 @@ def _conv_patches(
     return picked.permute(2, 0, 1, 3, 4, 5).reshape(groups, batch * k, n_per_group)
 
 
+def _patches_kernel_major(x: torch.Tensor, geometry: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """All patches of a batched 4-D input as ``(groups, m, n)``, columns in *kernel-major* order.
+
+    The columns run over (kernel row, kernel column, channel) instead of the channel-major
+    order of :func:`patches_for`; the second result ``order`` maps one to the other
+    (``patches_for(...)[..., j] == result[..., order[j]]``), so moments computed from these
+    patches are put in channel-major order by indexing them with ``order``.
+
+    Why: the input is copied once to channels-last and every patch row is then gathered
+    from runs of ``C / groups`` contiguous values, where the channel-major layout gathers
+    single scattered values; on a 2-core CPU (float32, 250 images, 3x3 stride-2 kernels)
+    forming the patches took 3.5x less time at 16 channels and 28x28 and 3.4x less at 32
+    channels and 14x14. The ``n``-index permutation of the ``n x n`` moments costs little
+    next to that.
+    """
+    kh, kw = geometry["kernel"]
+    sh, sw = geometry["stride"]
+    dh, dw = geometry["dilation"]
+    left, right, top, bottom = geometry["pad"]
+    groups = geometry["groups"]
+    mode = geometry["padding_mode"]
+    channels = x.shape[1]
+    c_g = channels // groups
+    if any((left, right, top, bottom)):
+        x = F.pad(x, (left, right, top, bottom), mode="constant" if mode == "zeros" else mode)
+    height, width = x.shape[-2:]
+    out_h = (height - dh * (kh - 1) - 1) // sh + 1
+    out_w = (width - dw * (kw - 1) - 1) // sw + 1
+    if out_h < 1 or out_w < 1:
+        raise ValueError(
+            f"The (padded) input of spatial size {(height, width)} is smaller than the dilated "
+            f"kernel {(dh * (kh - 1) + 1, dw * (kw - 1) + 1)}."
+        )
+    windows = (
+        x.permute(0, 2, 3, 1).contiguous()  # (B, H, W, C)
+        .unfold(1, dh * (kh - 1) + 1, sh)
+        .unfold(2, dw * (kw - 1) + 1, sw)[..., ::dh, ::dw]  # (B, Ho, Wo, C, kh, kw)
+        .unflatten(3, (groups, c_g))  # (B, Ho, Wo, g, C/g, kh, kw)
+    )
+    patches = windows.permute(3, 0, 1, 2, 5, 6, 4).reshape(groups, -1, kh * kw * c_g)
+    order = torch.arange(kh * kw * c_g, device=x.device).reshape(kh * kw, c_g).T.reshape(-1)
+    return patches, order
+
+
 def patches_for(
     module: nn.Module,
     inputs: torch.Tensor,
@@ -583,8 +627,10 @@ def _batch_moments(
     """Float64 ``(count, sum, sum_outer)`` of the patches of one batch, by the cheapest exact route.
 
     Stride-1 convolutions with a kernel larger than 1x1, when every position is kept, go
-    through :func:`_shift_moments` (no patch matrix at all); everything else forms the
-    patches with :func:`patches_for` and multiplies them (:func:`_accumulate_products`).
+    through :func:`_shift_moments` (no patch matrix at all); other convolutions keeping every
+    position form their patches in kernel-major order (:func:`_patches_kernel_major`) and
+    permute the moments; the rest (sampled positions, Linear layers) form the patches with
+    :func:`patches_for`; the patches are multiplied by :func:`_accumulate_products`.
     """
     kind = _kind_of(module)
     if kind != "linear":
@@ -598,9 +644,18 @@ def _batch_moments(
         if positions is not None:
             total, outer = _shift_moments(x, geometry, precision)
             return x.shape[0] * positions, total, outer
+        if max_positions_per_image is None:
+            patches, order = _patches_kernel_major(x, geometry)
+            m, total, outer = _moments_of(patches, precision)
+            return m, total[:, order], outer[:, order][:, :, order]
     patches = patches_for(
         module, inputs, max_positions_per_image=max_positions_per_image, generator=generator
     )
+    return _moments_of(patches, precision)
+
+
+def _moments_of(patches: torch.Tensor, precision: str) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """Float64 ``(count, sum, sum_outer)`` of ``(groups, m, n)`` patches."""
     groups, m, n = patches.shape
     total = torch.zeros(groups, n, dtype=torch.float64, device=patches.device)
     outer = torch.zeros(groups, n, n, dtype=torch.float64, device=patches.device)
@@ -1179,6 +1234,10 @@ class CrossStatistics:
             unchanged in that case.
         """
         _check_precision(precision)
+        self._add_pairs(x_patches, y_patches, precision)
+
+    def _add_pairs(self, x_patches: torch.Tensor, y_patches: torch.Tensor, precision: str, order=None) -> None:
+        """:meth:`update`, for patches whose columns are ``order``-permuted (None: not)."""
         x = _check_patches(x_patches, self.groups, self.n, "x_patches")
         y = _check_patches(y_patches, self.groups, self.n, "y_patches")
         if x.shape != y.shape:
@@ -1201,6 +1260,9 @@ class CrossStatistics:
         _accumulate_products(yy, y, y, precision, sums=(sum_y,))
         # out += a^T b with a = x, b = y gives sum_k x_k y_k^T: rows x, columns y.
         _accumulate_products(xy, x, y, precision, sums=(sum_x,))
+        if order is not None:
+            sum_x, sum_y = sum_x[:, order], sum_y[:, order]
+            yy, xy = yy[:, order][:, :, order], xy[:, order][:, :, order]
         if not (
             torch.isfinite(sum_x).all()
             and torch.isfinite(sum_y).all()
@@ -1224,7 +1286,9 @@ class CrossStatistics:
         than 1x1 and ``groups == 1`` the patches are never formed: the two inputs are stacked
         along the channels and the shift-structure moments of the stack (see
         ``_shift_moments``) hold ``X^T Y`` and ``Y^T Y`` as blocks, which costs two to three
-        times less than forming both patch matrices and multiplying them here.
+        times less than forming both patch matrices and multiplying them here. Other
+        convolutions form their patches in kernel-major order (faster to gather) and permute
+        the moments.
 
         Parameters
         ----------
@@ -1265,6 +1329,17 @@ class CrossStatistics:
                 self.sum_yy += yy
                 self.sum_xy += xy
                 self.count += x.shape[0] * positions
+                return
+        if kind != "linear":
+            geometry = _conv_geometry(module)
+            x = _conv_input(module, kind, x_inputs, geometry)
+            if x.shape[0] > 0:
+                # Every position is kept here: the faster kernel-major patches, moments permuted.
+                x_patches, order = _patches_kernel_major(x, geometry)
+                y_patches = x_patches if same else _patches_kernel_major(
+                    _conv_input(module, kind, y_inputs, geometry), geometry
+                )[0]
+                self._add_pairs(x_patches, y_patches, precision, order)
                 return
         x_patches = patches_for(module, x_inputs)
         self.update(x_patches, x_patches if same else patches_for(module, y_inputs), precision=precision)
