@@ -121,9 +121,10 @@ def _accumulate_products(
     Parameters
     ----------
     out : torch.Tensor
-        ``(g, n, n)`` float64 accumulator, updated in place.
+        ``(g, n, n_b)`` float64 accumulator, updated in place.
     a, b : torch.Tensor
-        ``(g, m, n)`` data on ``out``'s device (``b`` may be ``a`` itself: one conversion).
+        ``(g, m, n)`` and ``(g, m, n_b)`` data on ``out``'s device (``b`` may be ``a``
+        itself: one conversion).
     precision : {'auto', 'float32', 'float64'}
         See :func:`_product_dtype`.  In float32, the rows are taken in blocks of at most
         :data:`FLOAT32_BLOCK_ROWS`, each block's product formed in float32 and added in
@@ -137,6 +138,7 @@ def _accumulate_products(
     a = a.to(dtype)
     b = a if same else b.to(dtype)
     groups, m, n = a.shape
+    n_b = b.shape[2]
     if dtype == torch.float64:
         out.baddbmm_(a.transpose(1, 2), b)
         for acc, data in zip(sums, (a, b)):
@@ -148,12 +150,12 @@ def _accumulate_products(
     # _FLOAT32_SCRATCH elements.
     rows = FLOAT32_BLOCK_ROWS
     n_blocks = m // rows
-    per_call = max(1, _FLOAT32_SCRATCH // max(1, groups * n * n))
+    per_call = max(1, _FLOAT32_SCRATCH // max(1, groups * n * n_b))
     for first in range(0, n_blocks, per_call):
         count = min(per_call, n_blocks - first)
         span = slice(first * rows, (first + count) * rows)
         a_blk = a[:, span].reshape(groups, count, rows, n)
-        b_blk = a_blk if same else b[:, span].reshape(groups, count, rows, n)
+        b_blk = a_blk if same else b[:, span].reshape(groups, count, rows, n_b)
         out += torch.matmul(a_blk.transpose(2, 3), b_blk).sum(dim=1, dtype=torch.float64)
         for acc, data in zip(sums, (a_blk, b_blk)):
             acc += data.sum(dim=2).sum(dim=1, dtype=torch.float64)
@@ -545,51 +547,75 @@ def _shift_moments(
     blocks = torch.zeros(groups, k, k, c_g, c_g, dtype=torch.float64, device=device)
     shifts = [(d1, d2) for d1 in range(kh) for d2 in range(-(kw - 1), kw) if d1 > 0 or d2 >= 0]
 
+    offsets = [d1 * dh * row_len + d2 * dw for d1, d2 in shifts]
+    n_shifts = len(shifts)
+
     def product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        out = torch.zeros(1, c_g, c_g, dtype=torch.float64, device=device)
+        out = torch.zeros(1, a.shape[-1], b.shape[-1], dtype=torch.float64, device=device)
         _accumulate_products(out, a[None], b[None], precision)
         return out[0]
+
+    def against_all_shifts(a: torch.Tensor, shifted) -> torch.Tensor:
+        """``(n_shifts, C, C)``: ``a^T`` times ``shifted(o)`` for every shift offset ``o``,
+        as one GEMM against the shifted copies side by side (a border region is small, so
+        copying it 13 times costs less than 13 thin products)."""
+        wide = torch.stack([shifted(o) for o in offsets], dim=-2).reshape(a.shape[0], n_shifts * c_g)
+        return product(a, wide).view(c_g, n_shifts, c_g).transpose(0, 1)
+
+    # Which blocks each shift fills: offset pairs (a, b = a + delta) that both fit the kernel.
+    s_idx, a1_idx, a2_idx = [], [], []
+    for s, (d1, d2) in enumerate(shifts):
+        for a1 in range(kh - d1):
+            for a2 in range(max(0, -d2), min(kw, kw - d2)):
+                s_idx.append(s)
+                a1_idx.append(a1)
+                a2_idx.append(a2)
+    d1s = torch.tensor([shifts[s][0] for s in s_idx])
+    d2s = torch.tensor([shifts[s][1] for s in s_idx])
+    s_idx, a1_idx, a2_idx = torch.tensor(s_idx), torch.tensor(a1_idx), torch.tensor(a2_idx)
+    a_idx, b_idx = a1_idx * kw + a2_idx, (a1_idx + d1s) * kw + (a2_idx + d2s)
 
     for g in range(groups):
         channel = slice(g * c_g, (g + 1) * c_g)
         base = flat[:n_frame, channel]
-        base_frame = flat[:n_frame].view(frame_h, batch, frame_w, channels)[..., channel]
-        for d1, d2 in shifts:
-            offset = d1 * dh * row_len + d2 * dw
-            shifted = flat[offset:offset + n_frame, channel]
-            shifted_frame = flat[offset:offset + n_frame].view(frame_h, batch, frame_w, channels)[..., channel]
-            full = product(base, shifted)
-            zero = full.new_zeros((0, c_g, c_g))
+
+        def frame_at(o: int) -> torch.Tensor:
+            return flat[o:o + n_frame].view(frame_h, batch, frame_w, channels)[..., channel]
+
+        base_frame = frame_at(0)
+        # The full-frame correlation of every shift: 13 GEMMs of the size of the input.
+        full = torch.stack([product(base, flat[o:o + n_frame, channel]) for o in offsets])  # (shift, C, C)
+        # Products over the border rows / columns / corners that some kernel offset does not
+        # visit, for all shifts at once; then, for every offset a of every shift at once,
+        # full - excluded rows - excluded columns + excluded corners. The indicator matrices
+        # are applied as plain matrix products (torch.einsum searches a contraction path on
+        # every call).
+        per_a = full[:, None, None].expand(n_shifts, kh, kw, c_g, c_g).clone()
+        if rows:
             by_row = torch.stack([
-                product(base[r * row_len:(r + 1) * row_len], shifted[r * row_len:(r + 1) * row_len]) for r in rows
-            ]) if rows else zero
+                against_all_shifts(base[r * row_len:(r + 1) * row_len],
+                                   lambda o, r=r: flat[o + r * row_len:o + (r + 1) * row_len, channel])
+                for r in rows
+            ])  # (row, shift, C, C)
+            per_a -= (row_ind @ by_row.reshape(len(rows), -1)).view(kh, n_shifts, c_g, c_g).transpose(0, 1)[:, :, None]
+        if cols:
             # A frame column over the data rows: a strided (rows * B, C) matrix, no copy.
             by_col = torch.stack([
-                product(base_frame[row0:row0 + data_h, :, c].reshape(-1, c_g),
-                        shifted_frame[row0:row0 + data_h, :, c].reshape(-1, c_g)) for c in cols
-            ]) if cols else zero
+                against_all_shifts(base_frame[row0:row0 + data_h, :, c].reshape(-1, c_g),
+                                   lambda o, c=c: frame_at(o)[row0:row0 + data_h, :, c])
+                for c in cols
+            ])  # (col, shift, C, C)
+            per_a -= (col_ind @ by_col.reshape(len(cols), -1)).view(kw, n_shifts, c_g, c_g).transpose(0, 1)[:, None]
+        if rows and cols:
             by_corner = torch.stack([
-                product(base_frame[r, :, c], shifted_frame[r, :, c]) for r in rows for c in cols
-            ]).view(len(rows), len(cols), c_g, c_g) if rows and cols else None
-            # blocks for every offset a = (a1, a2) at once (only those with b = a + delta valid are kept):
-            # full - excluded rows - excluded columns + excluded corners. The indicator
-            # matrices are applied as plain matrix products (torch.einsum searches a
-            # contraction path on every call).
-            per_a = full.expand(kh, kw, c_g, c_g).clone()
-            if rows:
-                per_a -= (row_ind @ by_row.reshape(len(rows), -1)).view(kh, 1, c_g, c_g)
-            if cols:
-                per_a -= (col_ind @ by_col.reshape(len(cols), -1)).view(1, kw, c_g, c_g)
-            if by_corner is not None:
-                corner = (row_ind @ by_corner.reshape(len(rows), -1)).view(kh, len(cols), c_g * c_g)
-                per_a += torch.matmul(col_ind, corner).view(kh, kw, c_g, c_g)
-            a1 = torch.arange(0, kh - d1)
-            a2 = torch.arange(max(0, -d2), min(kw, kw - d2))
-            a1, a2 = (t.reshape(-1) for t in torch.meshgrid(a1, a2, indexing="ij"))
-            a_idx, b_idx = a1 * kw + a2, (a1 + d1) * kw + (a2 + d2)
-            valid = per_a[a1, a2]
-            blocks[g, a_idx, b_idx] = valid
-            blocks[g, b_idx, a_idx] = valid.transpose(1, 2)
+                against_all_shifts(base_frame[r, :, c], lambda o, r=r, c=c: frame_at(o)[r, :, c])
+                for r in rows for c in cols
+            ])  # (row * col, shift, C, C)
+            corner = (row_ind @ by_corner.view(len(rows), -1)).view(kh, len(cols), -1)
+            per_a += torch.matmul(col_ind, corner).view(kh, kw, n_shifts, c_g, c_g).permute(2, 0, 1, 3, 4)
+        valid = per_a[s_idx, a1_idx, a2_idx]
+        blocks[g, a_idx, b_idx] = valid
+        blocks[g, b_idx, a_idx] = valid.transpose(1, 2)
     outer = blocks.permute(0, 3, 1, 4, 2).reshape(groups, n, n)
 
     # Patch sums: per-pixel sums over the batch (in the product dtype, from the frame already
