@@ -682,6 +682,25 @@ class TestNoRegression:
         assert max(s.iterations for s in details["solves"][:3]) <= 2
         assert errors[-1] <= exact_errors[-1] * (1 + 1e-7)
 
+    def test_extrapolation_needs_fewer_sweeps_and_ends_no_worse(self, monkeypatch):
+        # A slowly converging problem: the extrapolated input-factor step must take fewer
+        # sweeps to converge than plain ALS, end at least as low, and keep every recorded
+        # error non-increasing.
+        from tensorly_dataaware.decomposition import _tucker2
+
+        rng = np.random.default_rng(3)
+        W = _low_rank_plus_noise(rng, (16, 12, 3, 3), (6, 5), noise=0.3)
+        sigma = correlated_sigma(rng, 12 * 9, decay=50.0)
+        options = dict(tol=1e-9, n_iter_max=1000, return_errors=True, return_details=True)
+        _, errors, details = tucker2_sigma(W, (6, 5), sigma, **options)
+        monkeypatch.setattr(_tucker2, "EXTRAPOLATION_START", 0.0)
+        _, plain_errors, plain_details = tucker2_sigma(W, (6, 5), sigma, **options)
+        assert details["stop_reason"] == plain_details["stop_reason"] == "converged"
+        assert len(errors) < 0.9 * len(plain_errors)
+        assert errors[-1] <= plain_errors[-1] * (1 + 1e-7)
+        assert all(b <= a for a, b in zip(errors, errors[1:]))
+        assert not details["non_monotone_steps"]
+
     def test_inner_budget_grows_before_stopping(self, rng):
         # Stopping on a small decrease while CG was cut short by its budget would report
         # convergence of an under-solved run: the last sweep must have had a raised budget
