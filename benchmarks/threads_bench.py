@@ -1,7 +1,7 @@
 """Solver time with 1 vs 2 BLAS/PyTorch threads (the ``threads=`` argument), interleaved.
 
 Fixed number of sweeps (``tol=0``) so that both settings do the same work; NumPy float64
-and PyTorch CPU float32; Tucker-2 at ranks (C/2, C/2) and CP at 25% of the parameters.
+and PyTorch CPU float32 and float64; Tucker-2 at ranks (C/2, C/2) and CP at 25% of the parameters.
 
 Usage: python benchmarks/threads_bench.py CHANNELS SWEEPS REPS OUT.json
 e.g.   python benchmarks/threads_bench.py 64,128,256 5 3 benchmarks/results/threads.json
@@ -19,9 +19,9 @@ res = []
 for C in shapes:
     sigma = image_like_covariance(C, 3, 3)
     W = np.random.default_rng(1).standard_normal((C, C, 3, 3)) / np.sqrt(9 * C)
-    for backend, dtype in [("numpy", "float64"), ("pytorch", "float32")]:
+    for backend, dtype in [("numpy", "float64"), ("pytorch", "float32"), ("pytorch", "float64")]:
         with tl.backend_context(backend):
-            Wt, st = tl.tensor(W, dtype=getattr(tl, dtype)), tl.tensor(sigma, dtype=getattr(tl, dtype))
+            Wt, st = tl.tensor(W, dtype=getattr(tl.backend, dtype)), tl.tensor(sigma, dtype=getattr(tl.backend, dtype))
             for method in ("tucker", "cp"):
                 fn = (lambda th: tucker2_sigma(Wt, (C // 2, C // 2), st, tol=0.0, n_iter_max=sweeps, threads=th)) if method == "tucker" \
                     else (lambda th: parafac_sigma(Wt, max(1, int(0.25 * W.size / sum(W.shape))), st, tol=0.0, n_iter_max=sweeps, threads=th))

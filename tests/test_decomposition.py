@@ -508,6 +508,23 @@ class TestThreads:
         finally:
             torch.set_num_threads(previous)
 
+    def test_backend_defaults(self, rng):
+        # Measured: one thread for NumPy's BLAS, PyTorch's own threading for PyTorch.
+        import torch
+
+        W, sigma = rng.standard_normal(SHAPE), np.eye(N)
+        previous = torch.get_num_threads()
+        torch.set_num_threads(2)
+        try:
+            assert tucker2_sigma(W, 3, sigma, n_iter_max=1, return_details=True)[1]["threads"] == 1
+            seen = []
+            with tl.backend_context("pytorch"):
+                _, details = parafac_sigma(W, 3, sigma, n_iter_max=2, return_details=True,
+                                           callback=lambda *_: seen.append(torch.get_num_threads()))
+            assert details["threads"] == 0 and seen[0] == 2
+        finally:
+            torch.set_num_threads(previous)
+
     def test_environment_variable(self, rng, monkeypatch):
         W, sigma = rng.standard_normal(SHAPE), np.eye(N)
         monkeypatch.setenv("TENSORLY_DATAAWARE_THREADS", "2")

@@ -1,11 +1,19 @@
 """Thread policy of the solvers: how many BLAS / PyTorch threads the ALS runs on.
 
 The ALS makes many small dense operations (``R x R`` to ``S R x S R`` factorizations, thin
-GEMMs): multi-threading them costs more in synchronization than it gains, and on a loaded
-machine every parallel kernel can wait a whole scheduler slice. Measured on a 2-core machine
-(``benchmarks/speed.py``, NumPy float64, 64 channels): 2 threads were 2.9x to 3.7x *slower*
-than 1. So the solvers run single-threaded by default, whatever the process's settings, and
-restore those settings when they return.
+GEMMs). Whether a second thread pays for its synchronization depends on the library that
+runs them. Measured on the idle 2-core development machine (``benchmarks/threads_bench.py``,
+10 sweeps with ``tol=0``, 64 and 128 channels, Tucker-2 and CP;
+``benchmarks/results/threads_cpu_1v2_s15.txt``):
+
+* NumPy (SciPy's OpenBLAS): 2 threads took 2.2x to 3.6x the time of 1;
+* PyTorch (float32 and float64): 2 threads took 0.64x to 0.77x the time of 1.
+
+So by default the NumPy (and JAX) backends run single-threaded, whatever the process's
+settings, and restore those settings when they return, while the PyTorch backend leaves
+PyTorch's threads as they are (``DEFAULT_THREADS_BY_BACKEND``). On a busy machine every
+multi-threaded kernel can wait a whole scheduler slice (an earlier measurement under a load
+average of 6 had 2 threads 7-17x slower than 1 on both backends): pass ``threads=1`` there.
 
 Override, from the most to the least specific:
 
@@ -28,10 +36,15 @@ import os
 import sys
 from contextvars import ContextVar
 
-__all__ = ["solver_threads", "DEFAULT_THREADS", "ENV_VAR"]
+import tensorly as tl
 
-#: Threads used when nothing else is said (see the module docstring for the measurement).
+__all__ = ["solver_threads", "DEFAULT_THREADS", "DEFAULT_THREADS_BY_BACKEND", "ENV_VAR"]
+
+#: Threads used when nothing else is said, for backends not in :data:`DEFAULT_THREADS_BY_BACKEND`
+#: (see the module docstring for the measurements).
 DEFAULT_THREADS = 1
+#: Backend-specific defaults: PyTorch's own threading was measured faster than one thread.
+DEFAULT_THREADS_BY_BACKEND = {"pytorch": 0}
 #: Environment variable overriding :data:`DEFAULT_THREADS`.
 ENV_VAR = "TENSORLY_DATAAWARE_THREADS"
 
@@ -58,7 +71,7 @@ def resolve_threads(threads=None) -> int:
             return _check(int(env), ENV_VAR)
         except ValueError:
             raise ValueError(f"{ENV_VAR}={env!r}: expected an int >= 0.") from None
-    return DEFAULT_THREADS
+    return DEFAULT_THREADS_BY_BACKEND.get(tl.get_backend(), DEFAULT_THREADS)
 
 
 def _blas_controller():
@@ -100,8 +113,9 @@ def solver_threads(threads=None):
     ----------
     threads : int or None
         ``>= 1``: that many threads; ``0``: leave the process's settings alone; ``None``: the
-        enclosing :func:`solver_threads`, else ``$TENSORLY_DATAAWARE_THREADS``, else
-        :data:`DEFAULT_THREADS`.
+        enclosing :func:`solver_threads`, else ``$TENSORLY_DATAAWARE_THREADS``, else the
+        active backend's default (:data:`DEFAULT_THREADS_BY_BACKEND`, else
+        :data:`DEFAULT_THREADS`).
 
     Yields
     ------

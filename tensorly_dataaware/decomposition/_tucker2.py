@@ -281,8 +281,9 @@ def tucker2_sigma(
     threads : int, optional
         BLAS / PyTorch threads for this call (restored afterwards); ``0`` leaves them alone.
         Default: :func:`~tensorly_dataaware.solver_threads`, else
-        ``$TENSORLY_DATAAWARE_THREADS``, else 1 (measured fastest for these small dense
-        operations, see :mod:`tensorly_dataaware.decomposition._threads`).
+        ``$TENSORLY_DATAAWARE_THREADS``, else 1 on NumPy and JAX and 0 on PyTorch (the
+        fastest measured on an idle machine for these small dense operations, see
+        :mod:`tensorly_dataaware.decomposition._threads`; pass 1 on a busy machine).
     return_details : bool, default is False
         Also return a dict: ``stop_reason`` (``'converged'``, ``'n_iter_max'``,
         ``'callback'``, ``'round-off floor'``, ``'objective increased'`` or
