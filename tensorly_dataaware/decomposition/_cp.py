@@ -69,10 +69,13 @@ def _spatial_products(inputs, context):
 
 
 def _normalize_into(A, factor):
-    """Unit-norm columns for ``factor``, the scale moved into ``A`` (model unchanged)."""
+    """Unit-norm columns for ``factor``, the scale moved into ``A`` (model unchanged).
+
+    Returns ``(A diag(s), factor diag(s)^-1, s)``.
+    """
     norms = tl.norm(factor, axis=0)
     safe = tl.where(norms > 0, norms, tl.ones(tl.shape(norms), **tl.context(norms)))
-    return A * safe[None, :], factor / safe[None, :]
+    return A * safe[None, :], factor / safe[None, :], safe
 
 
 def _sigma_times_channel(prob: SigmaProblem, B):
@@ -111,10 +114,11 @@ def _weighted_sum(tensor, factor, axis: int):
     return tl.sum(tensor * tl.reshape(factor, tuple(shape)), axis=axis)
 
 
-def _spatial_step(prob: SigmaProblem, A, inputs, k: int, sig_b):
+def _spatial_step(prob: SigmaProblem, A, inputs, k: int, sig_b, aws):
     """Exact update of input mode ``k >= 1`` (a spatial mode) by a dense solve.
 
-    ``sig_b`` is :func:`_sigma_times_channel` of the current channel factor ``inputs[0]``.
+    ``sig_b`` is :func:`_sigma_times_channel` of the current channel factor ``inputs[0]``,
+    ``aws`` is ``A^T W Sigma`` (``R x n``).
     With ``N_k`` the Khatri-Rao product of the other input factors, the system matrix is
     ``(A^T A) * (N_k^T Sigma_kk N_k)`` blockwise and the right-hand side comes from
     ``A^T W Sigma``.
@@ -137,15 +141,20 @@ def _spatial_step(prob: SigmaProblem, A, inputs, k: int, sig_b):
     size = dims[k] * rank
     quad = tl.reshape(quad, (size, size))
     # rhs[i, r] = sum over the other rows of (A^T W Sigma)[r, rows] N_k[others, r].
-    aws = tl.reshape(tl.dot(tl.transpose(A), prob.Wsig), (rank,) + tuple(dims))
-    aws = tl.reshape(tl.transpose(aws, (0,) + tuple(j + 1 for j in others) + (k + 1,)), (rank, n_others, dims[k]))
+    aws = tl.reshape(tl.transpose(tl.reshape(aws, (rank,) + tuple(dims)), (0,) + tuple(j + 1 for j in others) + (k + 1,)),
+                     (rank, n_others, dims[k]))
     rhs = tl.transpose(tl.sum(aws * tl.transpose(N_k)[:, :, None], axis=1))  # d_k x R
     sol = psd_solve((quad + tl.transpose(quad)) / 2, tl.reshape(rhs, (-1,)))
     return tl.reshape(sol, (dims[k], rank))
 
 
-def _channel_step(prob: SigmaProblem, system: InputFactorSystem, state: _CPState, method, cg_tol, cg_maxiter, reduction):
-    """Exact (CG: to ``cg_tol``) update of the input-channel factor ``B = inputs[0]``."""
+def _channel_step(
+    prob: SigmaProblem, system: InputFactorSystem, state: _CPState, aws, method, cg_tol, cg_maxiter, reduction
+):
+    """Exact (CG: to ``cg_tol``) update of the input-channel factor ``B = inputs[0]``.
+
+    ``aws`` is ``A^T W Sigma`` (``R x n``) for the state's ``A``.
+    """
     A, inputs = state.A, state.inputs
     context = tl.context(A)
     c = _spatial_products(inputs, context)  # P x R
@@ -154,7 +163,7 @@ def _channel_step(prob: SigmaProblem, system: InputFactorSystem, state: _CPState
     # triangular factor of its QR, which makes every CG matvec cheaper when T > R.
     A_small = tl.qr(A)[1] if T > rank else A
     G = A_small[:, :, None] * tl.transpose(c)[None, :, :]
-    aws = tl.reshape(tl.dot(tl.transpose(A), prob.Wsig), (rank, prob.n_in, prob.n_pos))  # A^T W Sigma
+    aws = tl.reshape(aws, (rank, prob.n_in, prob.n_pos))
     rhs = tl.transpose(tl.sum(aws * tl.transpose(c)[:, None, :], axis=2))  # S x R
     # The operator at the current B: Y Sigma = A_small (Sigma M)^T with the output step's
     # Sigma M, since Y[a, (s, p)] = sum_r A_small[a, r] M[(s, p), r].
@@ -228,11 +237,15 @@ class _CPModel:
     @staticmethod
     def sweep(prob, system, state: _CPState, solver, cg_tol, cg_maxiter, reduction):
         A, inputs = state.A, list(state.inputs)
-        B, info = _channel_step(prob, system, state, solver, cg_tol, cg_maxiter, reduction)
-        A, inputs[0] = _normalize_into(A, B)
+        # A^T W Sigma, for the channel and spatial steps: between them A only has its columns
+        # rescaled (by _normalize_into), so one product, rescaled, serves all of them.
+        aws = tl.dot(tl.transpose(A), prob.Wsig)
+        B, info = _channel_step(prob, system, state, aws, solver, cg_tol, cg_maxiter, reduction)
+        A, inputs[0], scale = _normalize_into(A, B)
         sig_b = _sigma_times_channel(prob, inputs[0])
         for k in range(1, len(inputs)):
-            A, inputs[k] = _normalize_into(A, _spatial_step(prob, A, inputs, k, sig_b))
+            aws = aws * scale[:, None]
+            A, inputs[k], scale = _normalize_into(A, _spatial_step(prob, A, inputs, k, sig_b, aws))
         return _output_step(prob, inputs, sig_b), info
 
     @staticmethod
