@@ -544,10 +544,15 @@ def test_cross_statistics_all_reduce_single_process(tmp_path):
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("wide_borders", [True, False], ids=["wide-borders", "per-shift-borders"])
 @pytest.mark.parametrize("kernel", KERNELS)
-def test_shift_moments_equal_patch_moments(kernel):
-    """Every padding mode / dilation / groups: same sums as P^T P of the patches, same column order."""
+def test_shift_moments_equal_patch_moments(kernel, wide_borders, monkeypatch):
+    """Every padding mode / dilation / groups: same sums as P^T P of the patches, same column
+    order, with the border products of all shifts in one GEMM or one product per shift."""
+    from tensorly_dataaware.torch import statistics
     from tensorly_dataaware.torch.statistics import _batch_moments
+
+    monkeypatch.setattr(statistics, "_WIDE_BORDER_MAX_CHANNELS", 1024 if wide_borders else 0)
 
     x = torch.randn(2, 4, 9, 8, dtype=F64, generator=torch.Generator().manual_seed(4))
     for padding, mode, dilation, groups in itertools.product(
