@@ -277,7 +277,7 @@ def main(argv=None):
     parser.add_argument("--memory", action="store_true", help="also measure NumPy peak memory (extra untimed run)")
     parser.add_argument(
         "--solver-threads", type=int, default=None,
-        help="threads= for our solvers (default: their policy, 1 thread; 0: the process's settings). "
+        help="threads= for our solvers (default: their policy, 1 thread on NumPy/JAX, the process's settings on PyTorch; 0: the process's settings). "
         "TensorLy's solvers always run with the process's settings (OMP_NUM_THREADS etc.).",
     )
     args = parser.parse_args(argv)

@@ -18,7 +18,7 @@ def speed(path: Path):
     print(f"\n#### `{info['command']}`\n")
     print(f"{info.get('gpu', info['device'])}, backend {info['backend']}, torch {info.get('torch', '-')}, "
           f"TensorLy {info['tensorly']}, NumPy {info['numpy']}, {info['machine']}; baseline threads "
-          f"{info.get('process_threads')}, ours {info.get('solver_threads') or 'their policy (1)'}\n")
+          f"{info.get('process_threads')}, ours {info.get('solver_threads') or 'their default policy (1 thread; on PyTorch, untouched since the *_s15 files)'}\n")
     print("| layer | dtype | solver | time (s) | [min-max] | sweeps | rel. sigma-error | peak MiB | ratio |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in data["rows"]:
