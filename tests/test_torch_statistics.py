@@ -544,13 +544,24 @@ def test_cross_statistics_all_reduce_single_process(tmp_path):
 # --------------------------------------------------------------------------------------------
 
 
+def _assert_moments_match_patches(conv, x, p, config):
+    """The exact-route float64 moments of ``x`` equal ``P^T P`` and the column sums of ``p``."""
+    from tensorly_dataaware.torch.statistics import _batch_moments
+
+    count, total, outer = _batch_moments(conv, x, max_positions_per_image=None, generator=None,
+                                         precision="float64")
+    assert count == p.shape[1], config
+    torch.testing.assert_close(outer, torch.bmm(p.transpose(1, 2), p), rtol=1e-12, atol=1e-11,
+                               msg=lambda m: f"{config}: {m}")
+    torch.testing.assert_close(total, p.sum(1), rtol=1e-12, atol=1e-11, msg=lambda m: f"{config}: {m}")
+
+
 @pytest.mark.parametrize("wide_borders", [True, False], ids=["wide-borders", "per-shift-borders"])
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_shift_moments_equal_patch_moments(kernel, wide_borders, monkeypatch):
     """Every padding mode / dilation / groups: same sums as P^T P of the patches, same column
     order, with the border products of all shifts in one GEMM or one product per shift."""
     from tensorly_dataaware.torch import statistics
-    from tensorly_dataaware.torch.statistics import _batch_moments
 
     monkeypatch.setattr(statistics, "_WIDE_BORDER_MAX_CHANNELS", 1024 if wide_borders else 0)
 
@@ -565,20 +576,13 @@ def test_shift_moments_equal_patch_moments(kernel, wide_borders, monkeypatch):
             p = patches_for(conv, x)
         except (ValueError, RuntimeError):
             continue  # padding larger than the input for reflect, or kernel larger than the input
-        count, total, outer = _batch_moments(conv, x, max_positions_per_image=None, generator=None,
-                                             precision="float64")
-        assert count == p.shape[1], config
-        torch.testing.assert_close(outer, torch.bmm(p.transpose(1, 2), p), rtol=1e-12, atol=1e-11,
-                                   msg=lambda m: f"{config}: {m}")
-        torch.testing.assert_close(total, p.sum(1), rtol=1e-12, atol=1e-11, msg=lambda m: f"{config}: {m}")
+        _assert_moments_match_patches(conv, x, p, config)
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_kernel_major_moments_equal_patch_moments(kernel):
     """Strided convolutions (kernel-major patches, permuted moments): the same sums as P^T P
     of patches_for, in its column order, for every padding mode / dilation / groups."""
-    from tensorly_dataaware.torch.statistics import _batch_moments
-
     x = torch.randn(2, 4, 9, 8, dtype=F64, generator=torch.Generator().manual_seed(5))
     checked = 0
     for stride, padding, mode, dilation, groups in itertools.product(
@@ -591,12 +595,7 @@ def test_kernel_major_moments_equal_patch_moments(kernel):
             p = patches_for(conv, x)
         except (ValueError, RuntimeError):
             continue
-        count, total, outer = _batch_moments(conv, x, max_positions_per_image=None, generator=None,
-                                             precision="float64")
-        assert count == p.shape[1], config
-        torch.testing.assert_close(outer, torch.bmm(p.transpose(1, 2), p), rtol=1e-12, atol=1e-11,
-                                   msg=lambda m: f"{config}: {m}")
-        torch.testing.assert_close(total, p.sum(1), rtol=1e-12, atol=1e-11, msg=lambda m: f"{config}: {m}")
+        _assert_moments_match_patches(conv, x, p, config)
         checked += 1
     assert checked > 20
 

@@ -252,22 +252,16 @@ def _random_positions(
     return scores.topk(k, dim=1).indices.to(device)
 
 
-def _conv_patches(
-    x: torch.Tensor, geometry: dict[str, Any], max_positions: int | None, generator: torch.Generator | None
-) -> torch.Tensor:
-    """Patches of a batched 4-D input ``(B, C, H, W)`` as ``(groups, m, n)``."""
+def _padded(x: torch.Tensor, geometry: dict[str, Any]) -> tuple[torch.Tensor, int, int]:
+    """``(padded input, out_h, out_w)`` of a convolution; raises if the kernel does not fit."""
     kh, kw = geometry["kernel"]
     sh, sw = geometry["stride"]
     dh, dw = geometry["dilation"]
     left, right, top, bottom = geometry["pad"]
-    groups = geometry["groups"]
-    mode = geometry["padding_mode"]
-    batch, channels = x.shape[:2]
-    n_per_group = (channels // groups) * kh * kw
-
     if any((left, right, top, bottom)):
         # Pad explicitly, exactly as nn.Conv2d does for non-zero padding modes and as
         # F.conv2d does (implicitly, with zeros) otherwise; the windows then need no padding.
+        mode = geometry["padding_mode"]
         x = F.pad(x, (left, right, top, bottom), mode="constant" if mode == "zeros" else mode)
     height, width = x.shape[-2:]
     out_h = (height - dh * (kh - 1) - 1) // sh + 1
@@ -277,6 +271,20 @@ def _conv_patches(
             f"The (padded) input of spatial size {(height, width)} is smaller than the dilated "
             f"kernel {(dh * (kh - 1) + 1, dw * (kw - 1) + 1)}."
         )
+    return x, out_h, out_w
+
+
+def _conv_patches(
+    x: torch.Tensor, geometry: dict[str, Any], max_positions: int | None, generator: torch.Generator | None
+) -> torch.Tensor:
+    """Patches of a batched 4-D input ``(B, C, H, W)`` as ``(groups, m, n)``."""
+    kh, kw = geometry["kernel"]
+    sh, sw = geometry["stride"]
+    dh, dw = geometry["dilation"]
+    groups = geometry["groups"]
+    batch, channels = x.shape[:2]
+    n_per_group = (channels // groups) * kh * kw
+    x, out_h, out_w = _padded(x, geometry)
     n_positions = out_h * out_w
 
     # Sliding windows as a strided *view* (B, Ho, Wo, g, C/g, kh, kw): Tensor.unfold takes the
@@ -320,21 +328,9 @@ def _patches_kernel_major(x: torch.Tensor, geometry: dict[str, Any]) -> tuple[to
     kh, kw = geometry["kernel"]
     sh, sw = geometry["stride"]
     dh, dw = geometry["dilation"]
-    left, right, top, bottom = geometry["pad"]
     groups = geometry["groups"]
-    mode = geometry["padding_mode"]
-    channels = x.shape[1]
-    c_g = channels // groups
-    if any((left, right, top, bottom)):
-        x = F.pad(x, (left, right, top, bottom), mode="constant" if mode == "zeros" else mode)
-    height, width = x.shape[-2:]
-    out_h = (height - dh * (kh - 1) - 1) // sh + 1
-    out_w = (width - dw * (kw - 1) - 1) // sw + 1
-    if out_h < 1 or out_w < 1:
-        raise ValueError(
-            f"The (padded) input of spatial size {(height, width)} is smaller than the dilated "
-            f"kernel {(dh * (kh - 1) + 1, dw * (kw - 1) + 1)}."
-        )
+    c_g = x.shape[1] // groups
+    x, _, _ = _padded(x, geometry)
     windows = (
         x.permute(0, 2, 3, 1).contiguous()  # (B, H, W, C)
         .unfold(1, dh * (kh - 1) + 1, sh)
