@@ -156,11 +156,10 @@ def validate_sigma(sigma, n: int, *, check_psd: bool = True, psd_tol: float = 1e
 def _shifted_cholesky_succeeds(sigma, shift: float) -> bool:
     """Whether ``sigma + shift * I`` has a float64 Cholesky factor (i.e. is positive definite).
 
-    PyTorch tensors are factored where they are (no host copy of a GPU matrix) by
-    ``torch.linalg.cholesky_ex``; other backends on the host by LAPACK through SciPy. The
-    shift goes onto the diagonal of a float64 copy in place, and the factorization may
-    overwrite that copy: at ``n = 576`` this halves the check's cost against building
-    ``sigma + shift * eye(n)`` and factoring a further copy of it.
+    PyTorch tensors are factored where they are by ``torch.linalg.cholesky_ex`` (no host copy
+    of a GPU matrix); other backends on the host by LAPACK through SciPy. Either way the
+    shift goes onto the diagonal of one float64 copy in place, and the factorization may
+    overwrite that copy, instead of building ``sigma + shift * eye(n)`` and an ``eye(n)``.
     """
     n = tl.shape(sigma)[0]
     if tl.get_backend() == "pytorch":

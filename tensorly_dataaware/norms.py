@@ -86,7 +86,7 @@ def sigma_norm(tensor, sigma, *, check_psd: bool = False):
     sigma : tensor of shape ``(n, n)``
         Symmetric positive semi-definite weight, ``n = prod(tensor.shape[1:])``.
     check_psd : bool, default is False
-        Also verify that ``sigma`` is positive semi-definite (a host-side Cholesky).
+        Also verify that ``sigma`` is positive semi-definite (a float64 Cholesky).
 
     Returns
     -------

@@ -268,8 +268,8 @@ def tucker2_sigma(
         while CG was cut short, the budget doubles (up to ``cg_maxiter``) and the run
         stops only if the next sweep also gains less than ``tol``.
     check_psd : bool, default is True
-        Verify that ``sigma`` is positive semi-definite (a float64 Cholesky on the host,
-        ``n^3/3`` flops).
+        Verify that ``sigma`` is positive semi-definite (a float64 Cholesky, on the tensor's
+        device for PyTorch and on the host otherwise, ``n^3/3`` flops).
     random_state : None, int or np.random.RandomState
         Used by ``init='random'``.
     return_errors : bool, default is False
