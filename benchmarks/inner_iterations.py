@@ -14,9 +14,14 @@ budget in the list.
 The budget is a module constant, not an option of the public functions, so this script sets
 ``_als.CG_ITERATIONS_START`` for each run (and restores it).
 
+``--compare extrapolation`` compares the first extrapolation factor of the Tucker-2 sweeps
+instead (``_tucker2.EXTRAPOLATION_START``, values in ``--betas``; 0 = plain ALS), with the
+default CG budget.
+
 Examples
 --------
 OMP_NUM_THREADS=1 python benchmarks/inner_iterations.py --models resnet20 vgg --methods tucker2 cp
+OMP_NUM_THREADS=1 python benchmarks/inner_iterations.py --methods tucker2 --compare extrapolation --betas 0 0.5
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tensorly_dataaware import parafac_sigma, tucker2_sigma  # noqa: E402
 from tensorly_dataaware.data.fashion import load_embedded_subset, make_loader  # noqa: E402
-from tensorly_dataaware.decomposition import _als  # noqa: E402
+from tensorly_dataaware.decomposition import _als, _tucker2  # noqa: E402
 from tensorly_dataaware.models import load_pretrained  # noqa: E402
 from tensorly_dataaware.torch import collect_covariances  # noqa: E402
 from tensorly_dataaware.torch.ranks import ranks_for_ratio  # noqa: E402
@@ -54,15 +59,18 @@ def layer_problems(name: str, calib: int):
     ]
 
 
-def run(fn, W, rank, sigma, start: int, options: dict):
-    saved = _als.CG_ITERATIONS_START
-    _als.CG_ITERATIONS_START = start if start > 0 else options["cg_maxiter"]
+def run(fn, W, rank, sigma, start, options: dict, compare: str = "cg"):
+    """One solve with the CG start budget (``compare='cg'``) or the first Tucker-2
+    extrapolation factor (``compare='extrapolation'``) set to ``start``."""
+    module, name = (_als, "CG_ITERATIONS_START") if compare == "cg" else (_tucker2, "EXTRAPOLATION_START")
+    saved = getattr(module, name)
+    setattr(module, name, (start if start > 0 else options["cg_maxiter"]) if compare == "cg" else start)
     try:
         t0 = time.perf_counter()
         _, errors, details = fn(W, rank, sigma, return_errors=True, return_details=True, **options)
         seconds = time.perf_counter() - t0
     finally:
-        _als.CG_ITERATIONS_START = saved
+        setattr(module, name, saved)
     matvecs = sum(s.iterations for s in details["solves"])
     return {"seconds": seconds, "sweeps": len(errors), "error": errors[-1], "cg_iterations": matvecs,
             "stop_reason": details["stop_reason"]}
@@ -75,11 +83,18 @@ def main(argv=None):
     parser.add_argument("--ratio", type=float, default=0.1)
     parser.add_argument("--calib", type=int, default=500)
     parser.add_argument("--starts", nargs="+", type=int, default=[0, 2, 4], help="budgets to compare; 0 = solve to tolerance")
+    parser.add_argument("--compare", choices=["cg", "extrapolation"], default="cg")
+    parser.add_argument("--betas", nargs="+", type=float, default=[0.0, 0.5],
+                        help="with --compare extrapolation: first extrapolation factors to compare (0 = plain ALS)")
     parser.add_argument("--n-iter-max", type=int, default=30)
     parser.add_argument("--tol", type=float, default=1e-6)
     parser.add_argument("--damping", type=float, default=1e-6)
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
+    if args.compare == "extrapolation":
+        if args.methods != ["tucker2"]:
+            parser.error("--compare extrapolation is for --methods tucker2")
+        args.starts = args.betas
     torch.set_num_threads(1)
     options = dict(n_iter_max=args.n_iter_max, tol=args.tol, damping=args.damping, random_state=0, cg_maxiter=500)
     info = {"command": " ".join(["python", "benchmarks/inner_iterations.py"] + (argv or sys.argv[1:])),
@@ -97,7 +112,7 @@ def main(argv=None):
                 # Alternate the order between layers so that no budget always runs first.
                 order = args.starts if len(rows) % 2 == 0 else args.starts[::-1]
                 for start in order:
-                    results[start] = run(fn, W, rank, sigma, start, options)
+                    results[start] = run(fn, W, rank, sigma, start, options, args.compare)
                 first = results[args.starts[0]]["error"]
                 for start in args.starts:
                     r = results[start]
@@ -120,7 +135,8 @@ def main(argv=None):
                         "error_change_mean": float(rel.mean()), "error_change_max": float(rel.max()),
                         "error_change_min": float(rel.min())}
                 summary.append(line)
-                print(f"  {model} {method} start {start if start else 'to tolerance':>12}: {t['seconds']:.2f}s "
+                label = start if args.compare == "extrapolation" else (start if start else "to tolerance")
+                print(f"  {model} {method} {'beta' if args.compare == 'extrapolation' else 'start'} {label:>12}: {t['seconds']:.2f}s "
                       f"({line['time_vs_first']:.2f}x), {t['sweeps']} sweeps, {t['cg_iterations']} CG iterations, "
                       f"final error vs first: mean {100 * rel.mean():+.3f}% [{100 * rel.min():+.3f}%, {100 * rel.max():+.3f}%]",
                       flush=True)
