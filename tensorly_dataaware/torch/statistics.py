@@ -1343,42 +1343,42 @@ class CrossStatistics:
                 f"`x_inputs` and `y_inputs` must have the same shape; got {tuple(x_inputs.shape)} and "
                 f"{tuple(getattr(y_inputs, 'shape', ()))}."
             )
-        if kind != "linear" and self.groups == 1:
-            geometry = _conv_geometry(module)
-            x = _conv_input(module, kind, x_inputs, geometry)
-            positions = _shift_positions(x, geometry) if geometry["groups"] == 1 and x.shape[0] > 0 else None
-            if positions is not None:
-                y = x if same else _conv_input(module, kind, y_inputs, geometry)
-                stacked = x if same else torch.cat([x, y.to(x.dtype)], dim=1)
-                total, outer = _shift_moments(stacked, {**geometry, "in_channels": stacked.shape[1]}, precision)
-                n = self.n
-                sum_x, sum_y = total[:, :n], total[:, n:] if not same else total[:, :n]
-                yy = outer[:, n:, n:] if not same else outer
-                xy = outer[:, :n, n:] if not same else outer
-                if not (torch.isfinite(total).all() and torch.isfinite(yy.diagonal(dim1=1, dim2=2)).all()
-                        and torch.isfinite(xy).all()):
-                    raise ValueError("The patches contain NaN or Inf values (or overflow float64).")
-                if self.count == 0 and self.device != total.device:
-                    self._move_(total.device)
-                self.sum_x += sum_x
-                self.sum_y += sum_y
-                self.sum_yy += yy
-                self.sum_xy += xy
-                self.count += x.shape[0] * positions
-                return
         if kind != "linear":
             geometry = _conv_geometry(module)
             x = _conv_input(module, kind, x_inputs, geometry)
             if x.shape[0] > 0:
+                y = x if same else _conv_input(module, kind, y_inputs, geometry)
+                positions = _shift_positions(x, geometry) if self.groups == 1 and geometry["groups"] == 1 else None
+                if positions is not None:
+                    self._add_shift_moments(x, y, same, geometry, positions, precision)
+                    return
                 # Every position is kept here: the faster kernel-major patches, moments permuted.
                 x_patches, order = _patches_kernel_major(x, geometry)
-                y_patches = x_patches if same else _patches_kernel_major(
-                    _conv_input(module, kind, y_inputs, geometry), geometry
-                )[0]
+                y_patches = x_patches if same else _patches_kernel_major(y, geometry)[0]
                 self._add_pairs(x_patches, y_patches, precision, order)
                 return
         x_patches = patches_for(module, x_inputs)
         self.update(x_patches, x_patches if same else patches_for(module, y_inputs), precision=precision)
+
+    def _add_shift_moments(self, x, y, same: bool, geometry, positions: int, precision: str) -> None:
+        """Add the moments of the two inputs of a stride-1 convolution, from the shift-structure
+        moments of their channel stack (see :meth:`update_from_inputs`)."""
+        stacked = x if same else torch.cat([x, y.to(x.dtype)], dim=1)
+        total, outer = _shift_moments(stacked, {**geometry, "in_channels": stacked.shape[1]}, precision)
+        n = self.n
+        sum_x, sum_y = total[:, :n], total[:, n:] if not same else total[:, :n]
+        yy = outer[:, n:, n:] if not same else outer
+        xy = outer[:, :n, n:] if not same else outer
+        if not (torch.isfinite(total).all() and torch.isfinite(yy.diagonal(dim1=1, dim2=2)).all()
+                and torch.isfinite(xy).all()):
+            raise ValueError("The patches contain NaN or Inf values (or overflow float64).")
+        if self.count == 0 and self.device != total.device:
+            self._move_(total.device)
+        self.sum_x += sum_x
+        self.sum_y += sum_y
+        self.sum_yy += yy
+        self.sum_xy += xy
+        self.count += x.shape[0] * positions
 
     def sum_tensors(self) -> list[torch.Tensor]:
         """The live float64 accumulators ``[sum_x, sum_y, sum_yy, sum_xy]``.
