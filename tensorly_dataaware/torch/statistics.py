@@ -559,18 +559,24 @@ def _shift_moments(
         _accumulate_products(out, a[None], b[None], precision)
         return out[0]
 
-    def against_all_shifts(a: torch.Tensor, shifted) -> torch.Tensor:
-        """``(n_shifts, C, C)``: ``a^T`` times ``shifted(o)`` for every shift offset ``o``.
+    def against_shifts(a: torch.Tensor, shifted, needed: list[int]) -> torch.Tensor:
+        """``(n_shifts, C, C)``: ``a^T`` times ``shifted(o)`` for the shifts in ``needed``, zero
+        for the others (see ``needed_shifts``).
 
         With few channels, as one GEMM against the shifted copies side by side: 13 products
         with a ``C x C`` result are mostly call overhead there, and copying a border region
         13 times is cheap. With more channels the copies cost more than they save (measured
         on the embedded networks, see :data:`_WIDE_BORDER_MAX_CHANNELS`).
         """
-        if c_g > _WIDE_BORDER_MAX_CHANNELS:
-            return torch.stack([product(a, shifted(o).reshape(a.shape[0], c_g)) for o in offsets])
-        wide = torch.stack([shifted(o) for o in offsets], dim=-2).reshape(a.shape[0], n_shifts * c_g)
-        return product(a, wide).view(c_g, n_shifts, c_g).transpose(0, 1)
+        out = a.new_zeros((n_shifts, c_g, c_g), dtype=torch.float64)
+        if not needed:
+            return out
+        if c_g > _WIDE_BORDER_MAX_CHANNELS or len(needed) == 1:
+            out[needed] = torch.stack([product(a, shifted(offsets[s]).reshape(a.shape[0], c_g)) for s in needed])
+            return out
+        wide = torch.stack([shifted(offsets[s]) for s in needed], dim=-2).reshape(a.shape[0], len(needed) * c_g)
+        out[needed] = product(a, wide).view(c_g, len(needed), c_g).transpose(0, 1)
+        return out
 
     # Which blocks each shift fills: offset pairs (a, b = a + delta) that both fit the kernel.
     s_idx, a1_idx, a2_idx = [], [], []
@@ -582,19 +588,46 @@ def _shift_moments(
                 a2_idx.append(a2)
     d1s = torch.tensor([shifts[s][0] for s in s_idx])
     d2s = torch.tensor([shifts[s][1] for s in s_idx])
+    pairs = list(zip(s_idx, a1_idx, a2_idx))
     s_idx, a1_idx, a2_idx = torch.tensor(s_idx), torch.tensor(a1_idx), torch.tensor(a2_idx)
     a_idx, b_idx = a1_idx * kw + a2_idx, (a1_idx + d1s) * kw + (a2_idx + d2s)
 
+    def needed_shifts(row: int | None, col: int | None) -> list[int]:
+        """The shifts whose products over a border row, column or corner can matter.
+
+        Why: a border correction is subtracted only from the blocks ``(a, a + delta)`` of the
+        offsets ``a`` that leave the region out, and only pairs inside the kernel are used;
+        and a product is zero when the shifted neighbour of the region lies in the zero
+        frame.  With a 3x3 kernel and zero padding that leaves 3 of the 13 shifts per border.
+        """
+        keep = set()
+        for s, a1, a2 in pairs:
+            d1, d2 = shifts[s]
+            if row is not None and (row not in rows_out[a1] or not row0 <= row + d1 * dh < row0 + data_h):
+                continue
+            if col is not None and (col not in cols_out[a2] or not col0 <= col + d2 * dw < col0 + data_w):
+                continue
+            keep.add(s)
+        return sorted(keep)
+
     for g in range(groups):
         channel = slice(g * c_g, (g + 1) * c_g)
-        base = flat[:n_frame, channel]
 
         def frame_at(o: int) -> torch.Tensor:
             return flat[o:o + n_frame].view(frame_h, batch, frame_w, channels)[..., channel]
 
+        def base_rows(first: int, stop: int | None = None) -> torch.Tensor:
+            """Frame rows ``[first, stop)`` (default: one row) as a ``(rows * B * Wq, C)`` matrix."""
+            return flat[first * row_len:(first + 1 if stop is None else stop) * row_len, channel]
+
         base_frame = frame_at(0)
-        # The full-frame correlation of every shift: 13 GEMMs of the size of the input.
-        full = torch.stack([product(base, flat[o:o + n_frame, channel]) for o in offsets])  # (shift, C, C)
+        # The full-frame correlation of every shift: 13 GEMMs of the size of the input. Only
+        # the data rows are taken on the left: the zero rows of the frame add nothing.
+        data_rows = slice(row0 * row_len, (row0 + data_h) * row_len)
+        full = torch.stack([
+            product(base_rows(row0, row0 + data_h), flat[o + data_rows.start:o + data_rows.stop, channel])
+            for o in offsets
+        ])  # (shift, C, C)
         # Products over the border rows / columns / corners that some kernel offset does not
         # visit, for all shifts at once; then, for every offset a of every shift at once,
         # full - excluded rows - excluded columns + excluded corners. The indicator matrices
@@ -603,22 +636,22 @@ def _shift_moments(
         per_a = full[:, None, None].expand(n_shifts, kh, kw, c_g, c_g).clone()
         if rows:
             by_row = torch.stack([
-                against_all_shifts(base[r * row_len:(r + 1) * row_len],
-                                   lambda o, r=r: flat[o + r * row_len:o + (r + 1) * row_len, channel])
+                against_shifts(base_rows(r), lambda o, r=r: flat[o + r * row_len:o + (r + 1) * row_len, channel],
+                               needed_shifts(r, None))
                 for r in rows
             ])  # (row, shift, C, C)
             per_a -= (row_ind @ by_row.reshape(len(rows), -1)).view(kh, n_shifts, c_g, c_g).transpose(0, 1)[:, :, None]
         if cols:
             # A frame column over the data rows: a strided (rows * B, C) matrix, no copy.
             by_col = torch.stack([
-                against_all_shifts(base_frame[row0:row0 + data_h, :, c].reshape(-1, c_g),
-                                   lambda o, c=c: frame_at(o)[row0:row0 + data_h, :, c])
+                against_shifts(base_frame[row0:row0 + data_h, :, c].reshape(-1, c_g),
+                               lambda o, c=c: frame_at(o)[row0:row0 + data_h, :, c], needed_shifts(None, c))
                 for c in cols
             ])  # (col, shift, C, C)
             per_a -= (col_ind @ by_col.reshape(len(cols), -1)).view(kw, n_shifts, c_g, c_g).transpose(0, 1)[:, None]
         if rows and cols:
             by_corner = torch.stack([
-                against_all_shifts(base_frame[r, :, c], lambda o, r=r, c=c: frame_at(o)[r, :, c])
+                against_shifts(base_frame[r, :, c], lambda o, r=r, c=c: frame_at(o)[r, :, c], needed_shifts(r, c))
                 for r in rows for c in cols
             ])  # (row * col, shift, C, C)
             corner = (row_ind @ by_corner.view(len(rows), -1)).view(kh, len(cols), -1)
