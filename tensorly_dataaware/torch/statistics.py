@@ -451,16 +451,6 @@ def _excluded(lo: int, hi: int, starts: list[int], length: int) -> list[list[int
     return [[i for i in range(lo, hi) if not s <= i < s + length] for s in starts]
 
 
-def _indicator(excluded: list[list[int]], members: list[int], device: torch.device) -> torch.Tensor:
-    """``(len(excluded), len(members))`` float64 0/1 matrix: row ``a`` marks ``excluded[a]``."""
-    out = torch.zeros(len(excluded), len(members), dtype=torch.float64)
-    position = {m: i for i, m in enumerate(members)}
-    for a, items in enumerate(excluded):
-        for item in items:
-            out[a, position[item]] = 1.0
-    return out.to(device)
-
-
 #: Most channels (per group) for which ``_shift_moments`` multiplies each border region by
 #: all its shifted copies in one GEMM. Measured on a 2-core CPU (one thread, the embedded
 #: models, 500 images, against one product per shift, in one process): batching every
@@ -547,14 +537,12 @@ def _shift_moments(
     cols_out = _excluded(col0, col0 + data_w, [a * dw for a in range(kw)], out_w)
     rows = sorted({r for group in rows_out for r in group})
     cols = sorted({c for group in cols_out for c in group})
-    row_ind = _indicator(rows_out, rows, device)  # (kh, |rows|)
-    col_ind = _indicator(cols_out, cols, device)  # (kw, |cols|)
 
     k = kh * kw
     c_g = channels // groups
     n = c_g * k
-    # Blocks indexed (a, b, c, c'), transposed into the (c, a, c', b) column order at the end.
-    blocks = torch.zeros(groups, k, k, c_g, c_g, dtype=torch.float64, device=device)
+    # The blocks (a, b) of channel pairs are written into their places of this (c, a, c', b) matrix.
+    outer = torch.zeros(groups, n, n, dtype=torch.float64, device=device)
     shifts = [(d1, d2) for d1 in range(kh) for d2 in range(-(kw - 1), kw) if d1 > 0 or d2 >= 0]
 
     offsets = [d1 * dh * row_len + d2 * dw for d1, d2 in shifts]
@@ -565,24 +553,20 @@ def _shift_moments(
         _accumulate_products(out, a[None], b[None], precision)
         return out[0]
 
-    def against_shifts(a: torch.Tensor, shifted, needed: list[int]) -> torch.Tensor:
-        """``(n_shifts, C, C)``: ``a^T`` times ``shifted(o)`` for the shifts in ``needed``, zero
-        for the others (see ``needed_shifts``).
+    def against_shifts(a: torch.Tensor, shifted, needed: list[int]) -> torch.Tensor | None:
+        """``(len(needed), C, C)``: ``a^T`` times ``shifted(o)`` for the shifts in ``needed``.
 
         With few channels, as one GEMM against the shifted copies side by side: 13 products
         with a ``C x C`` result are mostly call overhead there, and copying a border region
         13 times is cheap. With more channels the copies cost more than they save (measured
         on the embedded networks, see :data:`_WIDE_BORDER_MAX_CHANNELS`).
         """
-        out = a.new_zeros((n_shifts, c_g, c_g), dtype=torch.float64)
         if not needed:
-            return out
+            return None
         if c_g > _WIDE_BORDER_MAX_CHANNELS or len(needed) == 1:
-            out[needed] = torch.stack([product(a, shifted(offsets[s]).reshape(a.shape[0], c_g)) for s in needed])
-            return out
+            return torch.stack([product(a, shifted(offsets[s]).reshape(a.shape[0], c_g)) for s in needed])
         wide = torch.stack([shifted(offsets[s]) for s in needed], dim=-2).reshape(a.shape[0], len(needed) * c_g)
-        out[needed] = product(a, wide).view(c_g, len(needed), c_g).transpose(0, 1)
-        return out
+        return product(a, wide).view(c_g, len(needed), c_g).transpose(0, 1)
 
     # Which blocks each shift fills: offset pairs (a, b = a + delta) that both fit the kernel.
     s_idx, a1_idx, a2_idx = [], [], []
@@ -595,6 +579,7 @@ def _shift_moments(
     d1s = torch.tensor([shifts[s][0] for s in s_idx])
     d2s = torch.tensor([shifts[s][1] for s in s_idx])
     pairs = list(zip(s_idx, a1_idx, a2_idx))
+    by_shift = [[k for k, pair in enumerate(pairs) if pair[0] == s] for s in range(n_shifts)]
     s_idx, a1_idx, a2_idx = torch.tensor(s_idx), torch.tensor(a1_idx), torch.tensor(a2_idx)
     a_idx, b_idx = a1_idx * kw + a2_idx, (a1_idx + d1s) * kw + (a2_idx + d2s)
 
@@ -634,38 +619,38 @@ def _shift_moments(
             product(base_rows(row0, row0 + data_h), flat[o + data_rows.start:o + data_rows.stop, channel])
             for o in offsets
         ])  # (shift, C, C)
-        # Products over the border rows / columns / corners that some kernel offset does not
-        # visit, for all shifts at once; then, for every offset a of every shift at once,
-        # full - excluded rows - excluded columns + excluded corners. The indicator matrices
-        # are applied as plain matrix products (torch.einsum searches a contraction path on
-        # every call).
-        per_a = full[:, None, None].expand(n_shifts, kh, kw, c_g, c_g).clone()
-        if rows:
-            by_row = torch.stack([
-                against_shifts(base_rows(r), lambda o, r=r: flat[o + r * row_len:o + (r + 1) * row_len, channel],
-                               needed_shifts(r, None))
-                for r in rows
-            ])  # (row, shift, C, C)
-            per_a -= (row_ind @ by_row.reshape(len(rows), -1)).view(kh, n_shifts, c_g, c_g).transpose(0, 1)[:, :, None]
-        if cols:
+        # Every block (a, a + delta) starts from its shift's full-frame correlation; the
+        # products over the border rows / columns that offset a does not visit are then
+        # subtracted and those over the corners (subtracted twice) added back, block by
+        # block: only a few shifts have non-zero border products (see needed_shifts).
+        valid = full[s_idx]  # (pair, C, C)
+
+        def correct(products, needed: list[int], affected, sign: float) -> None:
+            for i, s in enumerate(needed):
+                ks = [k for k in by_shift[s] if affected(pairs[k])]
+                if ks:
+                    valid[ks] += sign * products[i]
+
+        for r in rows:
+            needed = needed_shifts(r, None)
+            products = against_shifts(base_rows(r), lambda o, r=r: flat[o + r * row_len:o + (r + 1) * row_len, channel],
+                                      needed)
+            correct(products, needed, lambda pair, r=r: r in rows_out[pair[1]], -1.0)
+        for c in cols:
             # A frame column over the data rows: a strided (rows * B, C) matrix, no copy.
-            by_col = torch.stack([
-                against_shifts(base_frame[row0:row0 + data_h, :, c].reshape(-1, c_g),
-                               lambda o, c=c: frame_at(o)[row0:row0 + data_h, :, c], needed_shifts(None, c))
-                for c in cols
-            ])  # (col, shift, C, C)
-            per_a -= (col_ind @ by_col.reshape(len(cols), -1)).view(kw, n_shifts, c_g, c_g).transpose(0, 1)[:, None]
-        if rows and cols:
-            by_corner = torch.stack([
-                against_shifts(base_frame[r, :, c], lambda o, r=r, c=c: frame_at(o)[r, :, c], needed_shifts(r, c))
-                for r in rows for c in cols
-            ])  # (row * col, shift, C, C)
-            corner = (row_ind @ by_corner.view(len(rows), -1)).view(kh, len(cols), -1)
-            per_a += torch.matmul(col_ind, corner).view(kh, kw, n_shifts, c_g, c_g).permute(2, 0, 1, 3, 4)
-        valid = per_a[s_idx, a1_idx, a2_idx]
+            needed = needed_shifts(None, c)
+            products = against_shifts(base_frame[row0:row0 + data_h, :, c].reshape(-1, c_g),
+                                      lambda o, c=c: frame_at(o)[row0:row0 + data_h, :, c], needed)
+            correct(products, needed, lambda pair, c=c: c in cols_out[pair[2]], -1.0)
+        for r in rows:
+            for c in cols:
+                needed = needed_shifts(r, c)
+                products = against_shifts(base_frame[r, :, c], lambda o, r=r, c=c: frame_at(o)[r, :, c], needed)
+                correct(products, needed, lambda pair, r=r, c=c: r in rows_out[pair[1]] and c in cols_out[pair[2]], 1.0)
+        # Written straight into the (c, a, c', b) column order of the result.
+        blocks = outer.view(groups, c_g, k, c_g, k).permute(0, 2, 4, 1, 3)  # (g, a, b, C, C) view
         blocks[g, a_idx, b_idx] = valid
         blocks[g, b_idx, a_idx] = valid.transpose(1, 2)
-    outer = blocks.permute(0, 3, 1, 4, 2).reshape(groups, n, n)
 
     # Patch sums: per-pixel sums over the batch (in the product dtype, from the frame already
     # in memory), then in float64 one window sum per kernel offset.
