@@ -452,11 +452,13 @@ def _excluded(lo: int, hi: int, starts: list[int], length: int) -> list[list[int
 
 
 #: Most channels (per group) for which ``_shift_moments`` multiplies each border region by
-#: all its shifted copies in one GEMM. Measured on a 2-core CPU (one thread, the embedded
-#: models, 500 images, against one product per shift, in one process): batching every
-#: layer made the ResNet-20 collection (16-64 channels) 5% faster and the VGG one (64-256
-#: channels) 4.5% slower; with this threshold ResNet-20 was 7% faster and VGG within noise.
-_WIDE_BORDER_MAX_CHANNELS = 32
+#: all its shifted copies in one GEMM. Measured on a 2-core CPU (one thread, 250 images, in
+#: one process): when every border needed all 13 shifts, batching them made the ResNet-20
+#: collection (16-64 channels) 5-7% faster up to 32 channels and VGG's (64-256) slower.
+#: Since only the shifts that can matter are multiplied (3 of 13 with zero padding), one
+#: product per shift is as fast at 16 channels (51.4 ms per call either way at 28x28) and
+#: faster at 32 (33.8 against 37.2 ms at 14x14).
+_WIDE_BORDER_MAX_CHANNELS = 16
 
 
 def _shift_moments(
