@@ -558,10 +558,10 @@ def _shift_moments(
     def against_shifts(a: torch.Tensor, shifted, needed: list[int]) -> torch.Tensor | None:
         """``(len(needed), C, C)``: ``a^T`` times ``shifted(o)`` for the shifts in ``needed``.
 
-        With few channels, as one GEMM against the shifted copies side by side: 13 products
+        With few channels, as one GEMM against the shifted copies side by side: products
         with a ``C x C`` result are mostly call overhead there, and copying a border region
-        13 times is cheap. With more channels the copies cost more than they save (measured
-        on the embedded networks, see :data:`_WIDE_BORDER_MAX_CHANNELS`).
+        once per shift is cheap. With more channels the copies cost more than they save
+        (measured on the embedded networks, see :data:`_WIDE_BORDER_MAX_CHANNELS`).
         """
         if not needed:
             return None
