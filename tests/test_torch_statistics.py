@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import random
 import os
 
 import pytest
@@ -577,6 +578,37 @@ def test_shift_moments_equal_patch_moments(kernel, wide_borders, monkeypatch):
         except (ValueError, RuntimeError):
             continue  # padding larger than the input for reflect, or kernel larger than the input
         _assert_moments_match_patches(conv, x, p, config)
+
+
+def test_shift_moments_random_geometries():
+    """Random small geometries, including 1-pixel-high or -wide inputs, even and
+    rectangular kernels, asymmetric padding and mixed dilations: the stride-1 route (border
+    products only for the shifts that can matter) equals P^T P of patches_for."""
+    rng = random.Random(0)
+    checked = 0
+    for _ in range(200):
+        kernel = (rng.choice([1, 2, 3, 4, 5]), rng.choice([1, 2, 3, 5]))
+        if kernel == (1, 1):
+            continue
+        channels = rng.choice([1, 2, 3, 4, 20])
+        groups = rng.choice([1, 2]) if channels % 2 == 0 else 1
+        x = torch.randn(rng.randint(1, 3), channels, rng.randint(1, 9), rng.randint(1, 9), dtype=F64,
+                        generator=torch.Generator().manual_seed(rng.randint(0, 10**6)))
+        padding = rng.choice([0, 1, 2, (0, 2), (3, 1), "same"])
+        mode = rng.choice(["zeros", "zeros", "reflect", "circular", "replicate"])
+        dilation = rng.choice([1, 2, (1, 3)])
+        config = f"kernel={kernel} x={tuple(x.shape)} padding={padding!r} mode={mode} dilation={dilation} groups={groups}"
+        try:
+            conv = nn.Conv2d(channels, 2 * groups, kernel, padding=padding, padding_mode=mode, dilation=dilation,
+                             groups=groups, dtype=F64)
+            p = patches_for(conv, x)
+        except (ValueError, RuntimeError):
+            continue  # padding larger than the input for reflect, or kernel larger than the input
+        if p.shape[1] == 0:
+            continue
+        _assert_moments_match_patches(conv, x, p, config)
+        checked += 1
+    assert checked > 100
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
