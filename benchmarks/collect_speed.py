@@ -3,7 +3,8 @@
 Run from the repository root::
 
     OMP_NUM_THREADS=1 python benchmarks/collect_speed.py [--models resnet20 vgg] [--images 500]
-        [--batch-size 250] [--repeats 5] [--threads N] [--out benchmarks/results/collect_speed.json]
+        [--batch-size 250] [--repeats 5] [--threads N] [--skip-old] [--rev REV]
+        [--out benchmarks/results/collect_speed.json]
 
 For each embedded model (``tensorly_dataaware.models.load_pretrained``) and the embedded
 calibration images (``tensorly_dataaware.data.load_embedded_subset``), every repeat times, in
@@ -21,6 +22,11 @@ turn (interleaved, so that a change of machine load hits all variants alike):
     :func:`collect_covariances` with the default ``precision='auto'`` (float32 products of
     the float32 activations, accumulated in float64).
 
+``collect auto at REV`` (with ``--rev REV``)
+    the same, with the stride-1 route (``_shift_moments``) of the git revision ``REV``
+    swapped in: an in-process A/B of a change. The report then also gives the largest
+    difference between the two covariances of every layer, relative to its largest entry.
+
 All variants keep every position (full statistics).  The report gives, per variant, the
 median time and its spread (min-max) over the repeats, and the ratio of medians to the
 forward pass; the thread settings are printed and saved with the numbers.
@@ -29,10 +35,13 @@ forward pass; the thread settings are printed and saved with the numbers.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
 import statistics
+import subprocess
+import tempfile
 import time
 
 import torch
@@ -40,6 +49,7 @@ from torch import nn
 
 from tensorly_dataaware.data import load_embedded_subset, normalize
 from tensorly_dataaware.models import load_pretrained
+from tensorly_dataaware.torch import statistics as statistics_module
 from tensorly_dataaware.torch.statistics import LayerStatistics, collect_covariances, patches_for
 
 
@@ -80,6 +90,33 @@ def thread_settings() -> dict[str, object]:
     }
 
 
+def shift_moments_at(rev: str):
+    """``_shift_moments`` as it was at git revision ``rev`` (its module loaded from ``git show``)."""
+    source = subprocess.run(
+        ["git", "show", f"{rev}:tensorly_dataaware/torch/statistics.py"], check=True, capture_output=True, text=True
+    ).stdout
+    # Its one relative import, made absolute so that the file loads outside the package.
+    source = source.replace("from .._atomic import", "from tensorly_dataaware._atomic import")
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "statistics_at_rev.py")
+        with open(path, "w") as handle:
+            handle.write(source)
+        spec = importlib.util.spec_from_file_location("statistics_at_rev", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    return module._shift_moments
+
+
+def collect_with(shift_moments, model, batches):
+    """:func:`collect_covariances` with ``shift_moments`` as the stride-1 route."""
+    current = statistics_module._shift_moments
+    statistics_module._shift_moments = shift_moments
+    try:
+        return collect_covariances(model, batches, progress=False)
+    finally:
+        statistics_module._shift_moments = current
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["resnet20", "vgg"])
@@ -88,11 +125,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--skip-old", action="store_true", help="do not time the pre-10.4 path")
+    parser.add_argument("--rev", default=None, help="also time the stride-1 route of this git revision (A/B)")
     parser.add_argument("--out", default=None, help="optional JSON output path")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     threads = thread_settings()
+    shift_moments_rev = shift_moments_at(args.rev) if args.rev else None
     images = torch.from_numpy(normalize(load_embedded_subset()["calib_images"][: args.images]))
     batches = [images[i:i + args.batch_size] for i in range(0, len(images), args.batch_size)]
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, threads: {threads}")
@@ -115,6 +154,15 @@ def main() -> None:
             variants["old exact"] = lambda: old_exact_collect(model, batches)
         variants["collect float64"] = lambda: collect_covariances(model, batches, progress=False, precision="float64")
         variants["collect auto"] = lambda: collect_covariances(model, batches, progress=False)
+        difference = None
+        if shift_moments_rev is not None:
+            label_rev = f"collect auto at {args.rev}"
+            variants[label_rev] = lambda: collect_with(shift_moments_rev, model, batches)
+            before, after = variants[label_rev](), variants["collect auto"]()
+            difference = max(
+                float((before[k].covariance - after[k].covariance).abs().max() / before[k].covariance.abs().max())
+                for k in before
+            )
         for fn in variants.values():  # warm-up (allocator, oneDNN kernels)
             fn()
         times = {label: [] for label in variants}
@@ -132,6 +180,9 @@ def main() -> None:
             rows[label] = {"median_s": median, "min_s": min(ts), "max_s": max(ts), "ratio": median / forward_median,
                            "times_s": ts}
             print(f"  {label:<18} {median:9.3f} {min(ts):8.3f}-{max(ts):<8.3f} {median / forward_median:10.2f}")
+        if difference is not None:
+            print(f"  largest covariance difference against {args.rev}: {difference:.2e} of the largest entry")
+            rows["max_relative_difference_vs_rev"] = difference
         results["models"][name] = rows
     results["loadavg_at_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     if args.out:
