@@ -3,7 +3,7 @@
 Run from the repository root::
 
     OMP_NUM_THREADS=1 python benchmarks/collect_speed.py [--models resnet20 vgg] [--images 500]
-        [--batch-size 250] [--repeats 5] [--threads N] [--skip-old] [--rev REV]
+        [--batch-size 250] [--repeats 5] [--threads N] [--skip-old] [--rev REV] [--per-layer]
         [--out benchmarks/results/collect_speed.json]
 
 For each embedded model (``tensorly_dataaware.models.load_pretrained``) and the embedded
@@ -27,7 +27,9 @@ turn (interleaved, so that a change of machine load hits all variants alike):
     swapped in: an in-process A/B of a change. The report then also gives the largest
     difference between the two covariances of every layer, relative to its largest entry.
 
-All variants keep every position (full statistics).  The report gives, per variant, the
+All variants keep every position (full statistics).  ``--per-layer`` also prints, for every
+convolution / linear layer and the first batch, the median time of the layer itself and of
+its statistics (``_batch_moments``, the route the collection takes).  The report gives, per variant, the
 median time and its spread (min-max) over the repeats, and the ratio of medians to the
 forward pass; the thread settings are printed and saved with the numbers.
 """
@@ -117,6 +119,46 @@ def collect_with(shift_moments, model, batches):
         statistics_module._shift_moments = current
 
 
+def per_layer(model, batch, repeats: int) -> list[dict]:
+    """Median time of every conv / linear layer on ``batch``'s inputs against its statistics."""
+    inputs = {}
+    handles = [
+        module.register_forward_pre_hook(lambda module, args, name=name: inputs.__setitem__(name, args[0]))
+        for name, module in model.named_modules() if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Linear))
+    ]
+    try:
+        with torch.no_grad():
+            model(batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    modules = dict(model.named_modules())
+    rows = []
+    for name, x in inputs.items():
+        module = modules[name]
+
+        def layer():
+            with torch.no_grad():
+                module(x)
+
+        def moments():
+            statistics_module._batch_moments(module, x, max_positions_per_image=None, generator=None,
+                                             precision="auto")
+
+        times = {"layer": [], "statistics": []}
+        for _ in range(repeats):
+            for label, fn in (("layer", layer), ("statistics", moments)):
+                start = time.perf_counter()
+                fn()
+                times[label].append(time.perf_counter() - start)
+        layer_s, stats_s = statistics.median(times["layer"]), statistics.median(times["statistics"])
+        rows.append({"layer": name, "input": list(x.shape), "kind": type(module).__name__,
+                     "stride": list(getattr(module, "stride", ())), "layer_s": layer_s, "statistics_s": stats_s})
+        print(f"    {name:<24} {str(tuple(x.shape)):<20} stride {str(getattr(module, 'stride', '-')):<7} "
+              f"layer {layer_s * 1e3:7.1f} ms  statistics {stats_s * 1e3:7.1f} ms  ({stats_s / layer_s:4.1f}x)")
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["resnet20", "vgg"])
@@ -126,6 +168,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--skip-old", action="store_true", help="do not time the pre-10.4 path")
     parser.add_argument("--rev", default=None, help="also time the stride-1 route of this git revision (A/B)")
+    parser.add_argument("--per-layer", action="store_true", help="also time every layer against its statistics")
     parser.add_argument("--out", default=None, help="optional JSON output path")
     args = parser.parse_args()
     if args.threads:
@@ -183,6 +226,9 @@ def main() -> None:
         if difference is not None:
             print(f"  largest covariance difference against {args.rev}: {difference:.2e} of the largest entry")
             rows["max_relative_difference_vs_rev"] = difference
+        if args.per_layer:
+            print("  per layer, first batch:")
+            rows["per_layer"] = per_layer(model, batches[0], args.repeats)
         results["models"][name] = rows
     results["loadavg_at_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     if args.out:
