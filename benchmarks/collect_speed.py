@@ -29,9 +29,9 @@ turn (interleaved, so that a change of machine load hits all variants alike):
 
 All variants keep every position (full statistics).  ``--per-layer`` also prints, for every
 convolution / linear layer and the first batch, the median time of the layer itself and of
-its statistics (``_batch_moments``, the route the collection takes).  The report gives, per variant, the
-median time and its spread (min-max) over the repeats, and the ratio of medians to the
-forward pass; the thread settings are printed and saved with the numbers.
+its statistics (``_batch_moments``, the route the collection takes).  The report gives, per
+variant, the median time and its spread (min-max) over the repeats, and the ratio of
+medians to the forward pass; the thread settings are printed and saved with the numbers.
 """
 
 from __future__ import annotations
