@@ -401,6 +401,19 @@ class TestNorms:
             whitened_svd(W, 7, sigma)
 
 
+class TestBackendOps:
+    @pytest.mark.parametrize("dtype_name", ["float32", "float64"])
+    def test_host_dtype_matches_a_host_copy(self, backend, dtype_name):
+        """``host_dtype`` reads the dtype without copying; it must agree with a copy."""
+        from tensorly_dataaware._backend_ops import host_dtype
+
+        x = tl.tensor(np.arange(6.0).reshape(2, 3), dtype=getattr(tl.backend, dtype_name))
+        if tl.get_backend() == "jax" and dtype_name == "float64" and tl.to_numpy(x).dtype != np.float64:
+            pytest.skip("JAX without x64 mode has no float64")
+        assert host_dtype(x) == tl.to_numpy(x).dtype == np.dtype(dtype_name)
+        assert host_dtype(x[:0]) == np.dtype(dtype_name)  # an empty tensor has a dtype too
+
+
 class TestMonitor:
     def test_increase_stops_and_keeps_best(self):
         monitor = ALSMonitor(0.0, 1e-16, False, None, "test")
