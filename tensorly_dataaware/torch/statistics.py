@@ -543,7 +543,6 @@ def _shift_moments(
     k = kh * kw
     c_g = channels // groups
     n = c_g * k
-    # The blocks (a, b) of channel pairs are written into their places of this (c, a, c', b) matrix.
     outer = torch.zeros(groups, n, n, dtype=torch.float64, device=device)
     shifts = [(d1, d2) for d1 in range(kh) for d2 in range(-(kw - 1), kw) if d1 > 0 or d2 >= 0]
 
@@ -585,23 +584,34 @@ def _shift_moments(
     s_idx, a1_idx, a2_idx = torch.tensor(s_idx), torch.tensor(a1_idx), torch.tensor(a2_idx)
     a_idx, b_idx = a1_idx * kw + a2_idx, (a1_idx + d1s) * kw + (a2_idx + d2s)
 
-    def needed_shifts(row: int | None, col: int | None) -> list[int]:
-        """The shifts whose products over a border row, column or corner can matter.
+    def border_plan(row: int | None, col: int | None) -> tuple[list[int], list[list[int]]]:
+        """For a border row, column or corner (both given): the shifts whose products over it
+        can matter, and for each of them the blocks (indices into ``pairs``) it corrects.
 
         Why: a border correction is subtracted only from the blocks ``(a, a + delta)`` of the
         offsets ``a`` that leave the region out, and only pairs inside the kernel are used;
         and a product is zero when the shifted neighbour of the region lies in the zero
         frame.  With a 3x3 kernel and zero padding that leaves 3 of the 13 shifts per border.
+        The plan depends on the geometry only, so it is made once for all groups.
         """
-        keep = set()
-        for s, a1, a2 in pairs:
-            d1, d2 = shifts[s]
-            if row is not None and (row not in rows_out[a1] or not row0 <= row + d1 * dh < row0 + data_h):
+        needed, blocks_of = [], []
+        for s, (d1, d2) in enumerate(shifts):
+            if row is not None and not row0 <= row + d1 * dh < row0 + data_h:
+                continue  # the shifted neighbours are in the zero frame: a zero product
+            if col is not None and not col0 <= col + d2 * dw < col0 + data_w:
                 continue
-            if col is not None and (col not in cols_out[a2] or not col0 <= col + d2 * dw < col0 + data_w):
-                continue
-            keep.add(s)
-        return sorted(keep)
+            ks = [p for p in by_shift[s]
+                  if (row is None or row in rows_out[pairs[p][1]]) and (col is None or col in cols_out[pairs[p][2]])]
+            if ks:
+                needed.append(s)
+                blocks_of.append(ks)
+        return needed, blocks_of
+
+    row_plans = {r: border_plan(r, None) for r in rows}
+    col_plans = {c: border_plan(None, c) for c in cols}
+    corner_plans = {(r, c): border_plan(r, c) for r in rows for c in cols}
+    # The result in its (c, a, c', b) column order, viewed as (g, a, b, C, C) blocks.
+    blocks = outer.view(groups, c_g, k, c_g, k).permute(0, 2, 4, 1, 3)
 
     for g in range(groups):
         channel = slice(g * c_g, (g + 1) * c_g)
@@ -624,33 +634,25 @@ def _shift_moments(
         # Every block (a, a + delta) starts from its shift's full-frame correlation; the
         # products over the border rows / columns that offset a does not visit are then
         # subtracted and those over the corners (subtracted twice) added back, block by
-        # block: only a few shifts have non-zero border products (see needed_shifts).
+        # block: only a few shifts have non-zero border products (see border_plan).
         valid = full[s_idx]  # (pair, C, C)
 
-        def correct(products, needed: list[int], affected, sign: float) -> None:
-            for i, s in enumerate(needed):
-                ks = [k for k in by_shift[s] if affected(pairs[k])]
-                if ks:
-                    valid[ks] += sign * products[i]
+        def correct(products, blocks_of: list[list[int]], sign: float) -> None:
+            for i, ks in enumerate(blocks_of):
+                valid[ks] += sign * products[i]
 
-        for r in rows:
-            needed = needed_shifts(r, None)
+        for r, (needed, blocks_of) in row_plans.items():
             products = against_shifts(base_rows(r), lambda o, r=r: flat[o + r * row_len:o + (r + 1) * row_len, channel],
                                       needed)
-            correct(products, needed, lambda pair, r=r: r in rows_out[pair[1]], -1.0)
-        for c in cols:
+            correct(products, blocks_of, -1.0)
+        for c, (needed, blocks_of) in col_plans.items():
             # A frame column over the data rows: a strided (rows * B, C) matrix, no copy.
-            needed = needed_shifts(None, c)
             products = against_shifts(base_frame[row0:row0 + data_h, :, c].reshape(-1, c_g),
                                       lambda o, c=c: frame_at(o)[row0:row0 + data_h, :, c], needed)
-            correct(products, needed, lambda pair, c=c: c in cols_out[pair[2]], -1.0)
-        for r in rows:
-            for c in cols:
-                needed = needed_shifts(r, c)
-                products = against_shifts(base_frame[r, :, c], lambda o, r=r, c=c: frame_at(o)[r, :, c], needed)
-                correct(products, needed, lambda pair, r=r, c=c: r in rows_out[pair[1]] and c in cols_out[pair[2]], 1.0)
-        # Written straight into the (c, a, c', b) column order of the result.
-        blocks = outer.view(groups, c_g, k, c_g, k).permute(0, 2, 4, 1, 3)  # (g, a, b, C, C) view
+            correct(products, blocks_of, -1.0)
+        for (r, c), (needed, blocks_of) in corner_plans.items():
+            products = against_shifts(base_frame[r, :, c], lambda o, r=r, c=c: frame_at(o)[r, :, c], needed)
+            correct(products, blocks_of, 1.0)
         blocks[g, a_idx, b_idx] = valid
         blocks[g, b_idx, a_idx] = valid.transpose(1, 2)
 
