@@ -6,8 +6,9 @@ Run from the repository root::
         [--batch-size 250] [--repeats 5] [--threads N] [--skip-old] [--rev REV] [--per-layer]
         [--out benchmarks/results/collect_speed.json]
 
-For each embedded model (``tensorly_dataaware.models.load_pretrained``) and the embedded
-calibration images (``tensorly_dataaware.data.load_embedded_subset``), every repeat times, in
+For each embedded model (``tensorly_dataaware.models.load_pretrained``; ``separable``, a
+MobileNet-style network with depthwise and grouped layers and random weights, is defined here)
+and the embedded calibration images (``tensorly_dataaware.data.load_embedded_subset``), every repeat times, in
 turn (interleaved, so that a change of machine load hits all variants alike):
 
 ``forward``
@@ -80,6 +81,32 @@ def old_exact_collect(model: nn.Module, batches: list[torch.Tensor]) -> dict[str
         for handle in handles:
             handle.remove()
     return stats
+
+
+def separable_net() -> nn.Module:
+    """A MobileNet-style network with random weights (not shipped; timing does not depend on
+    the weights): depthwise 3x3 layers (one channel per group), pointwise 1x1 layers and two
+    grouped 3x3 layers (4 and 16 channels per group), for the 1-channel 28x28 embedded images."""
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(0)
+    try:
+        def separable(c_in: int, c_out: int, stride: int) -> list[nn.Module]:
+            return [nn.Conv2d(c_in, c_in, 3, stride=stride, padding=1, groups=c_in, bias=False), nn.BatchNorm2d(c_in),
+                    nn.ReLU(), nn.Conv2d(c_in, c_out, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
+
+        layers: list[nn.Module] = [nn.Conv2d(1, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU()]
+        layers += separable(32, 64, 1) + separable(64, 128, 2)
+        layers += [nn.Conv2d(128, 128, 3, padding=1, groups=32, bias=False), nn.BatchNorm2d(128), nn.ReLU()]
+        layers += separable(128, 128, 1) + separable(128, 256, 2)
+        layers += [nn.Conv2d(256, 256, 3, padding=1, groups=16, bias=False), nn.BatchNorm2d(256), nn.ReLU()]
+        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(256, 10)]
+        return nn.Sequential(*layers).eval()
+    finally:
+        torch.random.set_rng_state(generator_state)
+
+
+#: Networks defined here rather than embedded in the package (``--models`` accepts them too).
+SYNTHETIC = {"separable": separable_net}
 
 
 def thread_settings() -> dict[str, object]:
@@ -185,7 +212,7 @@ def main() -> None:
         for k, v in vars(args).items() if v not in (None, False)), "threads": threads, "models": {}}
 
     for name in args.models:
-        model = load_pretrained(name).eval()
+        model = SYNTHETIC[name]() if name in SYNTHETIC else load_pretrained(name).eval()
 
         def forward():
             with torch.no_grad():

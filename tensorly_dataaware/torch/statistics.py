@@ -337,7 +337,10 @@ def _patches_kernel_major(x: torch.Tensor, geometry: dict[str, Any]) -> tuple[to
         .unfold(2, dw * (kw - 1) + 1, sw)[..., ::dh, ::dw]  # (B, Ho, Wo, C, kh, kw)
         .unflatten(3, (groups, c_g))  # (B, Ho, Wo, g, C/g, kh, kw)
     )
-    patches = windows.permute(3, 0, 1, 2, 5, 6, 4).reshape(groups, -1, kh * kw * c_g)
+    # Stored position-major, (m, groups, n), and returned as a (groups, m, n) view: with many
+    # groups, forming the patches group-major gathered single values (one per channel) and
+    # the products of all groups at once (:func:`_group_products`) read these views as they are.
+    patches = windows.permute(0, 1, 2, 3, 5, 6, 4).reshape(-1, groups, kh * kw * c_g).transpose(0, 1)
     order = torch.arange(kh * kw * c_g, device=x.device).reshape(kh * kw, c_g).T.reshape(-1)
     return patches, order
 
@@ -451,14 +454,42 @@ def _excluded(lo: int, hi: int, starts: list[int], length: int) -> list[list[int
     return [[i for i in range(lo, hi) if not s <= i < s + length] for s in starts]
 
 
-#: Most channels (per group) for which ``_shift_moments`` multiplies each border region by
-#: all its shifted copies in one GEMM. Measured on a 2-core CPU (one thread, 250 images, in
-#: one process): when every border needed all 13 shifts, batching them made the ResNet-20
-#: collection (16-64 channels) 5-7% faster up to 32 channels and VGG's (64-256) slower.
-#: Since only the shifts that can matter are multiplied (3 of 13 with zero padding), one
-#: product per shift is as fast at 16 channels (51.4 ms per call either way at 28x28) and
-#: faster at 32 (33.8 against 37.2 ms at 14x14).
-_WIDE_BORDER_MAX_CHANNELS = 16
+#: Most elements of the temporary of one elementwise block in :func:`_group_products`.
+_ELEMENTWISE_SCRATCH = 1 << 22
+
+
+def _group_products(a: torch.Tensor, b: torch.Tensor, groups: int, precision: str) -> torch.Tensor:
+    """Float64 ``(groups, c_g, c_g)``: ``a[:, group]^T b[:, group]`` for every channel group.
+
+    ``a`` and ``b`` are ``(m, C)`` (views are fine), ``c_g = C / groups``.  One group is one
+    product (:func:`_accumulate_products`).  Several groups are multiplied all at once, in
+    blocks of at most :data:`FLOAT32_BLOCK_ROWS` rows whose float32 results are added in
+    float64 (the error bound of :func:`float32_error_bound` holds): one batched GEMM over
+    the groups per block, or an elementwise product for one channel per group (depthwise
+    convolutions).  Why: one GEMM per group and shift made a depthwise layer's statistics
+    hundreds of times slower than the layer itself (957 ms against 2.1 ms for 128 channels
+    at 16x16, 64 images, on the 2-core development machine; 30-40 ms now).
+    """
+    m, channels = a.shape
+    c_g = channels // groups
+    out = torch.zeros(groups, c_g, c_g, dtype=torch.float64, device=a.device)
+    if groups == 1:
+        _accumulate_products(out, a[None], b[None], precision)
+        return out
+    dtype = _product_dtype(a.dtype, precision)
+    rows = FLOAT32_BLOCK_ROWS if dtype != torch.float64 else m
+    if c_g == 1:
+        rows = max(1, min(rows, _ELEMENTWISE_SCRATCH // channels))
+        for first in range(0, m, rows):
+            product = a[first:first + rows].to(dtype) * b[first:first + rows].to(dtype)
+            out[:, 0, 0] += product.sum(0).to(torch.float64)
+        return out
+    for first in range(0, m, rows):
+        # Every group's block at once: (groups, rows, c_g) views of the (rows, C) slices.
+        a_blk = a[first:first + rows].to(dtype).view(-1, groups, c_g).transpose(0, 1)
+        b_blk = b[first:first + rows].to(dtype).view(-1, groups, c_g).transpose(0, 1)
+        out += torch.bmm(a_blk.transpose(1, 2), b_blk).to(torch.float64)
+    return out
 
 
 def _shift_moments(
@@ -549,25 +580,9 @@ def _shift_moments(
     offsets = [d1 * dh * row_len + d2 * dw for d1, d2 in shifts]
     n_shifts = len(shifts)
 
-    def product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        out = torch.zeros(1, a.shape[-1], b.shape[-1], dtype=torch.float64, device=device)
-        _accumulate_products(out, a[None], b[None], precision)
-        return out[0]
-
-    def against_shifts(a: torch.Tensor, shifted, needed: list[int]) -> torch.Tensor | None:
-        """``(len(needed), C, C)``: ``a^T`` times ``shifted(o)`` for the shifts in ``needed``.
-
-        With few channels, as one GEMM against the shifted copies side by side: products
-        with a ``C x C`` result are mostly call overhead there, and copying a border region
-        once per shift is cheap. With more channels the copies cost more than they save
-        (measured on the embedded networks, see :data:`_WIDE_BORDER_MAX_CHANNELS`).
-        """
-        if not needed:
-            return None
-        if c_g > _WIDE_BORDER_MAX_CHANNELS or len(needed) == 1:
-            return torch.stack([product(a, shifted(offsets[s]).reshape(a.shape[0], c_g)) for s in needed])
-        wide = torch.stack([shifted(offsets[s]) for s in needed], dim=-2).reshape(a.shape[0], len(needed) * c_g)
-        return product(a, wide).view(c_g, len(needed), c_g).transpose(0, 1)
+    def against_shifts(a: torch.Tensor, shifted, needed: list[int]) -> list[torch.Tensor]:
+        """``a^T shifted(o)`` per channel group, for the shifts in ``needed``."""
+        return [_group_products(a, shifted(offsets[s]).reshape(a.shape), groups, precision) for s in needed]
 
     # Which blocks each shift fills: offset pairs (a, b = a + delta) that both fit the kernel.
     s_idx, a1_idx, a2_idx = [], [], []
@@ -613,48 +628,45 @@ def _shift_moments(
     # The result in its (c, a, c', b) column order, viewed as (g, a, b, C, C) blocks.
     blocks = outer.view(groups, c_g, k, c_g, k).permute(0, 2, 4, 1, 3)
 
-    for g in range(groups):
-        channel = slice(g * c_g, (g + 1) * c_g)
+    def frame_at(o: int) -> torch.Tensor:
+        return flat[o:o + n_frame].view(frame_h, batch, frame_w, channels)
 
-        def frame_at(o: int) -> torch.Tensor:
-            return flat[o:o + n_frame].view(frame_h, batch, frame_w, channels)[..., channel]
+    def base_rows(first: int, stop: int | None = None) -> torch.Tensor:
+        """Frame rows ``[first, stop)`` (default: one row) as a ``(rows * B * Wq, C)`` matrix."""
+        return flat[first * row_len:(first + 1 if stop is None else stop) * row_len]
 
-        def base_rows(first: int, stop: int | None = None) -> torch.Tensor:
-            """Frame rows ``[first, stop)`` (default: one row) as a ``(rows * B * Wq, C)`` matrix."""
-            return flat[first * row_len:(first + 1 if stop is None else stop) * row_len, channel]
+    base_frame = frame_at(0)
+    # The full-frame correlation of every shift: 13 GEMMs of the size of the input. Only
+    # the data rows are taken on the left: the zero rows of the frame add nothing.
+    data_rows = slice(row0 * row_len, (row0 + data_h) * row_len)
+    full = torch.stack([
+        _group_products(base_rows(row0, row0 + data_h), flat[o + data_rows.start:o + data_rows.stop], groups,
+                        precision)
+        for o in offsets
+    ], dim=1)  # (group, shift, C, C)
+    # Every block (a, a + delta) starts from its shift's full-frame correlation; the products
+    # over the border rows / columns that offset a does not visit are then subtracted and
+    # those over the corners (subtracted twice) added back, block by block: only a few
+    # shifts have non-zero border products (see border_plan).
+    valid = full[:, s_idx]  # (group, pair, C, C)
 
-        base_frame = frame_at(0)
-        # The full-frame correlation of every shift: 13 GEMMs of the size of the input. Only
-        # the data rows are taken on the left: the zero rows of the frame add nothing.
-        data_rows = slice(row0 * row_len, (row0 + data_h) * row_len)
-        full = torch.stack([
-            product(base_rows(row0, row0 + data_h), flat[o + data_rows.start:o + data_rows.stop, channel])
-            for o in offsets
-        ])  # (shift, C, C)
-        # Every block (a, a + delta) starts from its shift's full-frame correlation; the
-        # products over the border rows / columns that offset a does not visit are then
-        # subtracted and those over the corners (subtracted twice) added back, block by
-        # block: only a few shifts have non-zero border products (see border_plan).
-        valid = full[s_idx]  # (pair, C, C)
+    def correct(products, blocks_of: list[list[int]], sign: float) -> None:
+        for product, ks in zip(products, blocks_of):
+            valid[:, ks] += sign * product[:, None]
 
-        def correct(products, blocks_of: list[list[int]], sign: float) -> None:
-            for i, ks in enumerate(blocks_of):
-                valid[ks] += sign * products[i]
-
-        for r, (needed, blocks_of) in row_plans.items():
-            products = against_shifts(base_rows(r), lambda o, r=r: flat[o + r * row_len:o + (r + 1) * row_len, channel],
-                                      needed)
-            correct(products, blocks_of, -1.0)
-        for c, (needed, blocks_of) in col_plans.items():
-            # A frame column over the data rows: a strided (rows * B, C) matrix, no copy.
-            products = against_shifts(base_frame[row0:row0 + data_h, :, c].reshape(-1, c_g),
-                                      lambda o, c=c: frame_at(o)[row0:row0 + data_h, :, c], needed)
-            correct(products, blocks_of, -1.0)
-        for (r, c), (needed, blocks_of) in corner_plans.items():
-            products = against_shifts(base_frame[r, :, c], lambda o, r=r, c=c: frame_at(o)[r, :, c], needed)
-            correct(products, blocks_of, 1.0)
-        blocks[g, a_idx, b_idx] = valid
-        blocks[g, b_idx, a_idx] = valid.transpose(1, 2)
+    for r, (needed, blocks_of) in row_plans.items():
+        products = against_shifts(base_rows(r), lambda o, r=r: flat[o + r * row_len:o + (r + 1) * row_len], needed)
+        correct(products, blocks_of, -1.0)
+    for c, (needed, blocks_of) in col_plans.items():
+        # A frame column over the data rows: a strided (rows * B, C) matrix, no copy.
+        products = against_shifts(base_frame[row0:row0 + data_h, :, c].reshape(-1, channels),
+                                  lambda o, c=c: frame_at(o)[row0:row0 + data_h, :, c], needed)
+        correct(products, blocks_of, -1.0)
+    for (r, c), (needed, blocks_of) in corner_plans.items():
+        products = against_shifts(base_frame[r, :, c], lambda o, r=r, c=c: frame_at(o)[r, :, c], needed)
+        correct(products, blocks_of, 1.0)
+    blocks[:, a_idx, b_idx] = valid
+    blocks[:, b_idx, a_idx] = valid.transpose(-1, -2)
 
     # Patch sums: per-pixel sums over the batch (in the product dtype, from the frame already
     # in memory), then in float64 one window sum per kernel offset.
@@ -719,8 +731,15 @@ def _batch_moments(
 
 
 def _moments_of(patches: torch.Tensor, precision: str) -> tuple[int, torch.Tensor, torch.Tensor]:
-    """Float64 ``(count, sum, sum_outer)`` of ``(groups, m, n)`` patches."""
+    """Float64 ``(count, sum, sum_outer)`` of ``(groups, m, n)`` patches.
+
+    Several groups stored position-major (as :func:`_patches_kernel_major` returns them)
+    are multiplied all at once by :func:`_group_products`.
+    """
     groups, m, n = patches.shape
+    if groups > 1 and m and patches.stride(1) == groups * n and patches.stride(0) == n and patches.stride(2) == 1:
+        flat = patches.transpose(0, 1).reshape(m, groups * n)  # a view
+        return m, flat.sum(0, dtype=torch.float64).view(groups, n), _group_products(flat, flat, groups, precision)
     total = torch.zeros(groups, n, dtype=torch.float64, device=patches.device)
     outer = torch.zeros(groups, n, n, dtype=torch.float64, device=patches.device)
     if m:
@@ -1347,8 +1366,8 @@ class CrossStatistics:
 
         Equivalent to ``update(patches_for(module, x_inputs), patches_for(module, y_inputs))``
         (``y_inputs=None`` means ``y = x``). For a stride-1 convolution with a kernel larger
-        than 1x1 and ``groups == 1`` the patches are never formed: the two inputs are stacked
-        along the channels and the shift-structure moments of the stack (see
+        than 1x1 the patches are never formed: the two inputs are stacked along the
+        channels (group by group) and the shift-structure moments of the stack (see
         ``_shift_moments``) hold ``X^T Y`` and ``Y^T Y`` as blocks, which costs two to three
         times less than forming both patch matrices and multiplying them here. Other
         convolutions form their patches in kernel-major order (faster to gather) and permute
@@ -1376,7 +1395,8 @@ class CrossStatistics:
             x = _conv_input(module, kind, x_inputs, geometry)
             if x.shape[0] > 0:
                 y = x if same else _conv_input(module, kind, y_inputs, geometry)
-                positions = _shift_positions(x, geometry) if self.groups == 1 and geometry["groups"] == 1 else None
+                # (Statistics made for another grouping fail the patch route's checks.)
+                positions = _shift_positions(x, geometry) if self.groups == geometry["groups"] else None
                 if positions is not None:
                     self._add_shift_moments(x, y, same, geometry, positions, precision)
                     return
@@ -1391,7 +1411,15 @@ class CrossStatistics:
     def _add_shift_moments(self, x, y, same: bool, geometry, positions: int, precision: str) -> None:
         """Add the moments of the two inputs of a stride-1 convolution, from the shift-structure
         moments of their channel stack (see :meth:`update_from_inputs`)."""
-        stacked = x if same else torch.cat([x, y.to(x.dtype)], dim=1)
+        groups = geometry["groups"]
+        if same:
+            stacked = x
+        else:
+            # Each group's x channels, then its y channels: the stack keeps the grouping, and
+            # each group's moments hold that group's X^T Y and Y^T Y blocks.
+            b, c, h, w = x.shape
+            stacked = torch.cat([x.reshape(b, groups, c // groups, h, w), y.to(x.dtype).reshape(b, groups, c // groups, h, w)],
+                                dim=2).reshape(b, 2 * c, h, w)
         total, outer = _shift_moments(stacked, {**geometry, "in_channels": stacked.shape[1]}, precision)
         n = self.n
         sum_x, sum_y = total[:, :n], total[:, n:] if not same else total[:, :n]
