@@ -670,6 +670,55 @@ def test_shift_moments_groups_float32_blocks(groups, stride, monkeypatch):
     torch.testing.assert_close(total, p.sum(1), rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("precision", ["float32", "float64"])
+@pytest.mark.parametrize(
+    "channels, groups",
+    [(40, 1), (96, 3), (12, 6), (40, 10), (42, 14), (48, 48)],
+    ids=["one-group", "wide-groups", "one-super-group", "super-groups-of-5", "super-groups-of-7", "depthwise"],
+)
+def test_group_products_equal_per_group_products(channels, groups, precision, monkeypatch):
+    """_group_products against one float64 product per group, on strided (m, C) views, for
+    every route (super-groups whose size must divide the group count included), with
+    blocks of a few rows."""
+    from tensorly_dataaware.torch.statistics import _group_products
+
+    monkeypatch.setattr(stats_module, "FLOAT32_BLOCK_ROWS", 16)
+    monkeypatch.setattr(stats_module, "_ELEMENTWISE_SCRATCH", 7 * channels)
+    gen = torch.Generator().manual_seed(channels + groups)
+    a = torch.randn(2 * channels, 101, generator=gen).T[:, :channels]  # strided views
+    b = torch.randn(101, 2 * channels, generator=gen)[:, channels:]
+    got = _group_products(a, b, groups, precision)
+    c_g = channels // groups
+    expected = torch.stack([
+        a[:, g * c_g:(g + 1) * c_g].double().T @ b[:, g * c_g:(g + 1) * c_g].double() for g in range(groups)
+    ])
+    assert got.dtype == F64 and got.shape == expected.shape
+    torch.testing.assert_close(got, expected, rtol=1e-5 if precision == "float32" else 1e-12, atol=1e-4)
+
+
+@pytest.mark.parametrize("same", [False, True])
+def test_accumulate_products_positions_innermost(same, monkeypatch):
+    """Patches stored with the positions innermost (transposed views, the layout of grouped
+    kernel-major patches) give the products and sums of the same patches stored row-major,
+    in float32 blocks of a few rows (so the block loop really runs)."""
+    from tensorly_dataaware.torch.statistics import _accumulate_products
+
+    monkeypatch.setattr(stats_module, "FLOAT32_BLOCK_ROWS", 16)
+    gen = torch.Generator().manual_seed(5)
+    a = torch.randn(3, 7, 101, generator=gen).transpose(1, 2)  # (groups, m, n), stride(1) == 1
+    b = a if same else torch.randn(3, 7, 101, generator=gen).transpose(1, 2)
+    results = []
+    for x, y in ((a, b), (a.contiguous(), a.contiguous() if same else b.contiguous())):
+        out, sum_a, sum_b = torch.zeros(3, 7, 7, dtype=F64), torch.zeros(3, 7, dtype=F64), torch.zeros(3, 7, dtype=F64)
+        _accumulate_products(out, x, y, "float32", sums=(sum_a, sum_b))
+        results.append((out, sum_a, sum_b))
+    expected = torch.bmm(a.double().transpose(1, 2), b.double())
+    for out, sum_a, sum_b in results:
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(sum_a, a.double().sum(1), rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(sum_b, b.double().sum(1), rtol=1e-5, atol=1e-4)
+
+
 # --------------------------------------------------------------------------------------------
 # Issue 9 item 8: bad statistics files and empty batches
 # --------------------------------------------------------------------------------------------

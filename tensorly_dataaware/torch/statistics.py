@@ -149,6 +149,17 @@ def _accumulate_products(
     # Blocks are bounded so that the (groups, blocks, n, n) float32 products stay below
     # _FLOAT32_SCRATCH elements.
     rows = FLOAT32_BLOCK_ROWS
+    if a.stride(1) == 1 and b.stride(1) == 1 and m > 1 and min(n, n_b) > 1:
+        # Positions innermost (transposed views, as _patches_kernel_major stores grouped
+        # patches): one batched GEMM per row block reads the blocks as they are, where the
+        # batched matmul below would copy them.
+        for first in range(0, m, rows):
+            a_blk = a[:, first:first + rows]
+            b_blk = a_blk if same else b[:, first:first + rows]
+            out += torch.bmm(a_blk.transpose(1, 2), b_blk)
+            for acc, data in zip(sums, (a_blk, b_blk)):
+                acc += data.sum(dim=1)
+        return
     n_blocks = m // rows
     per_call = max(1, _FLOAT32_SCRATCH // max(1, groups * n * n_b))
     for first in range(0, n_blocks, per_call):
@@ -318,12 +329,13 @@ def _patches_kernel_major(x: torch.Tensor, geometry: dict[str, Any]) -> tuple[to
     (``patches_for(...)[..., j] == result[..., order[j]]``), so moments computed from these
     patches are put in channel-major order by indexing them with ``order``.
 
-    Why: the input is copied once to channels-last and every patch row is then gathered
-    from runs of ``C / groups`` contiguous values, where the channel-major layout gathers
-    single scattered values; on a 2-core CPU (float32, 250 images, 3x3 stride-2 kernels)
-    forming the patches took 3.5x less time at 16 channels and 28x28 and 3.4x less at 32
-    channels and 14x14. The ``n``-index permutation of the ``n x n`` moments costs little
-    next to that.
+    Why: with one group the input is copied once to channels-last and every patch row is
+    then gathered from runs of ``C`` contiguous values, where the channel-major layout
+    gathers single scattered values; on a 2-core CPU (float32, 250 images, 3x3 stride-2
+    kernels) forming the patches took 3.5x less time at 16 channels and 28x28 and 3.4x less
+    at 32 channels and 14x14. The ``n``-index permutation of the ``n x n`` moments costs
+    little next to that. With several groups the patches are stored with the positions
+    innermost (the result is a transposed view; see the comment in the code).
     """
     kh, kw = geometry["kernel"]
     sh, sw = geometry["stride"]
@@ -331,16 +343,26 @@ def _patches_kernel_major(x: torch.Tensor, geometry: dict[str, Any]) -> tuple[to
     groups = geometry["groups"]
     c_g = x.shape[1] // groups
     x, _, _ = _padded(x, geometry)
-    windows = (
-        x.permute(0, 2, 3, 1).contiguous()  # (B, H, W, C)
-        .unfold(1, dh * (kh - 1) + 1, sh)
-        .unfold(2, dw * (kw - 1) + 1, sw)[..., ::dh, ::dw]  # (B, Ho, Wo, C, kh, kw)
-        .unflatten(3, (groups, c_g))  # (B, Ho, Wo, g, C/g, kh, kw)
-    )
-    # Stored position-major, (m, groups, n), and returned as a (groups, m, n) view: with many
-    # groups, forming the patches group-major gathered single values (one per channel) and
-    # the products of all groups at once (:func:`_group_products`) read these views as they are.
-    patches = windows.permute(0, 1, 2, 3, 5, 6, 4).reshape(-1, groups, kh * kw * c_g).transpose(0, 1)
+    if groups > 1:
+        # Stored group-major with the positions innermost, (groups, n, m), and returned as a
+        # (groups, m, n) view: the gather copies runs along an image row and the products of
+        # all groups are one batched GEMM per row block on these views as they are (see
+        # _accumulate_products). The position-major layout below gathered runs of C / groups
+        # values, single values for a depthwise layer: 1.7x slower to form and 3.7x slower to
+        # multiply at 64 channels, 28x28, stride 2, 250 images (one thread, 2-core CPU).
+        windows = (
+            x.unfold(2, dh * (kh - 1) + 1, sh)
+            .unfold(3, dw * (kw - 1) + 1, sw)[..., ::dh, ::dw]  # (B, C, Ho, Wo, kh, kw)
+            .unflatten(1, (groups, c_g))  # (B, g, C/g, Ho, Wo, kh, kw)
+        )
+        patches = windows.permute(1, 5, 6, 2, 0, 3, 4).reshape(groups, kh * kw * c_g, -1).transpose(1, 2)
+    else:
+        windows = (
+            x.permute(0, 2, 3, 1).contiguous()  # (B, H, W, C)
+            .unfold(1, dh * (kh - 1) + 1, sh)
+            .unfold(2, dw * (kw - 1) + 1, sw)[..., ::dh, ::dw]  # (B, Ho, Wo, C, kh, kw)
+        )
+        patches = windows.permute(0, 1, 2, 4, 5, 3).reshape(1, -1, kh * kw * c_g)
     order = torch.arange(kh * kw * c_g, device=x.device).reshape(kh * kw, c_g).T.reshape(-1)
     return patches, order
 
@@ -454,8 +476,16 @@ def _excluded(lo: int, hi: int, starts: list[int], length: int) -> list[list[int
     return [[i for i in range(lo, hi) if not s <= i < s + length] for s in starts]
 
 
-#: Most elements of the temporary of one elementwise block in :func:`_group_products`.
-_ELEMENTWISE_SCRATCH = 1 << 22
+#: Most elements of the temporary of one elementwise block in :func:`_group_products`: small
+#: enough to stay in a core's cache between the product and its sum. 64k elements took 3.6 ms
+#: per product of two (64000, 128) float32 views, 1M to 4M elements 6.2-6.5 ms, 16k 9.1 ms
+#: (per-call overhead); one thread on the 2-core development machine.
+_ELEMENTWISE_SCRATCH = 1 << 16
+
+
+#: Widest product (columns) that :func:`_group_products` forms for several small channel groups
+#: at once.
+_GROUP_PRODUCT_WIDTH = 32
 
 
 def _group_products(a: torch.Tensor, b: torch.Tensor, groups: int, precision: str) -> torch.Tensor:
@@ -464,11 +494,19 @@ def _group_products(a: torch.Tensor, b: torch.Tensor, groups: int, precision: st
     ``a`` and ``b`` are ``(m, C)`` (views are fine), ``c_g = C / groups``.  One group is one
     product (:func:`_accumulate_products`).  Several groups are multiplied all at once, in
     blocks of at most :data:`FLOAT32_BLOCK_ROWS` rows whose float32 results are added in
-    float64 (the error bound of :func:`float32_error_bound` holds): one batched GEMM over
-    the groups per block, or an elementwise product for one channel per group (depthwise
-    convolutions).  Why: one GEMM per group and shift made a depthwise layer's statistics
-    hundreds of times slower than the layer itself (957 ms against 2.1 ms for 128 channels
-    at 16x16, 64 images, on the 2-core development machine; 30-40 ms now).
+    float64 (the error bound of :func:`float32_error_bound` holds): an elementwise product
+    for one channel per group (depthwise convolutions), otherwise one batched GEMM per block
+    over *super-groups* of ``k`` consecutive groups (``k * c_g`` at most
+    :data:`_GROUP_PRODUCT_WIDTH` columns), of whose ``k x k`` block products only the
+    diagonal blocks are kept.
+
+    Why: one GEMM per group and shift made a depthwise layer's statistics hundreds of times
+    slower than the layer itself (957 ms against 2.1 ms for 128 channels at 16x16, 64
+    images, on the 2-core development machine; 30-40 ms now). A batched GEMM per group on
+    the strided ``(m, c_g)`` column slices reads every cache line once per group; with
+    super-groups it reads each ``k`` times fewer and wastes ``k`` times the (cheap)
+    arithmetic: for 128 channels in groups of 4 over 64000 rows, 9.9 ms per product against
+    41.7 ms (one thread).
     """
     m, channels = a.shape
     c_g = channels // groups
@@ -484,12 +522,18 @@ def _group_products(a: torch.Tensor, b: torch.Tensor, groups: int, precision: st
             product = a[first:first + rows].to(dtype) * b[first:first + rows].to(dtype)
             out[:, 0, 0] += product.sum(0).to(torch.float64)
         return out
+    k = max(1, min(groups, _GROUP_PRODUCT_WIDTH // c_g))
+    while groups % k:
+        k -= 1
+    supers, width = groups // k, k * c_g
+    wide = torch.zeros(supers, k, c_g, k, c_g, dtype=torch.float64, device=a.device)
     for first in range(0, m, rows):
-        # Every group's block at once: (groups, rows, c_g) views of the (rows, C) slices.
-        a_blk = a[first:first + rows].to(dtype).view(-1, groups, c_g).transpose(0, 1)
-        b_blk = b[first:first + rows].to(dtype).view(-1, groups, c_g).transpose(0, 1)
-        out += torch.bmm(a_blk.transpose(1, 2), b_blk).to(torch.float64)
-    return out
+        # Every super-group's block at once: (supers, rows, width) views of the (rows, C) slices.
+        a_blk = a[first:first + rows].to(dtype).view(-1, supers, width).transpose(0, 1)
+        b_blk = b[first:first + rows].to(dtype).view(-1, supers, width).transpose(0, 1)
+        wide += torch.bmm(a_blk.transpose(1, 2), b_blk).view(supers, k, c_g, k, c_g)
+    diagonal = torch.arange(k, device=a.device)
+    return wide[:, diagonal, :, diagonal].transpose(0, 1).reshape(groups, c_g, c_g)
 
 
 def _shift_moments(
@@ -731,15 +775,8 @@ def _batch_moments(
 
 
 def _moments_of(patches: torch.Tensor, precision: str) -> tuple[int, torch.Tensor, torch.Tensor]:
-    """Float64 ``(count, sum, sum_outer)`` of ``(groups, m, n)`` patches.
-
-    Several groups stored position-major (as :func:`_patches_kernel_major` returns them)
-    are multiplied all at once by :func:`_group_products`.
-    """
+    """Float64 ``(count, sum, sum_outer)`` of ``(groups, m, n)`` patches."""
     groups, m, n = patches.shape
-    if groups > 1 and m and patches.stride(1) == groups * n and patches.stride(0) == n and patches.stride(2) == 1:
-        flat = patches.transpose(0, 1).reshape(m, groups * n)  # a view
-        return m, flat.sum(0, dtype=torch.float64).view(groups, n), _group_products(flat, flat, groups, precision)
     total = torch.zeros(groups, n, dtype=torch.float64, device=patches.device)
     outer = torch.zeros(groups, n, n, dtype=torch.float64, device=patches.device)
     if m:
