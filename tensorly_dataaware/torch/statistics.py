@@ -20,11 +20,12 @@ This module provides
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import warnings
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -538,6 +539,79 @@ def _group_products(a: torch.Tensor, b: torch.Tensor, groups: int, precision: st
     return wide[:, diagonal, :, diagonal].transpose(0, 1).reshape(groups, c_g, c_g)
 
 
+class _ShiftPlan(NamedTuple):
+    """What :func:`_shift_moments` computes for one geometry (see :func:`_shift_plan`)."""
+
+    shifts: list[tuple[int, int]]
+    terms: list[tuple[int | None, int | None, int]]
+    combine: torch.Tensor
+    ab_idx: torch.Tensor
+    ba_idx: torch.Tensor
+
+
+@functools.lru_cache(maxsize=256)
+def _shift_plan(
+    kh: int, kw: int, dh: int, dw: int, row0: int, col0: int, data_h: int, data_w: int, out_h: int, out_w: int
+) -> _ShiftPlan:
+    """The products :func:`_shift_moments` needs and how they combine into the patch blocks.
+
+    It depends on the geometry only (not on the batch or the channels), so it is made once
+    and cached; callers must not modify it.
+
+    Returns
+    -------
+    _ShiftPlan
+        ``shifts``: the half-plane of shifts ``(d1, d2)``, one full-frame product each.
+        ``terms``: the border products that can matter, as ``(row, column, shift index)``
+        (``column`` None: a border row; ``row`` None: a border column; both: a corner).
+        ``combine``: float64 ``(pairs, len(shifts) + len(terms))``, the signs that make
+        every block ``(a, a + delta)`` from those products, one row per *pair* of kernel
+        offsets. ``ab_idx``, ``ba_idx``: each pair's block ``(a, a + delta)`` and its
+        transpose ``(a + delta, a)`` as flat indices ``a * kh * kw + b`` of the ``k x k``
+        blocks (``a``, ``b``: flat kernel offsets). Every block is one of the two.
+
+    Why only some border products: a border correction is subtracted only from the blocks
+    ``(a, a + delta)`` of the offsets ``a`` that leave the region out, only pairs inside the
+    kernel are used, and a product is zero when the shifted neighbour of the region lies in
+    the zero frame. With a 3x3 kernel and zero padding that leaves 3 of the 13 shifts per
+    border region.
+    """
+    # Border rows / columns of the data that some kernel offset does not visit.
+    rows_out = _excluded(row0, row0 + data_h, [a * dh for a in range(kh)], out_h)
+    cols_out = _excluded(col0, col0 + data_w, [a * dw for a in range(kw)], out_w)
+    rows = sorted({r for group in rows_out for r in group})
+    cols = sorted({c for group in cols_out for c in group})
+    shifts = [(d1, d2) for d1 in range(kh) for d2 in range(-(kw - 1), kw) if d1 > 0 or d2 >= 0]
+
+    # Which blocks each shift fills: offset pairs (a, b = a + delta) that both fit the kernel.
+    pairs = [(s, a1, a2) for s, (d1, d2) in enumerate(shifts)
+             for a1 in range(kh - d1) for a2 in range(max(0, -d2), min(kw, kw - d2))]
+    by_shift = [[p for p, pair in enumerate(pairs) if pair[0] == s] for s in range(len(shifts))]
+
+    columns: list[tuple[list[int], float]] = [(by_shift[s], 1.0) for s in range(len(shifts))]
+    terms = []
+    regions = [(r, None, -1.0) for r in rows] + [(None, c, -1.0) for c in cols]
+    regions += [(r, c, 1.0) for r in rows for c in cols]
+    for row, col, sign in regions:
+        for s, (d1, d2) in enumerate(shifts):
+            if row is not None and not row0 <= row + d1 * dh < row0 + data_h:
+                continue  # the shifted neighbours are in the zero frame: a zero product
+            if col is not None and not col0 <= col + d2 * dw < col0 + data_w:
+                continue
+            ks = [p for p in by_shift[s]
+                  if (row is None or row in rows_out[pairs[p][1]]) and (col is None or col in cols_out[pairs[p][2]])]
+            if ks:
+                terms.append((row, col, s))
+                columns.append((ks, sign))
+    combine = torch.zeros(len(pairs), len(columns), dtype=torch.float64)
+    for j, (ks, sign) in enumerate(columns):
+        combine[ks, j] = sign
+    a_idx = torch.tensor([a1 * kw + a2 for _, a1, a2 in pairs])
+    b_idx = torch.tensor([(a1 + shifts[s][0]) * kw + a2 + shifts[s][1] for s, a1, a2 in pairs])
+    k = kh * kw
+    return _ShiftPlan(shifts, terms, combine, a_idx * k + b_idx, b_idx * k + a_idx)
+
+
 def _shift_moments(
     x: torch.Tensor, geometry: dict[str, Any], precision: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -611,108 +685,52 @@ def _shift_moments(
     flat[n_frame:].zero_()
     frame[row0:row0 + data_h, :, col0:col0 + data_w] = data.permute(2, 0, 3, 1)
 
-    # Border rows / columns of the data that some kernel offset does not visit.
-    rows_out = _excluded(row0, row0 + data_h, [a * dh for a in range(kh)], out_h)
-    cols_out = _excluded(col0, col0 + data_w, [a * dw for a in range(kw)], out_w)
-    rows = sorted({r for group in rows_out for r in group})
-    cols = sorted({c for group in cols_out for c in group})
-
+    plan = _shift_plan(kh, kw, dh, dw, row0, col0, data_h, data_w, out_h, out_w)
     k = kh * kw
     c_g = channels // groups
     n = c_g * k
     outer = torch.zeros(groups, n, n, dtype=torch.float64, device=device)
-    shifts = [(d1, d2) for d1 in range(kh) for d2 in range(-(kw - 1), kw) if d1 > 0 or d2 >= 0]
-
-    offsets = [d1 * dh * row_len + d2 * dw for d1, d2 in shifts]
-    n_shifts = len(shifts)
-
-    def against_shifts(a: torch.Tensor, shifted, needed: list[int]) -> list[torch.Tensor]:
-        """``a^T shifted(o)`` per channel group, for the shifts in ``needed``."""
-        return [_group_products(a, shifted(offsets[s]).reshape(a.shape), groups, precision) for s in needed]
-
-    # Which blocks each shift fills: offset pairs (a, b = a + delta) that both fit the kernel.
-    s_idx, a1_idx, a2_idx = [], [], []
-    for s, (d1, d2) in enumerate(shifts):
-        for a1 in range(kh - d1):
-            for a2 in range(max(0, -d2), min(kw, kw - d2)):
-                s_idx.append(s)
-                a1_idx.append(a1)
-                a2_idx.append(a2)
-    d1s = torch.tensor([shifts[s][0] for s in s_idx])
-    d2s = torch.tensor([shifts[s][1] for s in s_idx])
-    pairs = list(zip(s_idx, a1_idx, a2_idx))
-    by_shift = [[k for k, pair in enumerate(pairs) if pair[0] == s] for s in range(n_shifts)]
-    s_idx, a1_idx, a2_idx = torch.tensor(s_idx), torch.tensor(a1_idx), torch.tensor(a2_idx)
-    a_idx, b_idx = a1_idx * kw + a2_idx, (a1_idx + d1s) * kw + (a2_idx + d2s)
-
-    def border_plan(row: int | None, col: int | None) -> tuple[list[int], list[list[int]]]:
-        """For a border row, column or corner (both given): the shifts whose products over it
-        can matter, and for each of them the blocks (indices into ``pairs``) it corrects.
-
-        Why: a border correction is subtracted only from the blocks ``(a, a + delta)`` of the
-        offsets ``a`` that leave the region out, and only pairs inside the kernel are used;
-        and a product is zero when the shifted neighbour of the region lies in the zero
-        frame.  With a 3x3 kernel and zero padding that leaves 3 of the 13 shifts per border.
-        The plan depends on the geometry only, so it is made once for all groups.
-        """
-        needed, blocks_of = [], []
-        for s, (d1, d2) in enumerate(shifts):
-            if row is not None and not row0 <= row + d1 * dh < row0 + data_h:
-                continue  # the shifted neighbours are in the zero frame: a zero product
-            if col is not None and not col0 <= col + d2 * dw < col0 + data_w:
-                continue
-            ks = [p for p in by_shift[s]
-                  if (row is None or row in rows_out[pairs[p][1]]) and (col is None or col in cols_out[pairs[p][2]])]
-            if ks:
-                needed.append(s)
-                blocks_of.append(ks)
-        return needed, blocks_of
-
-    row_plans = {r: border_plan(r, None) for r in rows}
-    col_plans = {c: border_plan(None, c) for c in cols}
-    corner_plans = {(r, c): border_plan(r, c) for r in rows for c in cols}
-    # The result in its (c, a, c', b) column order, viewed as (g, a, b, C, C) blocks.
-    blocks = outer.view(groups, c_g, k, c_g, k).permute(0, 2, 4, 1, 3)
+    offsets = [d1 * dh * row_len + d2 * dw for d1, d2 in plan.shifts]
 
     def frame_at(o: int) -> torch.Tensor:
         return flat[o:o + n_frame].view(frame_h, batch, frame_w, channels)
 
-    def base_rows(first: int, stop: int | None = None) -> torch.Tensor:
-        """Frame rows ``[first, stop)`` (default: one row) as a ``(rows * B * Wq, C)`` matrix."""
-        return flat[first * row_len:(first + 1 if stop is None else stop) * row_len]
-
     base_frame = frame_at(0)
+
+    def region(o: int, r: int | None, c: int | None) -> torch.Tensor:
+        """A border row (all images), a frame column over the data rows (a strided matrix, no
+        copy) or a corner, of the frame shifted by the flat offset ``o``, as ``(rows, C)``."""
+        if c is None:
+            return flat[o + r * row_len:o + (r + 1) * row_len]
+        if r is None:
+            return frame_at(o)[row0:row0 + data_h, :, c].reshape(-1, channels)
+        return frame_at(o)[r, :, c]
+
     # The full-frame correlation of every shift: 13 GEMMs of the size of the input. Only
     # the data rows are taken on the left: the zero rows of the frame add nothing.
     data_rows = slice(row0 * row_len, (row0 + data_h) * row_len)
-    full = torch.stack([
-        _group_products(base_rows(row0, row0 + data_h), flat[o + data_rows.start:o + data_rows.stop], groups,
-                        precision)
+    products = [
+        _group_products(flat[data_rows], flat[o + data_rows.start:o + data_rows.stop], groups, precision)
         for o in offsets
-    ], dim=1)  # (group, shift, C, C)
-    # Every block (a, a + delta) starts from its shift's full-frame correlation; the products
-    # over the border rows / columns that offset a does not visit are then subtracted and
-    # those over the corners (subtracted twice) added back, block by block: only a few
-    # shifts have non-zero border products (see border_plan).
-    valid = full[:, s_idx]  # (group, pair, C, C)
-
-    def correct(products, blocks_of: list[list[int]], sign: float) -> None:
-        for product, ks in zip(products, blocks_of):
-            valid[:, ks] += sign * product[:, None]
-
-    for r, (needed, blocks_of) in row_plans.items():
-        products = against_shifts(base_rows(r), lambda o, r=r: flat[o + r * row_len:o + (r + 1) * row_len], needed)
-        correct(products, blocks_of, -1.0)
-    for c, (needed, blocks_of) in col_plans.items():
-        # A frame column over the data rows: a strided (rows * B, C) matrix, no copy.
-        products = against_shifts(base_frame[row0:row0 + data_h, :, c].reshape(-1, channels),
-                                  lambda o, c=c: frame_at(o)[row0:row0 + data_h, :, c], needed)
-        correct(products, blocks_of, -1.0)
-    for (r, c), (needed, blocks_of) in corner_plans.items():
-        products = against_shifts(base_frame[r, :, c], lambda o, r=r, c=c: frame_at(o)[r, :, c], needed)
-        correct(products, blocks_of, 1.0)
-    blocks[:, a_idx, b_idx] = valid
-    blocks[:, b_idx, a_idx] = valid.transpose(-1, -2)
+    ]
+    # Then the few border products that matter (see _shift_plan), each a small GEMM on views.
+    products += [
+        _group_products(region(0, r, c), region(offsets[s], r, c), groups, precision) for r, c, s in plan.terms
+    ]
+    # Every block (a, a + delta) is its shift's full-frame correlation minus the products over
+    # the border rows / columns that offset a does not visit plus those over the corners
+    # (subtracted twice): one small float64 matrix product with the plan's signs, instead of
+    # one indexed update per border product (the fixed cost of a call, about half of it with
+    # 64 channels at 7x7 and a single image).
+    stacked = torch.stack(products).view(len(products), -1)
+    valid = plan.combine.to(device) @ stacked  # (pair, group * C * C)
+    # Blocks (a, b) and their transposes (b, a) are copied whole into a (k * k, ...) buffer
+    # (writing them through an indexed, permuted view of the result was slower), then put
+    # in the (c, a, c', b) column order of the result with one copy.
+    by_offsets = valid.new_empty(k * k, groups, c_g, c_g)
+    by_offsets.index_copy_(0, plan.ab_idx.to(device), valid.view(-1, groups, c_g, c_g))
+    by_offsets.index_copy_(0, plan.ba_idx.to(device), valid.view(-1, groups, c_g, c_g).transpose(-1, -2))
+    outer.view(groups, c_g, k, c_g, k).copy_(by_offsets.view(k, k, groups, c_g, c_g).permute(2, 3, 0, 4, 1))
 
     # Patch sums: per-pixel sums over the batch (in the product dtype, from the frame already
     # in memory), then in float64 one window sum per kernel offset.
