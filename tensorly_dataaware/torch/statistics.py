@@ -512,11 +512,15 @@ def _group_products(a: torch.Tensor, b: torch.Tensor, groups: int, precision: st
     """
     m, channels = a.shape
     c_g = channels // groups
+    dtype = _product_dtype(a.dtype, precision)
+    if groups == 1 and (m <= FLOAT32_BLOCK_ROWS or dtype == torch.float64):
+        # One block (the border products of _shift_moments): one GEMM, without the set-up of
+        # _accumulate_products (a fixed cost that weighs on small batches).
+        return torch.mm(a.to(dtype).T, b.to(dtype)).to(torch.float64)[None]
     out = torch.zeros(groups, c_g, c_g, dtype=torch.float64, device=a.device)
     if groups == 1:
         _accumulate_products(out, a[None], b[None], precision)
         return out
-    dtype = _product_dtype(a.dtype, precision)
     rows = FLOAT32_BLOCK_ROWS if dtype != torch.float64 else m
     if c_g == 1:
         scratch = _ELEMENTWISE_SCRATCH * (1 if a.device.type == "cpu" else 64)
@@ -609,7 +613,10 @@ def _shift_plan(
     a_idx = torch.tensor([a1 * kw + a2 for _, a1, a2 in pairs])
     b_idx = torch.tensor([(a1 + shifts[s][0]) * kw + a2 + shifts[s][1] for s, a1, a2 in pairs])
     k = kh * kw
-    return _ShiftPlan(shifts, terms, combine, a_idx * k + b_idx, b_idx * k + a_idx)
+    ab_idx, ba_idx = a_idx * k + b_idx, b_idx * k + a_idx
+    # _shift_moments writes every block from these (its result is not cleared first).
+    assert set(ab_idx.tolist()) | set(ba_idx.tolist()) == set(range(k * k))
+    return _ShiftPlan(shifts, terms, combine, ab_idx, ba_idx)
 
 
 def _shift_moments(
@@ -689,7 +696,6 @@ def _shift_moments(
     k = kh * kw
     c_g = channels // groups
     n = c_g * k
-    outer = torch.zeros(groups, n, n, dtype=torch.float64, device=device)
     offsets = [d1 * dh * row_len + d2 * dw for d1, d2 in plan.shifts]
 
     def frame_at(o: int) -> torch.Tensor:
@@ -730,6 +736,7 @@ def _shift_moments(
     by_offsets = valid.new_empty(k * k, groups, c_g, c_g)
     by_offsets.index_copy_(0, plan.ab_idx.to(device), valid.view(-1, groups, c_g, c_g))
     by_offsets.index_copy_(0, plan.ba_idx.to(device), valid.view(-1, groups, c_g, c_g).transpose(-1, -2))
+    outer = torch.empty(groups, n, n, dtype=torch.float64, device=device)  # every entry is written
     outer.view(groups, c_g, k, c_g, k).copy_(by_offsets.view(k, k, groups, c_g, c_g).permute(2, 3, 0, 4, 1))
 
     # Patch sums: per-pixel sums over the batch (in the product dtype, from the frame already
