@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import random
 
@@ -307,8 +308,11 @@ def _assert_within_float32_bound(fast, ref):
     """Each entry within 4 * gamma * sqrt(s_i s_j) (the documented bound; s from the diagonal).
 
     The documented bound uses the sums of squares over the whole padded input, which are at
-    least the patch Gram diagonal; the diagonal gives a bound that is tighter by at most
-    ``(padded area / output area)``, comfortably covered by the extra factor 2 here.
+    least the patch Gram diagonal. On these tests' dense 8x8 inputs the diagonal is close to
+    them, and the extra factor 2 covers the difference; that does not hold in general (a
+    channel can be zero at every position one kernel offset visits: see
+    ``test_collect_grouped_and_depthwise_layers_match_patches``, which checks the documented
+    bound itself).
     """
     from tensorly_dataaware.torch.statistics import float32_error_bound
 
@@ -318,6 +322,52 @@ def _assert_within_float32_bound(fast, ref):
         bound = 8 * float32_error_bound() * torch.sqrt(d[:, :, None] * d[:, None, :])
         assert bool(((fast[name].sum_outer - exact).abs() <= bound).all()), name
         assert fast[name].count == ref[name].count
+
+
+def test_collect_grouped_and_depthwise_layers_match_patches():
+    """collect_covariances on a small MobileNet-style network (depthwise 3x3 at strides 1 and
+    2, grouped 3x3 with 2, 4 and 12 channels per group, a pointwise 1x1): every layer's moments
+    equal those of its float64 patches (float64 products), and are within the float32 bound
+    by default."""
+    torch.manual_seed(1)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.ReLU(),  # depthwise, shift route
+        nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=8), nn.ReLU(),  # depthwise, patch route
+        nn.Conv2d(8, 48, 3, padding=1, groups=4), nn.ReLU(),  # 2 channels per group
+        nn.Conv2d(48, 48, 3, padding=1, groups=12), nn.ReLU(),  # 4 per group: two super-groups
+        nn.Conv2d(48, 16, 3, stride=2, padding=1, groups=4), nn.ReLU(),  # 12 per group, patches
+        nn.Conv2d(16, 12, 1),
+    ).eval()
+    data = _data(n_batches=2, batch=5)
+    ref, squares = {}, {}
+    with torch.no_grad():
+        for x, _ in data:
+            h = x
+            for name, layer in model.named_children():
+                if isinstance(layer, nn.Conv2d):
+                    ref.setdefault(name, LayerStatistics.from_module(layer)).update(patches_for(layer, h.double()))
+                    squares[name] = squares.get(name, 0) + (h.double() ** 2).sum((0, 2, 3))
+                h = layer(h)
+    exact = collect_covariances(model, data, progress=False, precision="float64")
+    assert list(exact) == list(ref)
+    for name in ref:
+        assert exact[name].groups == ref[name].groups and exact[name].count == ref[name].count
+        torch.testing.assert_close(exact[name].sum_outer, ref[name].sum_outer, rtol=1e-10, atol=1e-9)
+        torch.testing.assert_close(exact[name].sum, ref[name].sum, rtol=1e-10, atol=1e-9)
+    # The documented float32 bound, 4 * gamma * sqrt(s_i s_j) with s the sums of squares of
+    # the input channels (zero padding adds nothing). Not the patch Gram diagonal: on these
+    # 4x4 maps a channel can be zero at every position one kernel offset visits, and that
+    # offset's entries are then the difference of two nonzero float32 products.
+    from tensorly_dataaware.torch.statistics import float32_error_bound
+
+    fast = collect_covariances(model, data, progress=False)
+    for name in ref:
+        groups, k = ref[name].groups, math.prod(ref[name].weight_shape[2:])
+        s = squares[name].view(groups, -1).repeat_interleave(k, dim=1)
+        bound = 4 * float32_error_bound() * torch.sqrt(s[:, :, None] * s[:, None, :])
+        assert bool(((fast[name].sum_outer - ref[name].sum_outer).abs() <= bound).all()), name
+        assert float((fast[name].sum_outer - ref[name].sum_outer).abs().max()) > 0  # really float32
 
 
 def test_collect_matches_manual_and_cleans_up():
