@@ -87,13 +87,12 @@ def separable_net() -> nn.Module:
     """A MobileNet-style network with random weights (not shipped; timing does not depend on
     the weights): depthwise 3x3 layers (one channel per group), pointwise 1x1 layers and two
     grouped 3x3 layers (4 and 16 channels per group), for the 1-channel 28x28 embedded images."""
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(0)
-    try:
-        def separable(c_in: int, c_out: int, stride: int) -> list[nn.Module]:
-            return [nn.Conv2d(c_in, c_in, 3, stride=stride, padding=1, groups=c_in, bias=False), nn.BatchNorm2d(c_in),
-                    nn.ReLU(), nn.Conv2d(c_in, c_out, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
+    def separable(c_in: int, c_out: int, stride: int) -> list[nn.Module]:
+        return [nn.Conv2d(c_in, c_in, 3, stride=stride, padding=1, groups=c_in, bias=False), nn.BatchNorm2d(c_in),
+                nn.ReLU(), nn.Conv2d(c_in, c_out, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
 
+    with torch.random.fork_rng(devices=[]):  # the caller's random state is left as it was
+        torch.manual_seed(0)
         layers: list[nn.Module] = [nn.Conv2d(1, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU()]
         layers += separable(32, 64, 1) + separable(64, 128, 2)
         layers += [nn.Conv2d(128, 128, 3, padding=1, groups=32, bias=False), nn.BatchNorm2d(128), nn.ReLU()]
@@ -101,8 +100,6 @@ def separable_net() -> nn.Module:
         layers += [nn.Conv2d(256, 256, 3, padding=1, groups=16, bias=False), nn.BatchNorm2d(256), nn.ReLU()]
         layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(256, 10)]
         return nn.Sequential(*layers).eval()
-    finally:
-        torch.random.set_rng_state(generator_state)
 
 
 #: Networks defined here rather than embedded in the package (``--models`` accepts them too).

@@ -701,8 +701,6 @@ def _shift_moments(
     def frame_at(o: int) -> torch.Tensor:
         return flat[o:o + n_frame].view(frame_h, batch, frame_w, channels)
 
-    base_frame = frame_at(0)
-
     def region(o: int, r: int | None, c: int | None) -> torch.Tensor:
         """A border row (all images), a frame column over the data rows (a strided matrix, no
         copy) or a corner, of the frame shifted by the flat offset ``o``, as ``(rows, C)``."""
@@ -741,7 +739,7 @@ def _shift_moments(
 
     # Patch sums: per-pixel sums over the batch (in the product dtype, from the frame already
     # in memory), then in float64 one window sum per kernel offset.
-    pixel_sums = flat[:n_frame].view(frame_h, batch, frame_w, channels).sum(1).to(torch.float64)
+    pixel_sums = frame.sum(1).to(torch.float64)
     total = torch.stack(
         [pixel_sums[a1 * dh:a1 * dh + out_h, a2 * dw:a2 * dw + out_w].sum((0, 1))
          for a1 in range(kh) for a2 in range(kw)],
