@@ -187,19 +187,20 @@ def _initial_inputs(tensor, prob: SigmaProblem, rank: int, init, random_state):
                 f"`init` CP decomposition must have factors of shapes {[(d, rank) for d in prob.shape]}."
             )
         return [tl.tensor(f, **context) for f in factors[1:]]
-    if init in ("svd", "random"):
-        with warnings.catch_warnings():
-            # TensorLy warns when rank exceeds a mode size and pads the SVD init with random
-            # columns: that is expected for CP ranks and not worth a warning per call.
-            warnings.filterwarnings("ignore", message="Trying to compute SVD with n_eigenvecs")
-            cp = initialize_cp(tensor, rank, init=init, random_state=random_state)
-        return list(cp.factors[1:])
-    if init == "frobenius":
-        from tensorly.decomposition import parafac
+    if init not in ("svd", "random", "frobenius"):
+        raise ValueError(f"Unknown init {init!r}: use 'svd', 'frobenius', 'random' or a CPTensor.")
+    with warnings.catch_warnings():
+        # TensorLy warns when rank exceeds a mode size and pads the SVD init with random
+        # columns (also inside ``parafac``): that is expected for CP ranks and not worth a
+        # warning per call.
+        warnings.filterwarnings("ignore", message="Trying to compute SVD with n_eigenvecs")
+        if init == "frobenius":
+            from tensorly.decomposition import parafac
 
-        cp = parafac(tensor, rank, init="svd", tol=1e-8, random_state=random_state)
-        return list(cp.factors[1:])
-    raise ValueError(f"Unknown init {init!r}: use 'svd', 'frobenius', 'random' or a CPTensor.")
+            cp = parafac(tensor, rank, init="svd", tol=1e-8, random_state=random_state)
+        else:
+            cp = initialize_cp(tensor, rank, init=init, random_state=random_state)
+    return list(cp.factors[1:])
 
 
 def _to_cp_tensor(state: _CPState, prob: SigmaProblem) -> CPTensor:
@@ -349,7 +350,8 @@ def parafac_sigma(
 
     Examples
     --------
-    >>>     >>> import tensorly as tl
+    >>> import numpy as np
+    >>> import tensorly as tl
     >>> from tensorly_dataaware import parafac_sigma
     >>> rng = np.random.default_rng(0)
     >>> W = rng.standard_normal((8, 6, 3, 3))
@@ -401,7 +403,8 @@ class ParafacSigma(SigmaDecomposition):
 
     Examples
     --------
-    >>>     >>> from tensorly_dataaware import ParafacSigma
+    >>> import numpy as np
+    >>> from tensorly_dataaware import ParafacSigma
     >>> W = np.random.default_rng(0).standard_normal((6, 5, 3, 3))
     >>> ParafacSigma(rank=4, sigma=np.eye(45)).fit_transform(W).rank
     4
