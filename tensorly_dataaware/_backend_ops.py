@@ -14,7 +14,7 @@ import functools
 import numpy as np
 import tensorly as tl
 
-__all__ = ["cholesky_solve", "contract", "host_dtype", "dtype_kind", "framework_of"]
+__all__ = ["cholesky_factor", "cholesky_solve", "contract", "host_dtype", "dtype_kind", "framework_of", "weighted_sum"]
 
 
 @functools.lru_cache(maxsize=512)
@@ -33,6 +33,31 @@ def contract(expression: str, *operands):
     """
     shapes = tuple(tuple(int(d) for d in tl.shape(op)) for op in operands)
     return _contraction(expression, shapes)(*operands)
+
+
+#: Up to this many terms, :func:`weighted_sum` on PyTorch accumulates slice by slice.
+_SLICED_SUM_MAX_TERMS = 64
+
+
+def weighted_sum(tensor, factor, axis: int):
+    """``out[..., r] = sum_i tensor[..., i (at axis), ..., r] * factor[i, r]``.
+
+    A mode contracted with a factor whose rank index is the tensor's last axis (a
+    Khatri-Rao step of the CP sweep). Einsum backends turn it into slow batched products,
+    so it is a broadcast product and a sum; on PyTorch, for the short spatial modes, the
+    slices are accumulated in place instead (``addcmul_``), which skips the full-size
+    temporary: 0.085 against 0.19 ms for a ``64 x 3 x 3 x 3 x 3 x 68`` float64 tensor,
+    one thread.
+    """
+    size, rank = tl.shape(factor)
+    if tl.get_backend() == "pytorch" and size <= _SLICED_SUM_MAX_TERMS:
+        out = tensor.select(axis, 0) * factor[0]
+        for i in range(1, size):
+            out.addcmul_(tensor.select(axis, i), factor[i])
+        return out
+    shape = [1] * tl.ndim(tensor)
+    shape[axis], shape[-1] = size, rank
+    return tl.sum(tensor * tl.reshape(factor, tuple(shape)), axis=axis)
 
 
 def host_dtype(tensor) -> np.dtype:
@@ -89,7 +114,7 @@ def _well_conditioned(diagonal, max_cond: float) -> bool:
     return bool(d.min() > 0 and (d.max() / d.min()) ** 2 < max_cond)
 
 
-def _numpy(matrix, rhs, max_cond):
+def _numpy(matrix, max_cond):
     import scipy.linalg
 
     try:
@@ -98,21 +123,25 @@ def _numpy(matrix, rhs, max_cond):
         return None
     if not _well_conditioned(np.diag(factor[0]), max_cond):
         return None
-    return scipy.linalg.cho_solve(factor, rhs, check_finite=False)
+    return lambda rhs: scipy.linalg.cho_solve(factor, rhs, check_finite=False)
 
 
-def _pytorch(matrix, rhs, max_cond):
+def _pytorch(matrix, max_cond):
     import torch
 
     factor, info = torch.linalg.cholesky_ex(matrix)
     if int(info) != 0 or not _well_conditioned(factor.diagonal().cpu().numpy(), max_cond):
         return None
-    squeeze = rhs.ndim == 1
-    out = torch.cholesky_solve(rhs[:, None] if squeeze else rhs, factor)
-    return out[:, 0] if squeeze else out
+
+    def solve(rhs):
+        if rhs.ndim == 1:
+            return torch.cholesky_solve(rhs[:, None], factor)[:, 0]
+        return torch.cholesky_solve(rhs, factor)
+
+    return solve
 
 
-def _jax(matrix, rhs, max_cond):
+def _jax(matrix, max_cond):
     import jax.numpy as jnp
     import jax.scipy.linalg as jsl
 
@@ -121,27 +150,38 @@ def _jax(matrix, rhs, max_cond):
     diagonal = np.asarray(jnp.diag(factor))
     if not np.all(np.isfinite(diagonal)) or not _well_conditioned(diagonal, max_cond):
         return None
-    return jsl.cho_solve((factor, True), rhs)
+    return lambda rhs: jsl.cho_solve((factor, True), rhs)
 
 
 _DISPATCH = {"numpy": _numpy, "pytorch": _pytorch, "jax": _jax}
 
 
-def cholesky_solve(matrix, rhs, max_cond: float | None = None):
-    """Solve ``matrix @ x = rhs`` for a symmetric positive definite ``matrix``.
+def cholesky_factor(matrix, max_cond: float | None = None):
+    """Factor a symmetric positive definite ``matrix`` once, to solve with it repeatedly.
 
-    Returns ``None`` if the factorization fails (the matrix is singular or indefinite in
-    working precision), if its pivots reveal a condition number above ``max_cond``
-    (default ``1 / (1000 eps)``), or if the backend has no Cholesky routine here.
+    Returns a function ``solve(rhs) -> x`` with ``matrix @ x = rhs`` (``rhs`` of shape
+    ``(m,)`` or ``(m, k)``), or ``None`` if the factorization fails (the matrix is singular
+    or indefinite in working precision), if its pivots reveal a condition number above
+    ``max_cond`` (default ``1 / (1000 eps)``), or if the backend has no Cholesky routine
+    here. The caller then falls back to an eigendecomposition.
     """
-    solver = _DISPATCH.get(tl.get_backend())
-    if solver is None:
+    factor = _DISPATCH.get(tl.get_backend())
+    if factor is None:
         return None
     if max_cond is None:
         max_cond = 1e-3 / float(np.finfo(host_dtype(matrix)).eps)
-    out = solver(matrix, rhs, max_cond)
-    if out is None:
+    return factor(matrix, max_cond)
+
+
+def cholesky_solve(matrix, rhs, max_cond: float | None = None):
+    """Solve ``matrix @ x = rhs`` for a symmetric positive definite ``matrix``.
+
+    Returns ``None`` where :func:`cholesky_factor` does, or if the solution is not finite.
+    """
+    solve = cholesky_factor(matrix, max_cond)
+    if solve is None:
         return None
+    out = solve(rhs)
     # A factorization of a nearly singular matrix can "succeed" with huge pivots ratios;
     # reject non-finite results so the caller falls back to the pseudo-inverse.
     if not np.isfinite(float(tl.sum(out))):

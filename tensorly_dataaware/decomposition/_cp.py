@@ -32,7 +32,7 @@ import warnings
 import tensorly as tl
 from tensorly.cp_tensor import CPTensor
 
-from .._backend_ops import contract
+from .._backend_ops import weighted_sum
 from .._validation import validate_cp_rank
 from ..norms import psd_solve
 from ._als import finish, run_als
@@ -97,21 +97,12 @@ def _output_step(prob: SigmaProblem, inputs, sig_b=None) -> _CPState:
         sig_b = _sigma_times_channel(prob, inputs[0])
     M = _khatri_rao(inputs)  # n x R
     c = _spatial_products(inputs, tl.context(M))  # P x R
-    # Sigma M: the spatial products enter column by column (a broadcast product, O(n P R)).
-    sig_m = tl.reshape(tl.sum(sig_b * c[None, None, :, :], axis=2), (prob.n_in * prob.n_pos, -1))
+    # Sigma M: the spatial products enter column by column (O(n P R)).
+    sig_m = tl.reshape(weighted_sum(sig_b, c, 2), (prob.n_in * prob.n_pos, -1))
     gram = tl.dot(tl.transpose(M), sig_m)
     A = tl.transpose(psd_solve((gram + tl.transpose(gram)) / 2, tl.transpose(tl.dot(prob.W, sig_m))))
     error = prob.relative_error(tl.dot(A, tl.transpose(M)), tl.dot(A, tl.transpose(sig_m)))
     return _CPState(A, inputs, error, sig_m)
-
-
-def _weighted_sum(tensor, factor, axis: int):
-    """``sum_i tensor[..., i (at axis), ..., r] * factor[i, r]``: a mode contracted with a
-    factor whose rank index is the tensor's last axis (a Khatri-Rao step, done as a
-    broadcast product; einsum backends turn it into slow batched products)."""
-    shape = [1] * tl.ndim(tensor)
-    shape[axis], shape[-1] = tl.shape(factor)
-    return tl.sum(tensor * tl.reshape(factor, tuple(shape)), axis=axis)
 
 
 def _spatial_step(prob: SigmaProblem, A, inputs, k: int, sig_b, aws):
@@ -132,7 +123,7 @@ def _spatial_step(prob: SigmaProblem, A, inputs, k: int, sig_b, aws):
     # last first so that the remaining axis numbers stay valid.
     half = tl.reshape(sig_b, tuple(dims) + tuple(dims[1:]) + (rank,))
     for j in reversed(others[1:]):
-        half = _weighted_sum(half, inputs[j], m + j - 1)
+        half = weighted_sum(half, inputs[j], m + j - 1)
     # Row side: one GEMM with N_k over the other rows, x_k moved next to y_k first.
     half = tl.reshape(tl.transpose(half, tuple(others) + (k, m, m + 1)), (n_others, dims[k] * dims[k] * rank))
     N_k = _khatri_rao([inputs[j] for j in others])  # n_others x R, rows in the same order
@@ -165,12 +156,13 @@ def _channel_step(
     G = A_small[:, :, None] * tl.transpose(c)[None, :, :]
     aws = tl.reshape(aws, (rank, prob.n_in, prob.n_pos))
     rhs = tl.transpose(tl.sum(aws * tl.transpose(c)[:, None, :], axis=2))  # S x R
-    # The operator at the current B: Y Sigma = A_small (Sigma M)^T with the output step's
-    # Sigma M, since Y[a, (s, p)] = sum_r A_small[a, r] M[(s, p), r].
-    ysig = tl.reshape(tl.dot(A_small, tl.transpose(state.sig_m)), (tl.shape(A_small)[0], prob.n_in, prob.n_pos))
-    ax0 = contract("aup,abp->ub", ysig, G)
+    operator = system.operator(G)
+    # The operator at the current B: (Y Sigma)^T = (Sigma M) A_small^T with the output
+    # step's Sigma M, since Y[a, (s, p)] = sum_r A_small[a, r] M[(s, p), r].
+    ax0 = operator.project(tl.dot(state.sig_m, tl.transpose(A_small)))
     return system.solve(
-        G, rhs, inputs[0], method=method, tol=cg_tol, maxiter=cg_maxiter, reduction=reduction, ax0=ax0
+        G, rhs, inputs[0], method=method, tol=cg_tol, maxiter=cg_maxiter, reduction=reduction, ax0=ax0,
+        operator=operator,
     )
 
 
