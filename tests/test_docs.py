@@ -52,10 +52,12 @@ def python_blocks(path: Path) -> list[str]:
 
 @pytest.fixture
 def _numpy_backend():
-    """Doc examples may switch TensorLy's backend; every test starts and ends on NumPy."""
+    """The examples are written for NumPy and may switch TensorLy's backend: run them on
+    NumPy and give the caller's backend back afterwards."""
+    before = tl.get_backend()
     tl.set_backend("numpy")
     yield
-    tl.set_backend("numpy")
+    tl.set_backend(before)
 
 
 @pytest.mark.parametrize("module_name", _module_names())

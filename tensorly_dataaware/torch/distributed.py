@@ -620,8 +620,8 @@ def estimate_memory(
             inner = n2 + (r_in * P) ** 2 + 3 * (S * r_in) ** 2
         else:
             inner = 3 * r_out * n + r_out * r_in * P + 8 * S * r_in + 3 * r_in * r_in
-        # 2 n^2: the solver's (S P P) x S copy of sigma and a transposed copy in the matvec
-        # (calibrated before that copy replaced per-sweep transposes; still on the safe side).
+        # 2 n^2: the solver's (S P P) x S copy of sigma and, kept as margin, a transposed copy
+        # that the CG matvec no longer makes (calibrated with it; an overestimate now).
         work = 2 * n2 + r_out * n + max(joint, inner)
     else:  # cp
         r = int(rank)
