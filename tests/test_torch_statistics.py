@@ -769,6 +769,31 @@ def test_accumulate_products_positions_innermost(same, monkeypatch):
         torch.testing.assert_close(sum_b, b.double().sum(1), rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("precision", ["float32", "float64"])
+@pytest.mark.parametrize("layout", ["row-major", "positions-innermost"])
+@pytest.mark.parametrize("n", [95, 96, 150, 301])
+def test_symmetric_products_split_in_block_rows(precision, layout, n, monkeypatch):
+    """``a^T a`` with many columns is formed from its upper block rows and mirrored: the
+    result is the full product, exactly symmetric, with the column sums, on both patch
+    layouts, across float32 blocks and a ragged last block (and below the split size)."""
+    from tensorly_dataaware.torch.statistics import _accumulate_products, _symmetric_spans
+
+    monkeypatch.setattr(stats_module, "FLOAT32_BLOCK_ROWS", 64)
+    gen = torch.Generator().manual_seed(n)
+    data = torch.randn(2, n, 150, generator=gen)  # (groups, n, m)
+    a = data.transpose(1, 2) if layout == "positions-innermost" else data.transpose(1, 2).contiguous()
+    out = torch.full((2, n, n), 1.5, dtype=F64)  # accumulates onto what is there
+    total = torch.zeros(2, n, dtype=F64)
+    _accumulate_products(out, a, a, precision, sums=(total,))
+    expected = 1.5 + torch.bmm(a.double().transpose(1, 2), a.double())
+    tol = dict(rtol=1e-5, atol=1e-4) if precision == "float32" else dict(rtol=1e-12, atol=1e-10)
+    torch.testing.assert_close(out, expected, **tol)
+    torch.testing.assert_close(total, a.double().sum(1), **tol)
+    if _symmetric_spans(n) is not None:
+        assert torch.equal(out, out.transpose(1, 2))
+    assert (_symmetric_spans(n) is None) == (n < 96)
+
+
 # --------------------------------------------------------------------------------------------
 # Issue 9 item 8: bad statistics files and empty batches
 # --------------------------------------------------------------------------------------------
