@@ -326,7 +326,7 @@ def main(argv=None):
                         "the same --calib images)")
     p.add_argument("--budget-weighting", default=None, choices=["relative", "fisher"],
                    help="sequential variants: compress_sequential's budget_weighting")
-    p.add_argument("--fit-weighting", default=None, choices=["fisher"],
+    p.add_argument("--fit-weighting", default=None, choices=["fisher", "kfac"],
                    help="sequential variants: compress_sequential's fit_weighting")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)

@@ -206,20 +206,21 @@ def test_compress_sequential_refit(tiny_files, tmp_path, capsys):
     assert "--refit" in err and "--sequential" in err and len(err.strip().splitlines()) == 1
 
 
-def test_compress_sequential_fisher(tiny_files, tmp_path, capsys):
+@pytest.mark.parametrize("flag", [["--fisher"], ["--fisher", "kfac"]], ids=["fisher", "kfac"])
+def test_compress_sequential_fisher(tiny_files, tmp_path, capsys, flag):
     from tensorly_dataaware.torch import compress_sequential
 
     out = tmp_path / "seq_fisher.pt"
     args = ["compress", "--model-file", str(tiny_files["full"]), "--allow-pickle", "--data-dir", str(tiny_files["data"]),
             "--budget", "0.5", "--batch-size", "32", "--n-iter-max", "10", "--no-progress"]
-    assert main(args + ["--sequential", "--fisher", "--output", str(out)]) == 0
+    assert main(args + ["--sequential", *flag, "--output", str(out)]) == 0
     capsys.readouterr()
     loaded = load_compressed(TinyNet(width=12), out).eval()
     x = torch.from_numpy(((tiny_files["images"][:, None] / 255.0 - 0.286) / 0.353).astype(np.float32))
     batches = [x[s : s + 32] for s in range(0, 96, 32)]
     options = dict(budget=0.5, layers=["conv2", "conv3"], progress=False, n_iter_max=10, random_state=0)
     expected = compress_sequential(tiny_files["model"], batches, "tucker2", budget_weighting="fisher",
-                                   fit_weighting="fisher", **options).eval()
+                                   fit_weighting=flag[-1].lstrip("-"), **options).eval()
     plain = compress_sequential(tiny_files["model"], batches, "tucker2", **options).eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(x[:16]), expected(x[:16]), rtol=1e-5, atol=1e-6)

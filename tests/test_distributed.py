@@ -343,7 +343,11 @@ def _run_sequential_workers(world, outdir, fail=False, kw=None):
     return _spawn(_sequential_worker, world, outdir, fail, kw)
 
 
-@pytest.mark.parametrize("kw", [SEQ_KW, SEQ_KW_FISHER], ids=["cv-ridges", "fisher"])
+# The full (K-FAC) Fisher: its T x T sums are all-reduced as one flat tensor.
+SEQ_KW_KFAC = {**SEQ_KW_FISHER, "fit_weighting": "kfac"}
+
+
+@pytest.mark.parametrize("kw", [SEQ_KW, SEQ_KW_FISHER, SEQ_KW_KFAC], ids=["cv-ridges", "fisher", "kfac"])
 def test_sequential_distributed_matches_one_process(tmp_path, kw):
     from tensorly_dataaware.torch import compress_sequential
 

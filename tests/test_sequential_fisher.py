@@ -7,7 +7,7 @@ from torch import nn  # noqa: E402
 
 from tensorly_dataaware.torch import collect_covariances, compress_sequential, plan_compression  # noqa: E402
 from tensorly_dataaware.torch.compress import _budget_ranks  # noqa: E402
-from tensorly_dataaware.torch.sensitivity import fisher_row_weights, output_fisher  # noqa: E402
+from tensorly_dataaware.torch.sensitivity import fisher_matrix_roots, fisher_row_weights, output_fisher  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -31,8 +31,9 @@ def _batches(n_batches=3, size=5, seed=1):
     return [(torch.randn(size, 3, 8, 8, generator=g, dtype=torch.float64), torch.zeros(size)) for _ in range(n_batches)]
 
 
-def _explicit_fisher(net, batches, names):
-    """One image at a time: the gradient of CE(own argmax) w.r.t. each layer output."""
+def _explicit_fisher(net, batches, names, full=False):
+    """One image at a time: the gradient of CE(own argmax) w.r.t. each layer output
+    (``full``: the sum over positions of its outer products)."""
     sums = {n: 0.0 for n in names}
     images = 0
     for x, _ in batches:
@@ -52,7 +53,8 @@ def _explicit_fisher(net, batches, names):
             loss.backward()
             for n in names:
                 g = outs[n].grad[0]
-                sums[n] = sums[n] + (g.reshape(g.shape[0], -1) ** 2 if g.dim() > 1 else g[:, None] ** 2).sum(1)
+                g = g.reshape(g.shape[0], -1) if g.dim() > 1 else g[:, None]  # (channels, positions)
+                sums[n] = sums[n] + (g @ g.T if full else (g**2).sum(1))
             images += 1
     return {n: s / images for n, s in sums.items()}
 
@@ -67,6 +69,39 @@ def test_output_fisher_equals_per_image_gradients():
         assert got[n].dtype == torch.float64 and got[n].shape == (net.get_submodule(n).weight.shape[0],)
         torch.testing.assert_close(got[n], want[n].detach(), rtol=1e-10, atol=1e-14)
         assert float(got[n].sum()) > 0
+
+
+def test_full_output_fisher_equals_per_image_outer_products():
+    net = _net().eval()
+    batches = _batches()
+    names = ["3", "5", "7"]
+    got = output_fisher(net, batches, names, full=True)
+    want = _explicit_fisher(net, batches, names, full=True)
+    diagonal = output_fisher(net, batches, names)
+    for n in names:
+        t = net.get_submodule(n).weight.shape[0]
+        assert got[n].dtype == torch.float64 and got[n].shape == (t, t)
+        torch.testing.assert_close(got[n], want[n].detach(), rtol=1e-10, atol=1e-14)
+        torch.testing.assert_close(got[n].diagonal(), diagonal[n], rtol=1e-12, atol=1e-15)
+        assert float(got[n].sub(got[n].diagonal().diag()).abs().max()) > 0  # not merely diagonal
+
+
+def test_fisher_matrix_roots():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(5, 3, generator=g, dtype=torch.float64)
+    fisher = a @ a.T  # rank 3 of 5: two eigenvalues at the floor
+    root, inverse = fisher_matrix_roots(fisher, floor=1e-2)
+    eye = torch.eye(5, dtype=torch.float64)
+    torch.testing.assert_close(root @ inverse, eye, rtol=0, atol=1e-10)
+    torch.testing.assert_close(root, root.T)
+    eigvals = torch.linalg.eigvalsh(root @ root)
+    floor = 1e-2 * float(torch.linalg.eigvalsh(fisher).mean())
+    assert float(eigvals.min()) == pytest.approx(floor, rel=1e-8)
+    # Above the floor the square root is exact.
+    top = torch.linalg.eigvalsh(fisher)[-3:]
+    torch.testing.assert_close(eigvals[-3:], top)
+    root0, inverse0 = fisher_matrix_roots(torch.zeros(4, 4, dtype=torch.float64))
+    assert torch.equal(root0, torch.eye(4, dtype=torch.float64)) and torch.equal(inverse0, root0)
 
 
 def test_output_fisher_leaves_the_model_alone():
@@ -127,6 +162,45 @@ def test_weighted_allocation_prefers_the_sensitive_layer():
     # Swapping the sensitivities swaps the ranks.
     swapped = _budget_ranks(prepared, 0.25, {"low": 100 * ones, "high": ones})
     assert swapped["low"] == weighted["high"] and swapped["high"] == weighted["low"]
+
+
+def _kfac_output_error(small, net, name, batches, fisher):
+    """Mean over positions of ``delta^T F delta``, ``delta`` the layer's output error."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for x, _ in batches:
+            outs = []
+            h1 = net.get_submodule(name).register_forward_hook(lambda m, a, o: outs.append(o))
+            net(x)
+            h1.remove()
+            h2 = small.get_submodule(name).register_forward_hook(lambda m, a, o: outs.append(o))
+            small(x)
+            h2.remove()
+            diff = (outs[0] - outs[1]).transpose(0, 1).reshape(outs[0].shape[1], -1)
+            total += float(((fisher @ diff) * diff).sum())
+            count += diff.shape[1]
+    return total / count
+
+
+@pytest.mark.parametrize("method", ["svd", "tucker2", "cp"])
+def test_kfac_weighted_fit_lowers_the_kfac_weighted_error(method):
+    net = _net().eval()
+    with torch.no_grad():
+        # The classifier reads channels 0 and 1 of layer 5's output only through their
+        # difference, strongly: the Fisher is far from diagonal (channels 0 and 1 are
+        # perfectly anti-correlated in it), which the diagonal weighting cannot express.
+        net[7].weight[:, :9] *= 20
+        net[7].weight[:, 9:18] = -net[7].weight[:, :9]
+    batches = _batches(n_batches=4, size=16)
+    fisher = output_fisher(net, batches, ["5"], full=True)["5"]
+    ranks = {"tucker2": (2, 3), "cp": 3, "svd": 2}[method]
+    common = dict(ranks={"5": ranks}, layers=["5"], progress=False, n_iter_max=200, tol=1e-12, random_state=0)
+    diagonal = compress_sequential(net, batches, method, fit_weighting="fisher", **common)
+    kfac, report = compress_sequential(net, batches, method, fit_weighting="kfac", return_report=True, **common)
+    assert any("K-FAC" in note for note in report[0].notes)
+    e_diagonal = _kfac_output_error(diagonal, net, "5", batches, fisher)
+    e_kfac = _kfac_output_error(kfac, net, "5", batches, fisher)
+    assert e_kfac < 0.8 * e_diagonal
 
 
 def _weighted_output_error(small, net, name, batches, fisher):

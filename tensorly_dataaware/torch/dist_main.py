@@ -94,7 +94,7 @@ def run_distributed(
     quiet: bool = False,
     sequential: bool = False,
     refit: bool = False,
-    fisher: bool = False,
+    fisher: bool | str = False,
     target_damping: float | str | None = None,
 ) -> int:
     """Join the process group, compress ``model`` on ``images`` across all ranks, clean up.
@@ -106,8 +106,9 @@ def run_distributed(
     (:func:`~tensorly_dataaware.torch.distributed.compress_sequential_distributed`): every
     rank streams its shard, rank 0 factorizes; ``stats_out`` does not apply then, and
     ``refit=True`` also refits the dense layers after the first compressed one
-    (``compress_sequential(..., refit=True)``) and ``fisher=True`` sets
-    ``budget_weighting='fisher'`` and ``fit_weighting='fisher'``; ``target_damping`` is
+    (``compress_sequential(..., refit=True)``) and ``fisher=True`` (or ``'fisher'``) sets
+    ``budget_weighting='fisher'`` and ``fit_weighting='fisher'`` (``fisher='kfac'``:
+    ``fit_weighting='kfac'``); ``target_damping`` is
     passed on as it is.
     """
     import torch.distributed as dist
@@ -145,7 +146,8 @@ def run_distributed(
                 model, shard(batches, rank, world), method, ranks=ranks, ratio=ratio, energy=energy, budget=budget,
                 norm=norm, centered=centered, layers=layers, damping=damping, progress=progress and rank == 0,
                 return_report=True, n_iter_max=n_iter_max, random_state=seed, refit=refit or None,
-                **(dict(budget_weighting="fisher", fit_weighting="fisher") if fisher else {}),
+                **(dict(budget_weighting="fisher", fit_weighting=fisher if isinstance(fisher, str) else "fisher")
+                   if fisher else {}),
                 target_damping=target_damping,
             )
             say(f"sequential calibration of {len(report)} layers from {n} images on {world} rank(s) "

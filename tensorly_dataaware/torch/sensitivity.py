@@ -9,6 +9,16 @@ error per position :math:`\mathbb E[\delta y_c^2]`, the loss increase of one ima
 errors of different layers (and channels) comparable. :func:`output_fisher` measures it with
 one backward pass per calibration batch, needing no labels: the loss is the cross-entropy of
 the model's own predicted class (the "label-free" empirical Fisher).
+
+The diagonal ignores that the loss may care about *combinations* of channels. With
+``full=True`` :func:`output_fisher` returns the whole ``T x T`` matrix
+:math:`F = \mathbb E[\sum_p g_p g_p^\top]` (``g_p`` the gradient of the loss with respect to
+the layer's output at position ``p``). With the input side summarized by the covariance
+``C``, the second-order loss increase of a weight change :math:`\Delta W` is then about
+:math:`\tfrac12 \operatorname{tr}(\Delta W^\top F \Delta W C)`, the Kronecker-factored
+(K-FAC) approximation of the Hessian, which is exactly the weighted norm
+:math:`\|F^{1/2} \Delta W C^{1/2}\|_F^2` that the solvers minimize once the rows are
+transformed by :math:`F^{1/2}` (:func:`fisher_matrix_roots`).
 """
 
 from __future__ import annotations
@@ -21,7 +31,7 @@ from torch import nn
 
 from .statistics import _batch_input, _model_device
 
-__all__ = ["output_fisher"]
+__all__ = ["output_fisher", "fisher_matrix_roots", "fisher_row_weights"]
 
 
 def _channel_axis(module: nn.Module, output: torch.Tensor) -> int:
@@ -36,8 +46,9 @@ def output_fisher(
     *,
     max_batches: int | None = None,
     reduce=None,
+    full: bool = False,
 ) -> dict[str, torch.Tensor]:
-    r"""Diagonal empirical Fisher of every named layer's output channels, label-free.
+    r"""Diagonal (or full) empirical Fisher of every named layer's output channels, label-free.
 
     For every image the loss is the cross-entropy of the model's output against its own
     predicted class (``argmax`` over axis 1, so logits of shape ``(N, C)`` or ``(N, C, ...)``
@@ -61,11 +72,16 @@ def output_fisher(
     reduce : callable, optional
         ``reduce(tensor)`` sums a float64 tensor over processes in place (distributed runs);
         it is called once with the concatenated sums and image count.
+    full : bool, default is False
+        Return the ``out_channels x out_channels`` matrix
+        :math:`\frac1N \sum_{\text{images}} \sum_p g_p g_p^\top` instead of its diagonal
+        (``out_channels**2`` float64 numbers per layer).
 
     Returns
     -------
     dict of str to torch.Tensor
-        Float64 vector of length ``out_channels`` per layer, on the CPU.
+        Float64 vector of length ``out_channels`` (a matrix with ``full=True``) per layer,
+        on the CPU.
 
     Raises
     ------
@@ -77,7 +93,9 @@ def output_fisher(
     for name, module in modules.items():
         if not isinstance(module, (nn.Conv2d, nn.Linear)):
             raise ValueError(f"`layers`: {name!r} is a {type(module).__name__}, not an nn.Conv2d or nn.Linear.")
-    sums = {name: torch.zeros(m.weight.shape[0], dtype=torch.float64) for name, m in modules.items()}
+    sums = {
+        name: torch.zeros((m.weight.shape[0],) * (2 if full else 1), dtype=torch.float64) for name, m in modules.items()
+    }
     images = 0
     device = _model_device(model)
     flags = {name: m.training for name, m in model.named_modules()}
@@ -122,20 +140,27 @@ def output_fisher(
                 for name, grad in zip(names, grads):
                     axis = _channel_axis(modules[name], grad)
                     g = grad.detach().to(torch.float64)
-                    sums[name] += (g * g).sum(dim=tuple(d for d in range(g.dim()) if d != axis)).cpu()
+                    if full:
+                        # Channels first, every image and position after: one (T, m) GEMM.
+                        g = g.movedim(axis, 0).reshape(g.shape[axis], -1)
+                        sums[name] += (g @ g.T).cpu()
+                    else:
+                        sums[name] += (g * g).sum(dim=tuple(d for d in range(g.dim()) if d != axis)).cpu()
                 images += logits.shape[0]
     finally:
         for name, module in model.named_modules():
             if name in flags:
                 module.train(flags[name])
     if reduce is not None:
-        flat = torch.cat([sums[name] for name in names] + [torch.tensor([float(images)], dtype=torch.float64)])
+        flat = torch.cat(
+            [sums[name].reshape(-1) for name in names] + [torch.tensor([float(images)], dtype=torch.float64)]
+        )
         reduce(flat)
         images = int(round(float(flat[-1])))
         offset = 0
         for name in names:
             size = sums[name].numel()
-            sums[name] = flat[offset : offset + size].clone()
+            sums[name] = flat[offset : offset + size].reshape(sums[name].shape).clone()
             offset += size
     if images == 0:
         raise ValueError("`batches` yielded no batch: nothing to measure the Fisher on.")
@@ -153,3 +178,22 @@ def fisher_row_weights(fisher: Mapping[str, torch.Tensor], floor: float = 1e-3) 
         mean = float(f.mean()) if f.numel() else 0.0
         out[name] = f.clamp_min(floor * mean) if mean > 0 else torch.ones_like(f)
     return out
+
+
+def fisher_matrix_roots(fisher: torch.Tensor, floor: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(F^{1/2}, F^{-1/2})`` of a full output Fisher, its eigenvalues floored.
+
+    The floor is ``floor`` times the mean eigenvalue (the mean of the diagonal), as
+    :func:`fisher_row_weights` floors the diagonal: directions of the output that the loss
+    never felt on the calibration data (e.g. channels dead after their ReLU) keep a small
+    weight, so that the weighted fit can be transformed back. An all-zero Fisher gives the
+    identity (no weighting).
+    """
+    fisher = (fisher + fisher.T) / 2
+    eigvals, eigvecs = torch.linalg.eigh(fisher)
+    mean = float(eigvals.mean()) if eigvals.numel() else 0.0
+    if not mean > 0:
+        eye = torch.eye(fisher.shape[0], dtype=fisher.dtype)
+        return eye, eye.clone()
+    root = eigvals.clamp_min(floor * mean).sqrt()
+    return (eigvecs * root) @ eigvecs.T, (eigvecs / root) @ eigvecs.T
