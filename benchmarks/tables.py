@@ -176,11 +176,67 @@ def speed_summary(paths: list[Path]):
             print(f"| {info['backend']} | {dtype} | {shape} | {threads} | {out[0]} | {out[1]} | `results/{path.name}` |")
 
 
+def speed_before_after(start: Path, end: Path):
+    """Our time and ratio at a session's start (``*_at_<rev>*``, run from a worktree of
+    ``rev``) and at its end (the same command), with TensorLy's time in each run."""
+    rev = start.name.split("_at_")[1].split("_")[0]
+    print(f"\n{start.name} (at `{rev}`) -> {end.name}\n")
+    print("| backend | dtype | layer | solver | ours: start -> end | TensorLy in the same run: start / end "
+          "| ratio: start -> end | rel. sigma-error: start / end |")
+    print("|---|---|---|---|---|---|---|---|")
+    runs = [json.loads(path.read_text()) for path in (start, end)]
+    first, last = ({(r["dtype"], r["shape"], r["method"]): r for r in run["rows"]} for run in runs)
+    for (dtype, shape, method), a in first.items():
+        base = {"tucker2_sigma": "tensorly partial_tucker", "parafac_sigma": "tensorly parafac"}.get(method)
+        if base is None or (dtype, shape, method) not in last:
+            continue
+        b, ta, tb = last[(dtype, shape, method)], first[(dtype, shape, base)], last[(dtype, shape, base)]
+        name = "Tucker-2" if method == "tucker2_sigma" else "CP"
+        print(f"| {runs[0]['info']['backend']} | {dtype} | {shape} | {name} | {a['seconds']:.3f} s -> {b['seconds']:.3f} s "
+              f"| {ta['seconds']:.3f} s / {tb['seconds']:.3f} s | {a['ratio_vs_tensorly']:.2f}x -> "
+              f"**{b['ratio_vs_tensorly']:.2f}x** | {a['sigma_error']:.5f} / {b['sigma_error']:.5f} |")
+
+
+def replicates(path: Path):
+    """Paired replicates of fit weightings (``fisher_replicates.py``): one row per
+    calibration set, each weighting's accuracy on both test sets, and the paired differences."""
+    data = json.loads(path.read_text())
+    info, rows = data["info"], data["rows"]
+    weightings = list(dict.fromkeys(r["fit_weighting"] for r in rows))
+    print(f"\n#### `{info['command']}`\n")
+    print(f"Original: {info['original']['embedded']:.4f} (embedded 2000), {info['original']['heldout']:.4f} "
+          f"(held-out 8000); {info['threads']} thread(s), torch {info['torch']}.\n")
+    print("| budget | method | calibration images | "
+          + " | ".join(f"`{w}`: embedded / held-out" for w in weightings)
+          + (f" | `{weightings[1]}` - `{weightings[0]}`: embedded / held-out |" if len(weightings) == 2 else " |"))
+    print("|---|---|---|" + "---|" * (len(weightings) + (len(weightings) == 2)))
+    cells = defaultdict(dict)
+    for r in rows:
+        cells[(r["budget"], r["method"], r["offset"])][r["fit_weighting"]] = r
+    diffs = defaultdict(list)
+    for (budget, method, offset), by in cells.items():
+        line = f"| {budget:g} | {method} | {offset}-{offset + 499} | " + " | ".join(
+            f"{by[w]['embedded']:.4f} / {by[w]['heldout']:.4f}" if w in by else "-" for w in weightings)
+        if len(weightings) == 2 and all(w in by for w in weightings):
+            d = [by[weightings[1]][k] - by[weightings[0]][k] for k in ("embedded", "heldout")]
+            diffs[(budget, method)].append(d)
+            line += f" | {100 * d[0]:+.2f} / {100 * d[1]:+.2f} point"
+        print(line + " |")
+    for (budget, method), d in diffs.items():
+        mean = [100 * sum(x[i] for x in d) / len(d) for i in range(2)]
+        print(f"\nMean paired difference, {method} at {budget:g}: {mean[0]:+.2f} (embedded) / {mean[1]:+.2f} "
+              f"(held-out) point over {len(d)} calibration sets.")
+
+
 def main():
     fresh = [p for p in sorted(RESULTS.glob("speed_cpu_*.json"))
              if any("seconds_all" in r for r in json.loads(p.read_text())["rows"])]
     if fresh:
         speed_summary(fresh)
+    for start in sorted(RESULTS.glob("speed_cpu_*_at_*.json")):
+        end = start.with_name(start.name.replace("_at_" + start.name.split("_at_")[1].split("_")[0], ""))
+        if end.is_file():
+            speed_before_after(start, end)
     for path in sorted(RESULTS.glob("speed_*.json")):
         speed(path)
     by_model = defaultdict(list)
@@ -188,7 +244,7 @@ def main():
         by_model[json.loads(path.read_text())["info"]["model"]].append(path)
     for paths in by_model.values():
         accuracy(paths)
-    for kind, fn in (("transfer_*.json", transfer), ("calibration_*.json", calibration),
+    for kind, fn in (("kfac_*.json", replicates), ("transfer_*.json", transfer), ("calibration_*.json", calibration),
                      ("sequential_speed*.json", sequential_speed), ("latency*.json", latency)):
         for path in sorted(RESULTS.glob(kind)):
             fn(path)

@@ -432,7 +432,7 @@ def compress_sequential(
         ``budget_weighting='fisher'``, still uses its diagonal. Measured with
         ``budget_weighting='fisher'``, ``budget=0.1`` and ``refit=True`` on the embedded VGG,
         four disjoint sets of 500 calibration images, against ``'fisher'``, on the 8000 test
-        images that no setting was chosen on: CP +0.16 to +0.44 point (93.24-93.36%),
+        images that no setting was chosen on: CP +0.15 to +0.45 point (93.24-93.36%),
         Tucker-2 0 to +0.21 point (``benchmarks/results/kfac_*.json``).
     **solver_options
         Passed to the solvers, as in :func:`~tensorly_dataaware.torch.compress`.
