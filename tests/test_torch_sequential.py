@@ -295,6 +295,100 @@ def test_float32_model_and_max_batches():
     assert torch.isfinite(out).all()
 
 
+class _Block(nn.Module):
+    """A residual block with a shared in-place ReLU (called twice), an in-place addition and
+    a tuple output: what the replay of finished module calls must get right."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.conv2(out)
+        out += x
+        return self.relu(out), out.mean()
+
+
+class _ResidualNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(inplace=True))
+        self.blocks = nn.ModuleList([_Block(6), _Block(6)])
+        self.head = nn.Linear(6, 4)
+
+    def forward(self, x):
+        stem = self.stem(x)
+        stem.add_(0.5)  # modifies the stem's output in place: a replayed output must be a copy
+        x, total = stem, 0
+        for block in self.blocks:
+            x, aux = block(x)
+            total = total + aux
+        return self.head((x + stem).mean((2, 3))) + total  # the stem's output also reaches the head
+
+
+@pytest.mark.parametrize("kind", ["residual", "sequential"])
+def test_replayed_prefix_changes_nothing_and_skips_work(monkeypatch, kind):
+    """The partly compressed network's finished module calls are replayed in later passes:
+    the result is exactly that of recomputing them, and the early modules run far less.
+    ``residual``: a custom forward (shared in-place ReLU, in-place additions, tuple outputs,
+    an early output reused at the end); ``sequential``: an nn.Sequential, whose children
+    before the previous layer are not called at all."""
+    from tensorly_dataaware.torch import sequential
+
+    if kind == "residual":
+        net = _ResidualNet().double().eval()
+        layers = ["blocks.0.conv1", "blocks.0.conv2", "blocks.1.conv1", "blocks.1.conv2", "head"]
+        early = "stem.0"  # a replayed stem does not call it (the stem's own hooks still fire)
+    else:
+        torch.manual_seed(0)
+        # Each compressed layer follows a BatchNorm, which (unlike a ReLU) changes its input
+        # if it is applied twice: a replay that resumed one child too early would show.
+        net = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Conv2d(8, 10, 3, padding=1), nn.BatchNorm2d(10),
+            nn.Conv2d(10, 6, 3, stride=2), nn.BatchNorm2d(6), nn.Flatten(), nn.Linear(6 * 3 * 3, 5),
+        )
+        with torch.no_grad():
+            for bn in (net[1], net[3], net[5]):
+                bn.running_mean.uniform_(-0.5, 0.5)
+                bn.running_var.uniform_(0.5, 2.0)
+        net = net.double().eval()
+        layers = ["2", "4", "7"]
+        early = "1"  # the BatchNorm before the first compressed layer
+    batches = _batches(n_batches=2, size=8)
+    kwargs = dict(ratio=0.5, layers=layers, progress=False, n_iter_max=10, random_state=0)
+    calls = {"early": 0}
+
+    def count(*_):
+        calls["early"] += 1
+
+    def run():
+        calls["early"] = 0
+        model = copy.deepcopy(net)
+        model.get_submodule(early).register_forward_pre_hook(count)  # copied into the compressed network too
+        return compress_sequential(model, batches, "tucker2", **kwargs), calls["early"]
+
+    replayed, early_replayed = run()
+    # The same run with every pass of the compressed network recomputed from the input.
+    monkeypatch.setattr(
+        sequential._PrefixCache, "capture",
+        lambda self, module, x, name, index: sequential._capture_input(self.model, module, x, name),
+    )
+    recomputed, early_recomputed = run()
+    for key, value in recomputed.state_dict().items():
+        assert torch.equal(replayed.state_dict()[key], value), key
+    x = batches[0][0]
+    with torch.no_grad():
+        assert torch.equal(replayed(x), recomputed(x))
+    # Recomputing runs the early module once per batch in each of the passes for the layers
+    # after the first; the replay runs it in the first of those passes only.
+    assert early_recomputed - early_replayed == 2 * (len(layers) - 2)
+
+
 class _AlternatingOrder:
     """Re-iterable that yields its batches forward, then backward, then forward...: like a
     shuffling loader, every pass sees the same data in another order."""

@@ -182,6 +182,167 @@ def _capture_input(model: nn.Module, module: nn.Module, x: torch.Tensor, name: s
     return captured[0].detach()
 
 
+def _clone_output(value: Any) -> tuple[Any, int] | None:
+    """A copy of a module's output that later in-place operations cannot change, and its
+    size in bytes; None for outputs that cannot be copied safely."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone(), value.numel() * value.element_size()
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value, 0
+    if isinstance(value, (tuple, list)):
+        parts = [_clone_output(v) for v in value]
+        if any(p is None for p in parts):
+            return None
+        return type(value)(p[0] for p in parts) if isinstance(value, tuple) else [p[0] for p in parts], sum(
+            p[1] for p in parts
+        )
+    return None
+
+
+def _replayed(value: Any) -> Any:
+    """A fresh copy of a recorded output for the caller (which may modify it in place)."""
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    if isinstance(value, (tuple, list)):
+        items = [_replayed(v) for v in value]
+        return tuple(items) if isinstance(value, tuple) else items
+    return value
+
+
+class _PrefixCache:
+    """Replays the partly compressed network's computation that cannot have changed.
+
+    The compressed network runs once per compressed layer over the calibration batches,
+    stopping at the layer. Layers are compressed in call order, so every module call that
+    finished before the previous pass stopped had only final layers upstream: this pass
+    repeats it exactly. Its output is recorded (a copy) in that pass and returned, without
+    running the module, in the next ones (a copy again: the caller may modify it in place).
+
+    Only the outermost finished calls are kept, the calls of the children of the stopped
+    layer's ancestors (the root, then e.g. ``layer2`` and ``layer2.0`` for
+    ``layer2.0.conv2``), and only for modules called once per forward pass (a module called
+    several times, such as a shared activation, is always run: a skipped outer call would
+    otherwise shift its call count). An ``nn.Sequential`` ancestor passes only its last
+    output on, so for it just the output of the child before the path to the layer is kept,
+    and the children up to that one are not called at all. Without this a layer halfway
+    through the network costs half a forward pass; with it, about the part since the
+    previous layer. The copies count against ``limit`` bytes (beyond it nothing more is
+    kept, and that part is recomputed).
+    """
+
+    def __init__(self, model: nn.Module, once: set[str], limit: int):
+        self.model = model
+        self.once = once
+        self.limit = limit
+        # batch -> name -> (output, bytes); for an nn.Sequential ancestor, ("seq", name) ->
+        # (output of child c, bytes, c).
+        self.records: dict[int, dict[Any, tuple]] = {}
+        self.inputs: dict[int, torch.Tensor] = {}
+
+    def capture(self, module: nn.Module, x: torch.Tensor, name: str, index: int) -> torch.Tensor:
+        """:func:`_capture_input` of ``module`` for batch ``index``, with replay."""
+        old = self.records.get(index, {})
+        if old and not torch.equal(self.inputs[index], x):
+            old = {}  # other inputs than last time (a shuffling loader): nothing is valid
+        parts = name.split(".")
+        # Ancestor name -> the name of its child on the path to the layer.
+        path = {".".join(parts[:k]): ".".join(parts[:k + 1]) for k in range(len(parts) - 1, -1, -1)}
+        modules = dict(self.model.named_modules())  # as they are now: replaced layers are new objects
+        sequential = {
+            a for a in path
+            if a in self.once and type(modules[a]).forward is nn.Sequential.forward
+        }
+        new: dict[Any, tuple] = {}
+        budget = [self.limit - sum(r[1] for batch, recs in self.records.items() if batch != index for r in recs.values())]
+
+        def keep(key, value, *extra):
+            copied = _clone_output(value)
+            if copied is not None and copied[1] <= budget[0]:
+                new[key] = (*copied, *extra)
+                budget[0] -= copied[1]
+
+        def wrap_call(mod_name, forward):
+            parent = mod_name.rpartition(".")[0]
+            outermost = parent in path and parent not in sequential
+
+            def replay_or_run(*args, **kwargs):
+                if mod_name in old:
+                    if outermost:
+                        new[mod_name] = old[mod_name]
+                    return _replayed(old[mod_name][0])
+                out = forward(*args, **kwargs)
+                if outermost:
+                    keep(mod_name, out)
+                return out
+
+            return replay_or_run
+
+        def wrap_sequential(seq_name, container):
+            children = list(container)
+            target = [n for n, m in container.named_children()].index(path[seq_name].rpartition(".")[2])
+
+            def forward(value):
+                start = 0
+                record = old.get(("seq", seq_name))
+                if record is not None and record[2] < target:
+                    value, start = _replayed(record[0]), record[2] + 1
+                    if record[2] == target - 1:
+                        new[("seq", seq_name)] = record
+                for i in range(start, len(children)):
+                    value = children[i](value)
+                    if i == target - 1:
+                        keep(("seq", seq_name), value, i)
+                return value
+
+            return forward
+
+        wrapped = []
+        for mod_name, mod in modules.items():
+            if mod_name not in self.once or mod is module:
+                continue
+            if mod_name in sequential:
+                replacement = wrap_sequential(mod_name, mod)
+            elif mod_name not in path:
+                replacement = wrap_call(mod_name, mod.forward)
+            else:
+                continue  # an ancestor of the layer: it runs (and is stopped inside)
+            wrapped.append((mod, mod.__dict__.get("forward")))
+            mod.forward = replacement
+        try:
+            captured = _capture_input(self.model, module, x, name)
+        finally:
+            for mod, previous in wrapped:
+                if previous is None:
+                    del mod.forward
+                else:
+                    mod.forward = previous
+        self.records[index] = new
+        self.inputs[index] = x
+        return captured
+
+
+def _module_call_counts(model: nn.Module, x: torch.Tensor) -> dict[str, int]:
+    """How many times each module (the model itself as ``''``) is called in one forward
+    pass on ``x``."""
+    counts = {name: 0 for name, _ in model.named_modules()}
+    handles = []
+
+    def make_hook(name):
+        def hook(_module, _args):
+            counts[name] += 1
+
+        return hook
+
+    try:
+        for name, module in model.named_modules():
+            handles.append(module.register_forward_pre_hook(make_hook(name)))
+        model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return counts
+
+
 def layer_call_order(model: nn.Module, x: torch.Tensor, names: Iterable[str]) -> tuple[list[str], dict[str, int]]:
     """Run ``model`` once on ``x`` and return the named layers in the order they are called.
 
@@ -549,6 +710,12 @@ def _run_sequential(
             comm.agree(error, "planning")
             comm.same(order, "the layer order")
             cache = _cache_reference_inputs(reference, batches, order, max_batches, run_device, cache_bytes)
+            prefix = None
+            if cache_bytes:
+                for index, batch in _iterate(batches, max_batches):
+                    counts = _module_call_counts(target, _prepare(batch, index, run_device))
+                    prefix = _PrefixCache(target, {n for n, c in counts.items() if c == 1}, cache_bytes)
+                    break
             compressed = [name for name in order if name not in refit]
             fisher = fit_weights = None
             if fit_weighting is not None or (budget is not None and budget_weighting == "fisher"):
@@ -578,7 +745,8 @@ def _run_sequential(
                 ridge = refit_damping if name in refit else target_damping
                 folds = _CV_FOLDS if ridge == "cv" and position > 0 else 1
                 moments, fold_moments = _layer_moments(
-                    reference, target, batches, name, position == 0, max_batches, run_device, comm, cached, folds
+                    reference, target, batches, name, position == 0, max_batches, run_device, comm, cached, folds,
+                    prefix,
                 )
                 if name in refit:
                     fit = lambda: _refit_layer(  # noqa: E731
@@ -692,11 +860,12 @@ def _plan_order(
 
 
 def _layer_moments(
-    reference, target, batches, name, first_layer, max_batches, run_device, comm, cached=None, folds=1
+    reference, target, batches, name, first_layer, max_batches, run_device, comm, cached=None, folds=1, prefix=None
 ) -> tuple[CrossStatistics, list[CrossStatistics] | None]:
     """Stream the paired input patches of layer ``name`` over ``batches`` (all-reduced).
 
     ``cached``: the original network's inputs of the layer, batch by batch, if kept.
+    ``prefix``: a :class:`_PrefixCache` of ``target`` (replays what cannot have changed).
     ``folds > 1``: also return the moments of each fold of images (image ``i`` of every
     batch in fold ``i % folds``), whose sum is the first result; else None.
     """
@@ -715,7 +884,12 @@ def _layer_moments(
             else:
                 x_ref = _capture_input(reference, ref_module, x, name)
             # Before the first replacement both networks are the same: x~ = x.
-            x_new = x_ref if first_layer else _capture_input(target, module, x, name)
+            if first_layer:
+                x_new = x_ref
+            elif prefix is not None:
+                x_new = prefix.capture(module, x, name, index)
+            else:
+                x_new = _capture_input(target, module, x, name)
             # In the network's dtype: float32 products are blocked and summed in float64
             # (see LayerStatistics.update for the error bound).
             try:
