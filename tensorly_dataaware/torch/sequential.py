@@ -42,9 +42,11 @@ then fit the cross-validated predictor in the metric of the inputs' covariance.
 Cost: the statistics of layer ``l`` need the compressed network's inputs at that layer, and
 those change every time a layer is replaced, so the compressed network runs over the
 calibration batches once per compressed layer; each pass stops at the layer (a pre-hook
-interrupts it), so a layer halfway through the network costs about half a forward pass. The
-original network's inputs are computed once and kept when they fit in ``cache_bytes``
-(else they are recomputed the same way). Patch
+interrupts it), and what it computed before the previous layer is replayed from copies kept
+in the previous pass instead of being recomputed (:class:`_PrefixCache`), so a pass costs
+about the part of the network since the previous compressed layer. The original network's
+inputs are computed once and kept when they fit in ``cache_bytes`` (else they are
+recomputed the same way); the replayed copies have a budget of ``cache_bytes`` too. Patch
 moments are streamed in float64 (count, the sums of ``x`` and ``x~``, of ``x~ x~^T`` and of
 ``x x~^T``): memory does not grow with the number of batches.
 """
@@ -524,7 +526,11 @@ def compress_sequential(
         Memory allowed for keeping the original network's inputs of every selected layer
         (and the batches), from one pass. When they fit, the original network runs once
         instead of once per layer; otherwise, or when a later pass yields other inputs
-        (a shuffling loader, random augmentation), they are recomputed. 0 disables it.
+        (a shuffling loader, random augmentation), they are recomputed. The same amount
+        again is allowed for the outputs of the compressed network's module calls that
+        each pass replays in the next instead of recomputing (the calls that finished
+        before the pass stopped; with them the embedded ResNet-20 took 4.7 s instead of
+        6.2 s, ``benchmarks/results/sequential_speed*_s19.json``). 0 disables both.
     refit : iterable of str or bool, optional
         Layers that stay dense but are refitted in the same pass, at no parameter cost: their
         weight becomes the (ridge-regularized, see ``refit_damping``) best linear predictor
