@@ -389,6 +389,43 @@ def test_replayed_prefix_changes_nothing_and_skips_work(monkeypatch, kind):
     assert early_recomputed - early_replayed == 2 * (len(layers) - 2)
 
 
+class _DataDependentNet(nn.Module):
+    """Calls ``mix`` once for some batches and twice for others: the call counts of the
+    first batch do not hold for every batch."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv0 = nn.Conv2d(3, 6, 3, padding=1)
+        self.mix = nn.Conv2d(6, 6, 1)
+        self.conv1 = nn.Conv2d(6, 6, 3, padding=1)
+        self.conv2 = nn.Conv2d(6, 4, 3, padding=1)
+
+    def forward(self, x):
+        h = self.mix(torch.relu(self.conv0(x)))
+        if float(x[0, 0, 0, 0]) > 0:
+            h = h + self.mix(h)  # the first call's output is used too
+        return self.conv2(torch.relu(self.conv1(h))).mean((2, 3))
+
+
+def test_replay_with_input_dependent_call_counts(monkeypatch):
+    from tensorly_dataaware.torch import sequential
+
+    batches = _batches(n_batches=4, size=4)
+    signs = [float(x[0, 0, 0, 0]) > 0 for x, _ in batches]
+    assert any(signs) and not all(signs)  # both branches are taken
+    kwargs = dict(ratio=0.5, layers=["conv0", "conv1", "conv2"], progress=False, n_iter_max=10, random_state=0)
+    net = _DataDependentNet().double().eval()
+    replayed = compress_sequential(net, batches, "tucker2", **kwargs)
+    monkeypatch.setattr(
+        sequential._PrefixCache, "capture",
+        lambda self, module, x, name, index: sequential._capture_input(self.model, module, x, name),
+    )
+    recomputed = compress_sequential(net, batches, "tucker2", **kwargs)
+    for key, value in recomputed.state_dict().items():
+        assert torch.equal(replayed.state_dict()[key], value), key
+
+
 class _AlternatingOrder:
     """Re-iterable that yields its batches forward, then backward, then forward...: like a
     shuffling loader, every pass sees the same data in another order."""

@@ -263,11 +263,20 @@ class _PrefixCache:
                 new[key] = (*copied, *extra)
                 budget[0] -= copied[1]
 
+        calls: dict[str, int] = {}
+
         def wrap_call(mod_name, forward):
             parent = mod_name.rpartition(".")[0]
             outermost = parent in path and parent not in sequential
 
             def replay_or_run(*args, **kwargs):
+                calls[mod_name] = calls.get(mod_name, 0) + 1
+                if calls[mod_name] > 1:
+                    # Called again in this pass (the first batch's count did not hold, e.g.
+                    # input-dependent control flow): never replay or keep it from now on.
+                    self.once.discard(mod_name)
+                    new.pop(mod_name, None)
+                    return forward(*args, **kwargs)
                 if mod_name in old:
                     if outermost:
                         new[mod_name] = old[mod_name]
