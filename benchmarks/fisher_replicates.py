@@ -11,7 +11,8 @@ model is evaluated on two test sets:
 * ``heldout``: the 8000 other images of Fashion-MNIST's 10k test split (Debian package
   ``dataset-fashion-mnist``), on which nothing was chosen.
 
-Every run: ``budget`` allocation with ``budget_weighting='fisher'``, ``refit=True``, every
+Every run: ``budget`` allocation with ``budget_weighting='fisher'`` (``--budget-weighting``),
+``target_damping`` as given by ``--target-damping`` (default: ``damping``), ``refit=True``, every
 ``k x k`` convolution but the first, ``n_iter_max=30``, ``tol=1e-6``, ``random_state=0``,
 no fine-tuning, one thread.
 
@@ -67,6 +68,8 @@ def main(argv=None):
     p.add_argument("--fit-weightings", nargs="+", default=["fisher", "kfac"])
     p.add_argument("--offsets", nargs="+", type=int, default=[0, 500, 1000, 1500])
     p.add_argument("--calib", type=int, default=500)
+    p.add_argument("--budget-weighting", default="fisher", choices=["relative", "fisher"])
+    p.add_argument("--target-damping", default=None, help="compress_sequential's target_damping (a number, or 'cv')")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
@@ -92,9 +95,13 @@ def main(argv=None):
                 for weighting in args.fit_weightings:
                     torch.manual_seed(0)
                     start = time.perf_counter()
+                    target_damping = args.target_damping
+                    if target_damping not in (None, "cv"):
+                        target_damping = float(target_damping)
                     small = compress_sequential(
-                        model, calib, method, budget=budget, layers=layers, refit=True, budget_weighting="fisher",
-                        fit_weighting=weighting, n_iter_max=30, tol=1e-6, random_state=0, progress=False,
+                        model, calib, method, budget=budget, layers=layers, refit=True,
+                        budget_weighting=args.budget_weighting, fit_weighting=weighting, target_damping=target_damping,
+                        n_iter_max=30, tol=1e-6, random_state=0, progress=False,
                     ).eval()
                     row = {"budget": budget, "method": method, "offset": offset, "fit_weighting": weighting,
                            "seconds": time.perf_counter() - start,
