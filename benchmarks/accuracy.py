@@ -110,20 +110,27 @@ def gaussian_images(n: int, seed: int = 0) -> np.ndarray:
     return np.clip(rng.normal(73.0, 90.0, size=(n, 28, 28)), 0, 255).astype(np.uint8)
 
 
+def test_set(sub: dict, which: str) -> tuple[np.ndarray, np.ndarray]:
+    """Images and labels of a test set: ``'embedded'`` (the embedded 2000), ``'full'``
+    (Fashion-MNIST's 10k test split) or ``'heldout'`` (the 8000 of those that are not the
+    embedded 2000); the last two need the Debian package."""
+    if which == "embedded":
+        return sub["eval_images"], sub["eval_labels"]
+    test = load_fashion_mnist("test")
+    # The embedded evaluation images are positions ``eval_indices`` of this split.
+    if not np.array_equal(test[0][sub["eval_indices"]], sub["eval_images"]):
+        raise SystemExit("the embedded evaluation images are not where eval_indices says in the test split")
+    if which == "full":
+        return test
+    keep = np.ones(len(test[0]), dtype=bool)
+    keep[sub["eval_indices"]] = False
+    return test[0][keep], test[1][keep]
+
+
 def data(args):
     sub = load_embedded_subset()
     calib = (sub["calib_images"], sub["calib_labels"])
-    if args.full_test or args.heldout:
-        test = load_fashion_mnist("test")
-        # The embedded evaluation images are positions ``eval_indices`` of this split.
-        if not np.array_equal(test[0][sub["eval_indices"]], sub["eval_images"]):
-            raise SystemExit("the embedded evaluation images are not where eval_indices says in the test split")
-        if args.heldout:
-            keep = np.ones(len(test[0]), dtype=bool)
-            keep[sub["eval_indices"]] = False
-            test = (test[0][keep], test[1][keep])
-    else:
-        test = (sub["eval_images"], sub["eval_labels"])
+    test = test_set(sub, "heldout" if args.heldout else ("full" if args.full_test else "embedded"))
     test = (test[0][: args.eval], test[1][: args.eval])
     try:
         train = load_fashion_mnist("train")
@@ -174,6 +181,11 @@ def calibration_set(calib, n: int, flips: bool = False):
     return images, labels
 
 
+def ridge_option(value: str) -> float | str:
+    """A ridge given on the command line: ``'cv'`` or a number."""
+    return value if value == "cv" else float(value)
+
+
 def sequential_options(args) -> dict:
     """Extra keyword arguments of compress_sequential given on the command line."""
     options = {}
@@ -184,7 +196,7 @@ def sequential_options(args) -> dict:
     if args.damping is not None:
         options["damping"] = args.damping
     if args.target_damping is not None:
-        options["target_damping"] = args.target_damping if args.target_damping == "cv" else float(args.target_damping)
+        options["target_damping"] = ridge_option(args.target_damping)
     if args.budget_weighting is not None:
         options["budget_weighting"] = args.budget_weighting
     if args.fit_weighting is not None:

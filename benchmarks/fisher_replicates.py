@@ -28,36 +28,17 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-from torch import nn
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+# Benchmark this checkout's package, not whichever copy is installed.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from accuracy import accuracy, conv_layers, ridge_option, test_set  # noqa: E402
+
 from tensorly_dataaware._atomic import atomic_write_text  # noqa: E402
-from tensorly_dataaware.data import load_embedded_subset, load_fashion_mnist, make_loader  # noqa: E402
+from tensorly_dataaware.data import load_embedded_subset, make_loader  # noqa: E402
 from tensorly_dataaware.models import load_pretrained  # noqa: E402
 from tensorly_dataaware.torch import compress_sequential  # noqa: E402
-
-
-def accuracy(model: nn.Module, loader) -> float:
-    correct = total = 0
-    with torch.no_grad():
-        for x, y in loader:
-            correct += int((model(x).argmax(1) == y).sum())
-            total += len(y)
-    return correct / total
-
-
-def test_loaders(sub: dict) -> dict:
-    test = load_fashion_mnist("test")
-    if not np.array_equal(test[0][sub["eval_indices"]], sub["eval_images"]):
-        raise SystemExit("the embedded evaluation images are not where eval_indices says in the test split")
-    keep = np.ones(len(test[0]), dtype=bool)
-    keep[sub["eval_indices"]] = False
-    return {
-        "embedded": make_loader(sub["eval_images"], sub["eval_labels"], batch_size=500),
-        "heldout": make_loader(test[0][keep], test[1][keep], batch_size=500),
-    }
 
 
 def main(argv=None):
@@ -77,9 +58,10 @@ def main(argv=None):
     sub = load_embedded_subset()
     if max(args.offsets) + args.calib > len(sub["calib_images"]):
         p.error(f"--offsets + --calib exceed the {len(sub['calib_images'])} embedded calibration images")
-    loaders = test_loaders(sub)
+    loaders = {which: make_loader(*test_set(sub, which), batch_size=500) for which in ("embedded", "heldout")}
+    target_damping = None if args.target_damping is None else ridge_option(args.target_damping)
     model = load_pretrained(args.model).eval()
-    layers = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.kernel_size != (1, 1)][1:]
+    layers = conv_layers(model)
     info = {
         "command": " ".join(["python", "benchmarks/fisher_replicates.py"] + (argv if argv is not None else sys.argv[1:])),
         "model": args.model, "original": {k: accuracy(model, v) for k, v in loaders.items()},
@@ -95,9 +77,6 @@ def main(argv=None):
                 for weighting in args.fit_weightings:
                     torch.manual_seed(0)
                     start = time.perf_counter()
-                    target_damping = args.target_damping
-                    if target_damping not in (None, "cv"):
-                        target_damping = float(target_damping)
                     small = compress_sequential(
                         model, calib, method, budget=budget, layers=layers, refit=True,
                         budget_weighting=args.budget_weighting, fit_weighting=weighting, target_damping=target_damping,

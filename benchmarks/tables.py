@@ -176,10 +176,9 @@ def speed_summary(paths: list[Path]):
             print(f"| {info['backend']} | {dtype} | {shape} | {threads} | {out[0]} | {out[1]} | `results/{path.name}` |")
 
 
-def speed_before_after(start: Path, end: Path):
-    """Our time and ratio at a session's start (``*_at_<rev>*``, run from a worktree of
-    ``rev``) and at its end (the same command), with TensorLy's time in each run."""
-    rev = start.name.split("_at_")[1].split("_")[0]
+def speed_before_after(start: Path, end: Path, rev: str):
+    """Our time and ratio at a session's start (``start``, run from a worktree of ``rev``)
+    and at its end (``end``, the same command), with TensorLy's time in each run."""
     print(f"\n{start.name} (at `{rev}`) -> {end.name}\n")
     print("| backend | dtype | layer | solver | ours: start -> end | TensorLy in the same run: start / end "
           "| ratio: start -> end | rel. sigma-error: start / end |")
@@ -234,9 +233,10 @@ def main():
     if fresh:
         speed_summary(fresh)
     for start in sorted(RESULTS.glob("speed_cpu_*_at_*.json")):
-        end = start.with_name(start.name.replace("_at_" + start.name.split("_at_")[1].split("_")[0], ""))
+        rev = start.name.split("_at_")[1].split("_")[0]
+        end = start.with_name(start.name.replace(f"_at_{rev}", ""))
         if end.is_file():
-            speed_before_after(start, end)
+            speed_before_after(start, end, rev)
     for path in sorted(RESULTS.glob("speed_*.json")):
         speed(path)
     by_model = defaultdict(list)

@@ -164,24 +164,6 @@ def test_weighted_allocation_prefers_the_sensitive_layer():
     assert swapped["low"] == weighted["high"] and swapped["high"] == weighted["low"]
 
 
-def _kfac_output_error(small, net, name, batches, fisher):
-    """Mean over positions of ``delta^T F delta``, ``delta`` the layer's output error."""
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for x, _ in batches:
-            outs = []
-            h1 = net.get_submodule(name).register_forward_hook(lambda m, a, o: outs.append(o))
-            net(x)
-            h1.remove()
-            h2 = small.get_submodule(name).register_forward_hook(lambda m, a, o: outs.append(o))
-            small(x)
-            h2.remove()
-            diff = (outs[0] - outs[1]).transpose(0, 1).reshape(outs[0].shape[1], -1)
-            total += float(((fisher @ diff) * diff).sum())
-            count += diff.shape[1]
-    return total / count
-
-
 @pytest.mark.parametrize("method", ["svd", "tucker2", "cp"])
 def test_kfac_weighted_fit_lowers_the_kfac_weighted_error(method):
     net = _net().eval()
@@ -198,12 +180,14 @@ def test_kfac_weighted_fit_lowers_the_kfac_weighted_error(method):
     diagonal = compress_sequential(net, batches, method, fit_weighting="fisher", **common)
     kfac, report = compress_sequential(net, batches, method, fit_weighting="kfac", return_report=True, **common)
     assert any("K-FAC" in note for note in report[0].notes)
-    e_diagonal = _kfac_output_error(diagonal, net, "5", batches, fisher)
-    e_kfac = _kfac_output_error(kfac, net, "5", batches, fisher)
+    e_diagonal = _weighted_output_error(diagonal, net, "5", batches, fisher)
+    e_kfac = _weighted_output_error(kfac, net, "5", batches, fisher)
     assert e_kfac < 0.8 * e_diagonal
 
 
 def _weighted_output_error(small, net, name, batches, fisher):
+    """Mean over positions of ``delta^T F delta``, ``delta`` the layer's output error, for a
+    per-channel Fisher vector (``F`` diagonal) or a full Fisher matrix ``F``."""
     total, count = 0.0, 0
     with torch.no_grad():
         for x, _ in batches:
@@ -215,7 +199,8 @@ def _weighted_output_error(small, net, name, batches, fisher):
             small(x)
             h2.remove()
             diff = (outs[0] - outs[1]).transpose(0, 1).reshape(outs[0].shape[1], -1)
-            total += float((fisher[:, None] * diff**2).sum())
+            weighted = fisher @ diff if fisher.dim() == 2 else fisher[:, None] * diff
+            total += float((weighted * diff).sum())
             count += diff.shape[1]
     return total / count
 
