@@ -426,6 +426,51 @@ def test_replay_with_input_dependent_call_counts(monkeypatch):
         assert torch.equal(replayed.state_dict()[key], value), key
 
 
+class _Stem(nn.Module):
+    def __init__(self, mix):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.mix = mix  # shared with the parent
+
+    def forward(self, x):
+        return self.mix(torch.relu(self.conv(x)))
+
+
+class _SharedAcrossBlocks(nn.Module):
+    """``mix`` is called inside ``stem`` and again by the root between the two layers of
+    ``second``. In the pass for ``second.1`` the replayed ``stem`` does not call it, so its
+    first call there is the root's: only the call count of a whole pass tells that it is
+    shared, and its output of the earlier pass must not be replayed."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.mix = nn.Conv2d(6, 6, 1)
+        self.stem = _Stem(self.mix)
+        self.second = nn.ModuleList([nn.Conv2d(6, 6, 3, padding=1), nn.Conv2d(6, 4, 3, padding=1)])
+
+    def forward(self, x):
+        h = self.stem(x)
+        h = self.mix(torch.relu(self.second[0](h)))
+        return self.second[1](h).mean((2, 3))
+
+
+def test_replay_with_a_module_shared_across_blocks(monkeypatch):
+    from tensorly_dataaware.torch import sequential
+
+    batches = _batches(n_batches=2, size=4)
+    kwargs = dict(ratio=0.5, layers=["stem.conv", "second.0", "second.1"], progress=False, n_iter_max=10, random_state=0)
+    net = _SharedAcrossBlocks().double().eval()
+    replayed = compress_sequential(net, batches, "tucker2", **kwargs)
+    monkeypatch.setattr(
+        sequential._PrefixCache, "capture",
+        lambda self, module, x, name, index: sequential._capture_input(self.model, module, x, name),
+    )
+    recomputed = compress_sequential(net, batches, "tucker2", **kwargs)
+    for key, value in recomputed.state_dict().items():
+        assert torch.equal(replayed.state_dict()[key], value), key
+
+
 class _AlternatingOrder:
     """Re-iterable that yields its batches forward, then backward, then forward...: like a
     shuffling loader, every pass sees the same data in another order."""

@@ -332,28 +332,6 @@ class _PrefixCache:
         return captured
 
 
-def _module_call_counts(model: nn.Module, x: torch.Tensor) -> dict[str, int]:
-    """How many times each module (the model itself as ``''``) is called in one forward
-    pass on ``x``."""
-    counts = {name: 0 for name, _ in model.named_modules()}
-    handles = []
-
-    def make_hook(name):
-        def hook(_module, _args):
-            counts[name] += 1
-
-        return hook
-
-    try:
-        for name, module in model.named_modules():
-            handles.append(module.register_forward_pre_hook(make_hook(name)))
-        model(x)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return counts
-
-
 def layer_call_order(model: nn.Module, x: torch.Tensor, names: Iterable[str]) -> tuple[list[str], dict[str, int]]:
     """Run ``model`` once on ``x`` and return the named layers in the order they are called.
 
@@ -697,6 +675,7 @@ def _run_sequential(
         )
     skipped: list = []
     call_position: dict[str, int] = {}
+    module_calls: dict[str, int] = {}
     names, named = _candidates(model, layers, skipped)
     refit_all = refit is True
     refit = _check_refit(model, refit, names if named else None, ranks)
@@ -718,19 +697,16 @@ def _run_sequential(
             try:
                 order = _plan_order(
                     reference, batches, names, named, max_batches, run_device, ranks, skipped, call_position, refit,
-                    refit_all,
+                    refit_all, module_calls,
                 )
             except Exception as exc:  # noqa: BLE001 - every process must learn of it
                 error = exc
             comm.agree(error, "planning")
             comm.same(order, "the layer order")
             cache = _cache_reference_inputs(reference, batches, order, max_batches, run_device, cache_bytes)
-            prefix = None
-            if cache_bytes:
-                for index, batch in _iterate(batches, max_batches):
-                    counts = _module_call_counts(target, _prepare(batch, index, run_device))
-                    prefix = _PrefixCache(target, {n for n, c in counts.items() if c == 1}, cache_bytes)
-                    break
+            # The target is still a copy of the reference: the same module names and calls.
+            once = {name for name, calls in module_calls.items() if calls == 1}
+            prefix = _PrefixCache(target, once, cache_bytes) if cache_bytes else None
             compressed = [name for name in order if name not in refit]
             fisher = fit_weights = None
             if fit_weighting is not None or (budget is not None and budget_weighting == "fisher"):
@@ -831,9 +807,13 @@ def _cache_reference_inputs(reference, batches, order, max_batches, run_device, 
 
 def _plan_order(
     reference, batches, names, named, max_batches, run_device, ranks, skipped, call_position, refit=(),
-    refit_all=False,
+    refit_all=False, module_calls=None,
 ) -> list[str]:
-    """The selected layers in call order (one forward pass over the first batch)."""
+    """The selected layers in call order (one forward pass over the first batch).
+
+    ``module_calls``, if given, receives how many times every module (the model as ``''``)
+    was called in that pass (see :class:`_PrefixCache`).
+    """
     first = None
     for index, batch in _iterate(batches, max_batches):
         first = _prepare(batch, index, run_device)
@@ -842,7 +822,13 @@ def _plan_order(
         raise ValueError("`batches` yielded no batch: nothing to calibrate on.")
     # The skipped (e.g. grouped) layers are traced too, to place their report rows.
     traced = list(names) + [name for name, _ in skipped if name not in names]
-    order, counts = layer_call_order(reference, first, traced)
+    # Every module is traced in the same pass, for the prefix replay's call counts.
+    everything, all_counts = layer_call_order(reference, first, [name for name, _ in reference.named_modules()])
+    if module_calls is not None:
+        module_calls.update(all_counts)
+    wanted = set(traced)
+    order = [name for name in everything if name in wanted]
+    counts = {name: all_counts[name] for name in traced}
     call_position.update({name: i for i, name in enumerate(order)})
     if refit_all:
         # Chosen by refit=True, not by name: layers it cannot refit simply stay as they are,
