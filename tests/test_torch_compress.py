@@ -282,3 +282,95 @@ def test_cuda_device_without_cuda(zoo):
     model, stats = zoo
     with pytest.raises(ValueError, match="CUDA is not available"):
         compress(model, stats, ratio=0.5, layers=["c"], device="cuda", progress=False)
+
+
+def _singular_sigma(n, negative, seed=0):
+    """A covariance with a null space, one of whose zero eigenvalues is ``negative`` instead:
+    what float32 round-off leaves in the statistics of linearly dependent inputs."""
+    gen = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
+    values = torch.logspace(0, -3, n, dtype=torch.float64)
+    values[-6:] = 0.0
+    values[-1] = negative
+    return (q * values) @ q.T
+
+
+@pytest.mark.parametrize("method", ["tucker2", "cp"])
+def test_round_off_indefinite_statistics_are_made_psd(method):
+    from tensorly_dataaware import parafac_sigma, tucker2_sigma
+    from tensorly_dataaware.torch.compress import LayerJob, decompose_layer
+
+    torch.manual_seed(0)
+    module = nn.Conv2d(4, 6, 3).double()
+    sigma = _singular_sigma(36, -1e-6)
+    # The solvers' own test rejects it (-1e-6 is below -1e-6 * mean(diag) = -8e-8)...
+    solver = tucker2_sigma if method == "tucker2" else parafac_sigma
+    rank = (3, 2) if method == "tucker2" else 4
+    with tl.backend_context("pytorch"), pytest.raises(ValueError, match="not positive semi-definite"):
+        solver(module.weight.detach(), rank, sigma)
+    # ... the adapter knows it is round-off of sums of outer products, zeroes it and says so.
+    job = LayerJob("conv", module, method, module.weight.detach().clone(), sigma, torch.zeros(36, dtype=torch.float64), rank)
+    new, row = decompose_layer(job, random_state=0)
+    assert any("made PSD" in note for note in row.notes), row.notes
+    # The same factors as for the matrix with that eigenvalue at zero.
+    with tl.backend_context("pytorch"):
+        expected = solver(module.weight.detach(), rank, _singular_sigma(36, 0.0), damping=1e-6, random_state=0)
+        expected = tl.tucker_to_tensor(expected) if method == "tucker2" else tl.cp_to_tensor(expected)
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(new(x), F.conv2d(x, expected, module.bias), rtol=1e-6, atol=1e-8)
+
+
+def test_indefinite_statistics_beyond_round_off_are_refused():
+    from tensorly_dataaware.torch.compress import LayerJob, decompose_layer
+
+    module = nn.Conv2d(4, 6, 3).double()
+    job = LayerJob(
+        "conv", module, "tucker2", module.weight.detach().clone(), _singular_sigma(36, -0.1),
+        torch.zeros(36, dtype=torch.float64), (3, 2),
+    )
+    with pytest.raises(ValueError, match=r"layer 'conv' are not positive semi-definite.*round-off bound"):
+        decompose_layer(job)
+
+
+def test_dependent_inputs_after_a_compressed_layer():
+    """Circular padding with a dilated 5x5 kernel on 10x9 maps repeats pixels within a patch:
+    the covariance of ``c``'s inputs is singular, and after the compressed ``a`` and ``b`` its
+    float32 statistics came out indefinite beyond the solvers' PSD tolerance (a ValueError
+    on the development machine before the adapter made them PSD). The model also has a
+    layer called twice (kept dense) and dropout in train mode."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(3, 24, 7, 2, 3)
+            self.pool = nn.MaxPool2d(3, 2, 1)
+            self.a = nn.Conv2d(24, 32, (1, 3), padding=(0, 1))
+            self.b = nn.Conv2d(32, 32, (3, 1), padding=(1, 0))
+            self.c = nn.Conv2d(32, 40, 5, padding="same", dilation=2, padding_mode="circular")
+            self.shared = nn.Conv2d(40, 40, 3, padding=1)
+            self.drop = nn.Dropout(0.3)
+            self.fc = nn.Linear(40, 10)
+
+        def forward(self, x):
+            x = self.pool(torch.relu(self.stem(x)))
+            x = torch.relu(self.b(torch.relu(self.a(x))))
+            x = torch.relu(self.c(x))
+            x = torch.relu(self.shared(torch.relu(self.shared(x))))
+            return self.fc(self.drop(x.mean((2, 3))))
+
+    from tensorly_dataaware.torch import compress_sequential
+
+    torch.manual_seed(0)
+    model = Net().train()
+    batches = [(torch.randn(16, 3, 40, 36), torch.randint(0, 5, (16,))) for _ in range(3)]
+    out, report = compress_sequential(model, batches, "tucker2", ratio=0.3, progress=False, return_report=True)
+    rows = {row.name: row for row in report}
+    assert rows["shared"].method == "dense"
+    assert all(rows[name].method == "tucker2" for name in ("stem", "a", "b", "c"))
+    assert model.training and out.training
+    model.eval(), out.eval()
+    with torch.no_grad():
+        y, y_ref = out(batches[0][0]), model(batches[0][0])
+    assert torch.isfinite(y).all()
+    assert float((y - y_ref).norm() / y_ref.norm()) < 0.1

@@ -20,12 +20,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .._validation import validate_cp_rank, validate_tucker2_rank
+from .._validation import _shifted_cholesky_succeeds, validate_cp_rank, validate_tucker2_rank
 from ..decomposition import parafac_sigma, tucker2_sigma
 from ..norms import relative_sigma_error, whitened_svd
 from . import ranks as rk
 from .layers import CPConv2d, LowRankConv2d, LowRankLinear, Tucker2Conv2d
-from .statistics import LayerStatistics
+from .statistics import LayerStatistics, float32_error_bound
 
 __all__ = ["compress", "plan_compression", "decompose_layer", "LayerJob", "LayerReport", "format_report"]
 
@@ -449,6 +449,52 @@ def plan_compression(
     ]
 
 
+#: Relative tolerance of the PSD test, the same as :func:`~tensorly_dataaware._validation.validate_sigma`'s.
+_PSD_TOL = 1e-6
+
+
+def _round_off_psd(name: str, sigma: torch.Tensor, mean: torch.Tensor) -> tuple[torch.Tensor, str | None]:
+    """``sigma`` made positive semi-definite where round-off left it slightly indefinite.
+
+    The statistics are sums of outer products, PSD in exact arithmetic, but with the default
+    precision each batch's products are formed in float32. When the inputs of a layer are
+    exactly linearly dependent (patches that repeat pixels, e.g. circular padding on small
+    maps, or the low-rank outputs of an already compressed layer), the covariance is
+    singular and round-off puts some of its zero eigenvalues slightly below zero: measured
+    ``-1.5e-7`` against ``+-2e-20`` with float64 products, for a 5x5 convolution with
+    circular padding on 10x9 maps (mean variance ``3.5e-3``). The solvers' PSD test
+    (``-1e-6 * mean(diag)``) rejects that. So here, when that same test fails, the negative
+    eigenvalues are set to zero (the nearest PSD matrix in the Frobenius norm), provided
+    they are within the round-off bound of float32 products, ``gamma * trace(E[x x^T])``
+    (:func:`~tensorly_dataaware.torch.statistics.float32_error_bound`, a bound on every
+    entry's error summed over the diagonal); beyond it the statistics are not sums of outer
+    products at all and a clear error is raised.
+
+    Returns
+    -------
+    (sigma, note)
+        ``note`` is None when ``sigma`` passed unchanged, else a line for the layer's report.
+    """
+    diag = sigma.diagonal()
+    shift = _PSD_TOL * max(float(diag.mean()), 0.0)
+    if float(diag.min()) >= -shift and _shifted_cholesky_succeeds(sigma, shift):
+        return sigma, None
+    values, vectors = torch.linalg.eigh((sigma + sigma.T).to(torch.float64) / 2)
+    mean = mean.to(torch.float64)
+    bound = float32_error_bound() * (float(diag.sum()) + float(mean @ mean))
+    lowest = float(values[0])
+    if lowest < -bound:
+        raise ValueError(
+            f"The input statistics of layer {name!r} are not positive semi-definite: their lowest "
+            f"eigenvalue is {lowest:.3g}, beyond the round-off bound {-bound:.3g} of sums of float32 "
+            "outer products. Statistics from collect_covariances / LayerStatistics are always PSD up to "
+            "round-off: were they edited or loaded from a corrupted file?"
+        )
+    clipped = (vectors * values.clamp(min=0.0)) @ vectors.T
+    note = f"sigma made PSD: eigenvalues down to {lowest:.2g} (float32 round-off) set to 0"
+    return clipped.to(sigma.dtype), note
+
+
 def decompose_layer(
     job: LayerJob,
     *,
@@ -475,11 +521,18 @@ def decompose_layer(
     start = time.perf_counter()
     module, weight, sigma = job.module, job.weight, job.sigma
     options = {"damping": damping, **solver_options} if norm == "sigma" else solver_options
+    notes = []
+    if norm == "sigma" and job.method != "svd" and options.get("check_psd", True):
+        # The PSD test is done here, with the round-off of the statistics in mind; the
+        # solver need not repeat it.
+        sigma, note = _round_off_psd(job.name, sigma, job.mean)
+        options = {**options, "check_psd": False}
+        if note is not None:
+            notes.append(note)
     with tl.backend_context("pytorch"):
         tensors, approx, sweeps = _decompose(job.method, norm, weight, sigma, job.rank, options)
         err = relative_sigma_error(weight, approx, sigma, check_psd=False)
     bias = module.bias.detach().to(weight) if module.bias is not None else None
-    notes = []
     if bias_correction:
         # The output error's best constant for this W~: b + W_ref E[x_ref] - W~ E[x]. In the
         # one-shot fit the reference is the layer itself and it is b + (W - W~) E[x].
