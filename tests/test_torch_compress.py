@@ -295,7 +295,7 @@ def _singular_sigma(n, negative, seed=0):
     return (q * values) @ q.T
 
 
-@pytest.mark.parametrize("method", ["tucker2", "cp"])
+@pytest.mark.parametrize("method", ["tucker2", "cp", "svd"])
 def test_round_off_indefinite_statistics_are_made_psd(method):
     from tensorly_dataaware import parafac_sigma, tucker2_sigma
     from tensorly_dataaware.torch.compress import LayerJob, decompose_layer
@@ -303,22 +303,53 @@ def test_round_off_indefinite_statistics_are_made_psd(method):
     torch.manual_seed(0)
     module = nn.Conv2d(4, 6, 3).double()
     sigma = _singular_sigma(36, -1e-6)
-    # The solvers' own test rejects it (-1e-6 is below -1e-6 * mean(diag) = -8e-8)...
-    solver = tucker2_sigma if method == "tucker2" else parafac_sigma
-    rank = (3, 2) if method == "tucker2" else 4
-    with tl.backend_context("pytorch"), pytest.raises(ValueError, match="not positive semi-definite"):
-        solver(module.weight.detach(), rank, sigma)
-    # ... the adapter knows it is round-off of sums of outer products, zeroes it and says so.
-    job = LayerJob("conv", module, method, module.weight.detach().clone(), sigma, torch.zeros(36, dtype=torch.float64), rank)
-    new, row = decompose_layer(job, random_state=0)
+    rank = {"tucker2": (3, 2), "cp": 4, "svd": 3}[method]
+    if method != "svd":
+        # The solvers' own test rejects it (-1e-6 is below -1e-6 * mean(diag) = -8e-8)...
+        solver = tucker2_sigma if method == "tucker2" else parafac_sigma
+        with tl.backend_context("pytorch"), pytest.raises(ValueError, match="not positive semi-definite"):
+            solver(module.weight.detach(), rank, sigma)
+
+    def job(sigma):
+        return LayerJob("conv", module, method, module.weight.detach().clone(), sigma, torch.zeros(36, dtype=torch.float64), rank)
+
+    # ... the adapter knows it is round-off of sums of outer products, zeroes it and says so:
+    # the same factors as for the matrix with that eigenvalue at zero.
+    new, row = decompose_layer(job(sigma), random_state=0)
     assert any("made PSD" in note for note in row.notes), row.notes
-    # The same factors as for the matrix with that eigenvalue at zero.
-    with tl.backend_context("pytorch"):
-        expected = solver(module.weight.detach(), rank, _singular_sigma(36, 0.0), damping=1e-6, random_state=0)
-        expected = tl.tucker_to_tensor(expected) if method == "tucker2" else tl.cp_to_tensor(expected)
+    expected, expected_row = decompose_layer(job(_singular_sigma(36, 0.0)), random_state=0)
+    assert not any("made PSD" in note for note in expected_row.notes)
     x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
     with torch.no_grad():
-        torch.testing.assert_close(new(x), F.conv2d(x, expected, module.bias), rtol=1e-6, atol=1e-8)
+        torch.testing.assert_close(new(x), expected(x), rtol=1e-6, atol=1e-8)
+    assert row.sigma_error == pytest.approx(expected_row.sigma_error, rel=1e-6)
+
+
+@pytest.mark.parametrize("method", ["tucker2", "cp", "svd"])
+@pytest.mark.parametrize("sequential", [False, True])
+def test_layer_with_constant_inputs(method, sequential):
+    """A layer whose inputs are all zero on the calibration data (after a dead ReLU): sigma is
+    zero, every W~ fits equally well; it is fitted in the Frobenius norm and says so (a
+    ValueError 'sigma is the zero matrix' before)."""
+    from tensorly_dataaware.torch import compress_sequential
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 12, 3, padding=1)).double().eval()
+    with torch.no_grad():
+        model[0].weight.zero_()
+        model[0].bias.fill_(-1.0)
+    batches = _batches(n=2)
+    if sequential:
+        out, report = compress_sequential(model, batches, method, ratio=0.3, layers=["2"], return_report=True, progress=False)
+    else:
+        stats = collect_covariances(model, batches, progress=False)
+        out, report = compress(model, stats, method, ratio=0.3, layers=["2"], return_report=True, progress=False)
+    (row,) = report
+    assert row.method == method and row.sigma_error == 0.0
+    assert any("Frobenius" in note for note in row.notes), row.notes
+    assert all(torch.isfinite(p).all() for p in out.parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(out(batches[0]), model(batches[0]))
 
 
 def test_indefinite_statistics_beyond_round_off_are_refused():

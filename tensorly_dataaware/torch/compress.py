@@ -490,6 +490,8 @@ def _round_off_psd(name: str, sigma: torch.Tensor, mean: torch.Tensor) -> tuple[
             "outer products. Statistics from collect_covariances / LayerStatistics are always PSD up to "
             "round-off: were they edited or loaded from a corrupted file?"
         )
+    if lowest >= 0.0:  # PSD and singular (e.g. all zero): the test's shift was zero
+        return sigma, None
     clipped = (vectors * values.clamp(min=0.0)) @ vectors.T
     note = f"sigma made PSD: eigenvalues down to {lowest:.2g} (float32 round-off) set to 0"
     return clipped.to(sigma.dtype), note
@@ -522,16 +524,26 @@ def decompose_layer(
     module, weight, sigma = job.module, job.weight, job.sigma
     options = {"damping": damping, **solver_options} if norm == "sigma" else solver_options
     notes = []
-    if norm == "sigma" and job.method != "svd" and options.get("check_psd", True):
-        # The PSD test is done here, with the round-off of the statistics in mind; the
-        # solver need not repeat it.
-        sigma, note = _round_off_psd(job.name, sigma, job.mean)
-        options = {**options, "check_psd": False}
-        if note is not None:
-            notes.append(note)
+    fit_norm = norm
+    if norm == "sigma":
+        if options.get("check_psd", True):
+            # The PSD test is done here, with the round-off of the statistics in mind; the
+            # solvers need not repeat it.
+            sigma, note = _round_off_psd(job.name, sigma, job.mean)
+            if job.method != "svd":
+                options = {**options, "check_psd": False}
+            if note is not None:
+                notes.append(note)
+        if not float(torch.sum((weight.reshape(weight.shape[0], -1) @ sigma) * weight.reshape(weight.shape[0], -1))) > 0:
+            # The inputs never excite the weight (e.g. they are constant on the calibration
+            # data): every W~ fits them equally well. Fit in the Frobenius norm, which is
+            # what the damping does in the directions the data never excites.
+            fit_norm = "frobenius"
+            options = {k: v for k, v in options.items() if k not in ("damping", "check_psd")}
+            notes.append("zero sigma-norm (inputs do not excite the weight): fitted in the Frobenius norm")
     with tl.backend_context("pytorch"):
-        tensors, approx, sweeps = _decompose(job.method, norm, weight, sigma, job.rank, options)
-        err = relative_sigma_error(weight, approx, sigma, check_psd=False)
+        tensors, approx, sweeps = _decompose(job.method, fit_norm, weight, sigma, job.rank, options)
+        err = relative_sigma_error(weight, approx, sigma, check_psd=False) if fit_norm == norm else 0.0
     bias = module.bias.detach().to(weight) if module.bias is not None else None
     if bias_correction:
         # The output error's best constant for this W~: b + W_ref E[x_ref] - W~ E[x]. In the
