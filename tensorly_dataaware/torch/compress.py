@@ -518,6 +518,14 @@ def decompose_layer(
     -------
     (nn.Module, LayerReport)
         The factorized module (on the layer's device and dtype) and its report row.
+
+    Notes
+    -----
+    With ``norm='sigma'`` (and unless ``check_psd=False`` is passed), ``job.sigma`` is
+    tested for positive semi-definiteness here: negative eigenvalues within the round-off of
+    float32-accumulated statistics are set to zero, larger ones raise ``ValueError``. A layer
+    whose weight has zero sigma-norm (its inputs never excite it) is fitted in the Frobenius
+    norm. Both are noted in the report row (see ``docs/math.rst``, "Singular covariances").
     """
     _check_choice(norm, "norm", NORMS)
     start = time.perf_counter()
