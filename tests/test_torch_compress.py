@@ -405,3 +405,29 @@ def test_dependent_inputs_after_a_compressed_layer():
         y, y_ref = out(batches[0][0]), model(batches[0][0])
     assert torch.isfinite(y).all()
     assert float((y - y_ref).norm() / y_ref.norm()) < 0.1
+
+
+@pytest.mark.parametrize("method", ["tucker2", "cp", "svd"])
+@pytest.mark.parametrize("sequential", [False, True])
+def test_pruned_all_zero_layer(method, sequential):
+    """An all-zero (pruned) weight is decomposed exactly, as zero factors (the solvers have
+    nothing to normalize: a ValueError or a singular-matrix error before)."""
+    from tensorly_dataaware.torch import compress_sequential
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 12, 3, padding=1)).double().eval()
+    with torch.no_grad():
+        model[0].weight.zero_()
+    batches = _batches(n=2)
+    if sequential:
+        out, report = compress_sequential(model, batches, method, ratio=0.3, layers=["0"], return_report=True, progress=False)
+    else:
+        stats = collect_covariances(model, batches, progress=False)
+        out, report = compress(model, stats, method, ratio=0.3, layers=["0"], return_report=True, progress=False)
+    (row,) = report
+    assert row.method == method and row.sigma_error == 0.0
+    assert "zero weight: factors set to zero" in row.notes
+    factors = [p for name, p in out[0].named_parameters() if "bias" not in name]
+    assert factors and all(not p.any() for p in factors)
+    with torch.no_grad():
+        torch.testing.assert_close(out(batches[0]), model(batches[0]))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import math
 import numbers
 import time
 import warnings
@@ -320,6 +321,21 @@ def _decompose(method, norm, weight, sigma, rank, solver_options):
     return (cp.weights, cp.factors), tl.cp_to_tensor(cp), len(errors)
 
 
+def _zero_decomposition(method, weight, rank):
+    """The exact decomposition of an all-zero ``weight``: zero factors, in the layout of
+    :func:`_decompose` (whose solvers have nothing to normalize and fail on it)."""
+    n_out, n_in, *spatial = weight.shape
+    zeros = lambda *shape: weight.new_zeros(shape)  # noqa: E731
+    if method == "svd":
+        tensors = (zeros(rank, math.prod(weight.shape[1:])), zeros(n_out, rank))
+    elif method == "tucker2":
+        r_out, r_in = rank
+        tensors = (zeros(r_out, r_in, *spatial), zeros(n_in, r_in), zeros(n_out, r_out))
+    else:
+        tensors = (zeros(rank), [zeros(d, rank) for d in weight.shape])
+    return tensors, torch.zeros_like(weight), 0
+
+
 def _build_module(method, module, tensors, bias):
     if isinstance(module, nn.Linear):
         first, last = tensors
@@ -533,7 +549,11 @@ def decompose_layer(
     options = {"damping": damping, **solver_options} if norm == "sigma" else solver_options
     notes = []
     fit_norm = norm
-    if norm == "sigma":
+    if not bool(torch.any(weight != 0)):
+        # A pruned (all-zero) layer, or a sequential target that is zero: exact as zeros.
+        fit_norm = "zero"
+        notes.append("zero weight: factors set to zero")
+    elif norm == "sigma":
         if options.get("check_psd", True):
             # The PSD test is done here, with the round-off of the statistics in mind; the
             # solvers need not repeat it.
@@ -550,7 +570,10 @@ def decompose_layer(
             options = {k: v for k, v in options.items() if k not in ("damping", "check_psd")}
             notes.append("zero sigma-norm (inputs do not excite the weight): fitted in the Frobenius norm")
     with tl.backend_context("pytorch"):
-        tensors, approx, sweeps = _decompose(job.method, fit_norm, weight, sigma, job.rank, options)
+        if fit_norm == "zero":
+            tensors, approx, sweeps = _zero_decomposition(job.method, weight, job.rank)
+        else:
+            tensors, approx, sweeps = _decompose(job.method, fit_norm, weight, sigma, job.rank, options)
         err = relative_sigma_error(weight, approx, sigma, check_psd=False) if fit_norm == norm else 0.0
     bias = module.bias.detach().to(weight) if module.bias is not None else None
     if bias_correction:
