@@ -245,6 +245,37 @@ def _select_layers(model, layers: list[str] | None, include_first: bool, origin:
     return list(dict.fromkeys(layers))
 
 
+def _drop_repeated_layers(model, sample, layers: list[str], device) -> list[str]:
+    """The default selection minus the layers not called exactly once per forward pass.
+
+    Sequential calibration fits each layer to one input per position, so a module called
+    several times (shared weights) or never is refused when named; the default selection
+    keeps such layers dense instead, as ``compress_sequential(layers=None)`` does, and says so.
+    """
+    import torch
+
+    from .torch import layer_call_order
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            _, counts = layer_call_order(model, sample.to(device), layers)
+    finally:
+        model.train(was_training)
+    repeated = [name for name in layers if counts.get(name, 0) != 1]
+    if repeated:
+        shown = "; ".join(
+            f"{name} ({'never called' if counts.get(name, 0) == 0 else f'called {counts[name]} times'} per forward pass)"
+            for name in repeated
+        )
+        print(f"kept dense {len(repeated)} layer(s) sequential calibration cannot compress: {shown}", flush=True)
+    kept = [name for name in layers if name not in repeated]
+    if not kept:
+        raise CLIError("no layer of the default selection is called exactly once per forward pass; name layers with --layers.")
+    return kept
+
+
 def _check_ranks(ranks: dict | None, model, layers: list[str], method: str) -> None:
     """Each explicit rank fits its layer's factorization and shape (before any work starts)."""
     if ranks is None:
@@ -616,6 +647,8 @@ def cmd_compress(args) -> int:
     if layers_arg is None and ranks is not None and args.ratio is None and args.energy is None and args.budget is None:
         layers_arg, origin = list(ranks), "--ranks"  # only the layers with explicit ranks
     layers = _select_layers(model, layers_arg, args.include_first, origin)
+    if args.sequential and layers_arg is None:
+        layers = _drop_repeated_layers(model, data.calib_x[:1], layers, device)
     _check_ranks(ranks, model, layers, args.method)
     progress = not args.no_progress
     if args.distributed:

@@ -568,6 +568,42 @@ def test_grouped_convolutions_are_reported(tmp_path, capsys):
     assert "conv3" in out
 
 
+class SharedNet(nn.Module):
+    """A convolution applied twice (shared weights) between two ordinary ones."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.shared = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = torch.relu(self.conv2(torch.relu(self.conv1(x))))
+        x = torch.relu(self.shared(torch.relu(self.shared(x))))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+def test_sequential_default_selection_keeps_shared_layers_dense(tmp_path, capsys):
+    """A layer called twice per forward pass cannot be calibrated sequentially: the default
+    selection keeps it dense and says so (it stopped the run with an error before)."""
+    torch.manual_seed(0)
+    state = tmp_path / "shared.pt"
+    torch.save(SharedNet().state_dict(), state)
+    data = tmp_path / "d.npz"
+    np.savez(data, images=np.random.default_rng(0).integers(0, 256, (16, 10, 10), dtype=np.uint8))
+    assert main(["compress", "--model-file", str(state), "--model-class", "tests.test_cli:SharedNet",
+                 "--data-dir", str(data), "--ratio", "0.5", "--sequential", "--n-iter-max", "2", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "kept dense 1 layer(s) sequential calibration cannot compress: shared (called 2 times per forward pass)" in out
+    assert "sequential calibration of 1 layers" in out
+    # Named explicitly, it is still an error.
+    err = _error(capsys, ["compress", "--model-file", str(state), "--model-class", "tests.test_cli:SharedNet",
+                          "--data-dir", str(data), "--ratio", "0.5", "--sequential", "--layers", "conv2", "shared",
+                          "--no-progress"])
+    assert "called 2 times" in err
+
+
 def test_collect_prints_the_sample_count(tiny_files, tmp_path, capsys):
     assert main(["collect", *_state_args(tiny_files), "--data-dir", str(tiny_files["data"]),
                  "--layers", "conv2", "--no-progress", "--output", str(tmp_path / "s.pt")]) == 0
