@@ -723,17 +723,20 @@ def test_shift_moments_groups_float32_blocks(groups, stride, monkeypatch):
 @pytest.mark.parametrize("precision", ["float32", "float64"])
 @pytest.mark.parametrize(
     "channels, groups",
-    [(40, 1), (96, 3), (12, 6), (40, 10), (42, 14), (48, 48)],
-    ids=["one-group", "wide-groups", "one-super-group", "super-groups-of-5", "super-groups-of-7", "depthwise"],
+    [(40, 1), (96, 3), (12, 6), (40, 10), (42, 14), (48, 48), (1, 1), (3, 3)],
+    ids=["one-group", "wide-groups", "one-super-group", "super-groups-of-5", "super-groups-of-7", "depthwise",
+         "one-channel", "depthwise-3"],
 )
-def test_group_products_equal_per_group_products(channels, groups, precision, monkeypatch):
+@pytest.mark.parametrize("scratch", [7, 5 * 16], ids=["small-chunks", "chunks-of-5-blocks"])
+def test_group_products_equal_per_group_products(channels, groups, precision, scratch, monkeypatch):
     """_group_products against one float64 product per group, on strided (m, C) views, for
     every route (super-groups whose size must divide the group count included), with
-    blocks of a few rows."""
+    blocks of a few rows; the elementwise route (one channel per group) also with chunks of
+    several blocks and a ragged last chunk."""
     from tensorly_dataaware.torch.statistics import _group_products
 
     monkeypatch.setattr(stats_module, "FLOAT32_BLOCK_ROWS", 16)
-    monkeypatch.setattr(stats_module, "_ELEMENTWISE_SCRATCH", 7 * channels)
+    monkeypatch.setattr(stats_module, "_ELEMENTWISE_SCRATCH", scratch * channels)
     gen = torch.Generator().manual_seed(channels + groups)
     a = torch.randn(2 * channels, 101, generator=gen).T[:, :channels]  # strided views
     b = torch.randn(101, 2 * channels, generator=gen)[:, channels:]
