@@ -786,3 +786,19 @@ def test_other_architectures(arch, method):
         y_ref = net(x)
         errors = [float((m(x) - y_ref).norm() / y_ref.norm()) for m in (small, one_shot)]
     assert errors[0] < errors[1], errors
+
+
+def test_conv1d_layers_reported_as_kept_dense():
+    """Conv1d layers are not factorized; the sequential report lists them as kept dense, as
+    the one-shot report does (they were silently left out of it before)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv1d(4, 12, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(12 * 10, 5)).double().eval()
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randn(8, 4, 10, generator=g, dtype=torch.float64) for _ in range(2)]
+    _, report = compress_sequential(net, batches, "tucker2", ratio=0.5, progress=False, return_report=True)
+    rows = {row.name: row for row in report}
+    assert rows["0"].method == "dense" and "Conv1d layers are not supported" in rows["0"].notes[0]
+    assert rows["3"].method == "svd"
+    one_shot = compress(net, collect_covariances(net, batches, progress=False), "tucker2", ratio=0.5, progress=False,
+                        return_report=True)[1]
+    assert [row.name for row in one_shot] == [row.name for row in report]

@@ -380,7 +380,8 @@ def _candidates(model: nn.Module, layers, skipped: list) -> tuple[list[str], boo
     if layers is None:
         names = []
         for name, module in modules.items():
-            if not isinstance(module, (nn.Conv2d, nn.Linear)):
+            # Conv1d too, so that the report lists it as kept dense, as compress's does.
+            if not isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Linear)):
                 continue
             reason = _unsupported_reason(module)
             if reason:
