@@ -710,9 +710,12 @@ def test_cross_validated_target_does_not_overfit_few_images():
     net, calib, fresh = _few_images_net(12)
     kwargs = dict(ranks={"0": 8, "2": 6}, progress=False, return_report=True)
     with pytest.warns(RuntimeWarning, match="overfit"):
-        plain, _ = compress_sequential(net, calib, "svd", **kwargs)
+        plain, plain_report = compress_sequential(net, calib, "svd", **kwargs)
+    # The report says so too (a warning is easily lost in a log).
+    assert any("few samples" in note and "target_damping='cv'" in note for note in plain_report[-1].notes)
     cv, report = compress_sequential(net, calib, "svd", target_damping="cv", **kwargs)
     assert "cross-validated" in report[-1].notes[-1]
+    assert not any("few samples" in note for note in report[-1].notes)
     assert _held_out_mse(cv, net, fresh) < 0.5 * _held_out_mse(plain, net, fresh)
 
 
