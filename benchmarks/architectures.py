@@ -29,12 +29,13 @@ returns, not accuracy):
 
 For each model, method (``tucker2``, ``cp``, ``svd``) and rank rule (``ratio=0.3``,
 ``budget=0.3``, ``energy=0.9``, ``ratio=0.01``), ``compress`` (one-shot, statistics from
-``collect_covariances``) and ``compress_sequential`` (default options, and with
+``collect_covariances``) and ``compress_sequential`` (default options; with the fixed
+target ridge of earlier versions, ``target_damping=None``: ``sequential-fixed``; with
 ``target_damping='cv'``: ``sequential-cv``) are run. A row records ``ok`` or the error, the
 relative output error on the calibration batches and on held-out batches of the same kind,
 the parameter counts, whether the original model was left unchanged (weights and train/eval
 mode), the report notes that flag a repair and the library's warnings. One thread; about
-seven minutes on the 2-core development machine.
+ten minutes on the 2-core development machine (``--pipelines`` runs a subset).
 """
 
 from __future__ import annotations
@@ -164,7 +165,7 @@ MODELS = {
 RULES = ({"ratio": 0.3}, {"budget": 0.3}, {"energy": 0.9}, {"ratio": 0.01})
 METHODS = ("tucker2", "cp", "svd")
 REPAIRS = ("made PSD", "Frobenius norm", "zero weight")
-PIPELINES = ("one-shot", "sequential", "sequential-cv")
+PIPELINES = ("one-shot", "sequential", "sequential-fixed", "sequential-cv")
 
 
 def _relative_error(model, out, batches):
@@ -188,7 +189,7 @@ def run_case(name, make_model, batches, held_out, train, pipeline, method, rule)
             stats = collect_covariances(model, batches, progress=False)
             out, report = compress(model, stats, method, progress=False, return_report=True, random_state=0, **rule)
         else:
-            extra = {"target_damping": "cv"} if pipeline == "sequential-cv" else {}
+            extra = {"sequential-cv": {"target_damping": "cv"}, "sequential-fixed": {"target_damping": None}}.get(pipeline, {})
             out, report = compress_sequential(
                 model, batches, method, progress=False, return_report=True, random_state=0, **extra, **rule
             )
@@ -220,6 +221,7 @@ def run_case(name, make_model, batches, held_out, train, pipeline, method, rule)
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--pipelines", nargs="+", default=list(PIPELINES), choices=list(PIPELINES))
     parser.add_argument("--out", default=None, help="JSON file for the rows")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -229,7 +231,7 @@ def main(argv=None):
         make_model, make_batches, train = MODELS[name]
         batches = make_batches(torch.Generator().manual_seed(1))
         held_out = make_batches(torch.Generator().manual_seed(7))
-        for pipeline, method, rule in itertools.product(PIPELINES, METHODS, RULES):
+        for pipeline, method, rule in itertools.product(args.pipelines, METHODS, RULES):
             row = run_case(name, make_model, batches, held_out, train, pipeline, method, rule)
             rows.append(row)
             detail = row.get("error") or (

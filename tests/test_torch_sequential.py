@@ -706,17 +706,37 @@ def test_cross_validated_target_damping_is_the_chosen_fixed_one():
 
 def test_cross_validated_target_does_not_overfit_few_images():
     """A compressed second layer with more inputs than calibration samples: its least-squares
-    target interpolates the calibration data; the cross-validated ridge generalizes better."""
+    target interpolates the calibration data; the cross-validated ridge generalizes better,
+    and the default ('auto') cross-validates exactly such layers."""
     net, calib, fresh = _few_images_net(12)
     kwargs = dict(ranks={"0": 8, "2": 6}, progress=False, return_report=True)
     with pytest.warns(RuntimeWarning, match="overfit"):
-        plain, plain_report = compress_sequential(net, calib, "svd", **kwargs)
+        plain, plain_report = compress_sequential(net, calib, "svd", target_damping=None, **kwargs)
     # The report says so too (a warning is easily lost in a log).
     assert any("few samples" in note and "target_damping='cv'" in note for note in plain_report[-1].notes)
     cv, report = compress_sequential(net, calib, "svd", target_damping="cv", **kwargs)
-    assert "cross-validated" in report[-1].notes[-1]
+    assert any("cross-validated" in note for note in report[-1].notes)
     assert not any("few samples" in note for note in report[-1].notes)
     assert _held_out_mse(cv, net, fresh) < 0.5 * _held_out_mse(plain, net, fresh)
+    auto, auto_report = compress_sequential(net, calib, "svd", **kwargs)
+    assert any("target_damping='auto'" in note for note in auto_report[-1].notes), auto_report[-1].notes
+    assert not any("target_damping='auto'" in note for note in auto_report[0].notes)  # the first layer: W' = W
+    for a, b in zip(auto.state_dict().values(), cv.state_dict().values()):
+        torch.testing.assert_close(a, b)
+
+
+def test_auto_target_damping_is_the_fixed_ridge_on_well_sampled_layers():
+    """With many samples per input feature, 'auto' collects no folds and gives the model of the
+    fixed ridge exactly."""
+    net, batches = _conv_net(), _batches(4)
+    # The convolutions see 64 images x 9-64 positions for 27-90 inputs (the classifier, 64
+    # samples for 54 inputs, would be cross-validated).
+    kwargs = dict(ratio=0.5, layers=["0", "3", "5"], progress=False, return_report=True, random_state=0)
+    auto, report = compress_sequential(net, batches, "tucker2", **kwargs)
+    fixed, _ = compress_sequential(net, batches, "tucker2", target_damping=None, **kwargs)
+    assert not any("target_damping='auto'" in note for row in report for note in row.notes)
+    for a, b in zip(auto.state_dict().values(), fixed.state_dict().values()):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("value", [-1.0, float("inf"), "gcv", True])

@@ -95,7 +95,7 @@ def run_distributed(
     sequential: bool = False,
     refit: bool = False,
     fisher: bool | str = False,
-    target_damping: float | str | None = None,
+    target_damping: float | str | None = "auto",
 ) -> int:
     """Join the process group, compress ``model`` on ``images`` across all ranks, clean up.
 

@@ -985,7 +985,7 @@ def compress_sequential_distributed(
     cache_bytes: int = 2**30,
     refit: Iterable[str] | bool | None = None,
     refit_damping: float | str | None = "cv",
-    target_damping: float | str | None = None,
+    target_damping: float | str | None = "auto",
     budget_weighting: str = "relative",
     fit_weighting: str | None = None,
     group=None,
@@ -1007,7 +1007,8 @@ def compress_sequential_distributed(
     model, batches, method, ranks, ratio, energy, budget, norm, layers, centered, bias_correction, inplace, return_report, max_batches, device, damping, cache_bytes, refit, refit_damping, target_damping, budget_weighting, fit_weighting, **solver_options
         As in :func:`~tensorly_dataaware.torch.compress_sequential`; ``batches`` is this
         rank's shard (re-iterable) and must not be empty. With ``refit_damping='cv'`` or
-        ``target_damping='cv'`` the moments of every fold of images are all-reduced (fold
+        ``target_damping='cv'`` (or ``'auto'`` on an underdetermined layer) the moments of
+        every fold of images are all-reduced (fold
         ``k`` holds image ``k``, ``k + 4``, ... of every batch of every rank); with a
         ``'fisher'`` weighting, the per-channel Fisher sums are all-reduced as well.
     progress : bool, optional

@@ -36,8 +36,9 @@ inputs. With few calibration samples per input feature it overfits, so ``refit_d
 chooses its ridge by cross-validation over folds of the calibration images, from the folds'
 moments alone (the held-out error is a quadratic form in them). The target ``W'`` of a
 compressed layer is the same regression; ``target_damping`` gives it its own ridge (``'cv'``:
-chosen the same way), while the weight of the low-rank fit keeps ``damping``: the factors
-then fit the cross-validated predictor in the metric of the inputs' covariance.
+chosen the same way; ``'auto'``, the default: chosen that way for the layers with fewer
+samples than twice their inputs), while the weight of the low-rank fit keeps ``damping``: the
+factors then fit the cross-validated predictor in the metric of the inputs' covariance.
 
 Cost: the statistics of layer ``l`` need the compressed network's inputs at that layer, and
 those change every time a layer is replaced, so the compressed network runs over the
@@ -95,6 +96,10 @@ __all__ = ["compress_sequential", "layer_call_order"]
 _CV_FOLDS = 4
 _CV_GRID = tuple(10.0 ** (k / 2) for k in range(-12, 9))
 _CV_FALLBACK = 1e-6
+#: ``target_damping='auto'`` cross-validates the target of a layer with fewer calibration
+#: samples than this many times its input features (where the warning of
+#: :func:`_warn_if_underdetermined` would fire) and uses ``damping`` elsewhere.
+_AUTO_CV_SAMPLES_PER_INPUT = 2
 
 #: How ``budget=`` compares the layers' errors, and how a compressed layer's output rows are
 #: weighted in its fit (see ``compress_sequential``).
@@ -450,7 +455,7 @@ def compress_sequential(
     cache_bytes: int = 2**30,
     refit: Iterable[str] | bool | None = None,
     refit_damping: float | str | None = "cv",
-    target_damping: float | str | None = None,
+    target_damping: float | str | None = "auto",
     budget_weighting: str = "relative",
     fit_weighting: str | None = None,
     **solver_options,
@@ -545,7 +550,7 @@ def compress_sequential(
         output error is computed from the folds' moments, so nothing is stored per image),
         from a logarithmic grid from ``1e-6`` to ``1e4``; the chosen value is in the
         report's notes. None: ``damping``.
-    target_damping : float or 'cv' or None, optional
+    target_damping : float or 'cv' or 'auto' or None, default is 'auto'
         Relative ridge of the compressed layers' regression target ``W'`` only (see the
         module documentation); the weight of their low-rank fit keeps ``damping``. The
         target is the same least-squares regression as a refitted layer's weight, and it
@@ -553,7 +558,10 @@ def compress_sequential(
         ``'cv'`` chooses its ridge per layer as ``refit_damping='cv'`` does (the same folds,
         grid and held-out error of the dense predictor), and the low-rank factors are then
         fitted to that target. The first compressed layer is unaffected (there ``W' = W``
-        whatever the ridge). Default None: ``damping``. Measured without fine-tuning, 500
+        whatever the ridge). None: ``damping``. ``'auto'`` (the default): ``'cv'`` for the
+        layers that will see fewer calibration samples than twice their input features
+        (predicted before the layer's pass from the first layer's count; the report row
+        says so), ``damping`` for the others. Measured without fine-tuning, 500
         calibration images, ``budget`` with ``refit=True``
         (``benchmarks/results/accuracy_*_sequential_target_cv*.json``), ``'cv'`` is
         neutral, within the noise: it picks ridges of ``3e-3`` to ``0.1`` for the VGG's
@@ -563,9 +571,12 @@ def compress_sequential(
         calibration images it matters: on the small networks of
         ``benchmarks/architectures.py`` (16-48 images) the default target overfitted, with
         held-out output errors up to ``8.7e4`` times the output on one network, and ``'cv'``
-        kept them at or below the one-shot fit's. A layer with fewer samples than twice its
-        input features gets a warning and a report note. It costs one eigendecomposition of
-        ``Cov(x~)`` per fold and layer (+44% time on the embedded ResNet-20, +214% on VGG).
+        kept them at or below the one-shot fit's; ``'auto'`` does the same there. ``'cv'``
+        costs one eigendecomposition of ``Cov(x~)`` per fold and layer (+44% time on the
+        embedded ResNet-20, +214% on VGG, 500 images), which is why ``'auto'`` spends it only
+        where the layer is underdetermined: with 500 images no layer of the embedded
+        ResNet-20 or VGG is, so there ``'auto'`` is ``damping``. With a fixed ridge, an
+        underdetermined layer gets a warning and a report note.
     budget_weighting : {'relative', 'fisher'}, default is 'relative'
         How ``budget`` compares the layers (ignored without ``budget``). ``'relative'``:
         every layer's *relative* squared sigma-error counts the same. ``'fisher'``: each
@@ -636,9 +647,10 @@ def compress_sequential(
     )
 
 
-def _check_ridge(value, what: str, allow_cv: bool = True) -> None:
-    """A relative ridge must be a finite number >= 0 (or ``'cv'`` where cross-validation applies)."""
-    if allow_cv and value == "cv":
+def _check_ridge(value, what: str, allow_cv: bool = True, allow_auto: bool = False) -> None:
+    """A relative ridge must be a finite number >= 0 (or ``'cv'`` where cross-validation applies,
+    ``'auto'`` for the target ridge)."""
+    if (allow_cv and value == "cv") or (allow_auto and value == "auto"):
         return
     if not isinstance(value, numbers.Real) or isinstance(value, bool) or not (value >= 0) or value == float("inf"):
         also = ", 'cv' or None" if allow_cv else ""
@@ -648,7 +660,7 @@ def _check_ridge(value, what: str, allow_cv: bool = True) -> None:
 def _run_sequential(
     model, batches, method, *, ranks, ratio, energy, budget, norm, layers, centered, bias_correction,
     inplace, return_report, progress, max_batches, device, damping, solver_options,
-    cache_bytes=2**30, refit=None, refit_damping="cv", target_damping=None,
+    cache_bytes=2**30, refit=None, refit_damping="cv", target_damping="auto",
     budget_weighting="relative", fit_weighting=None,
     collectives: _Local | None = None,
 ):
@@ -669,7 +681,7 @@ def _run_sequential(
     _check_ridge(refit_damping, "refit_damping")
     if target_damping is None:
         target_damping = damping
-    _check_ridge(target_damping, "target_damping")
+    _check_ridge(target_damping, "target_damping", allow_auto=True)
     _check_choice(budget_weighting, "budget_weighting", BUDGET_WEIGHTINGS)
     if fit_weighting is not None:
         _check_choice(fit_weighting, "fit_weighting", FIT_WEIGHTINGS)
@@ -710,6 +722,10 @@ def _run_sequential(
                 error = exc
             comm.agree(error, "planning")
             comm.same(order, "the layer order")
+            per_image: dict[str, float] = {}
+            if target_damping == "auto":
+                per_image = _samples_per_image(reference, batches, order, max_batches, run_device)
+                comm.same(sorted(per_image.items()), "the samples per input of each layer")
             cache = _cache_reference_inputs(reference, batches, order, max_batches, run_device, cache_bytes)
             # The target is still a copy of the reference: the same module names and calls.
             once = {name for name, calls in module_calls.items() if calls == 1}
@@ -736,16 +752,24 @@ def _run_sequential(
                 )
 
             bar = tqdm(order, desc=f"sequential ({method}, {norm})", disable=not progress, leave=False)
+            first_count = None
             for position, name in enumerate(bar):
                 bar.set_postfix_str(name)
                 start = time.perf_counter()
                 cached = None if cache is None else cache.pop(name)
                 ridge = refit_damping if name in refit else target_damping
+                auto_note = None
+                if ridge == "auto":
+                    ridge, auto_note = _auto_target_ridge(
+                        target.get_submodule(name), name, order[0], first_count, per_image, damping
+                    )
                 folds = _CV_FOLDS if ridge == "cv" and position > 0 else 1
                 moments, fold_moments = _layer_moments(
                     reference, target, batches, name, position == 0, max_batches, run_device, comm, cached, folds,
                     prefix,
                 )
+                if position == 0:
+                    first_count = moments.count
                 if name in refit:
                     fit = lambda: _refit_layer(  # noqa: E731
                         target, name, moments, first_layer=position == 0, norm=norm, centered=centered,
@@ -755,11 +779,13 @@ def _run_sequential(
                     fit = lambda: _fit_layer(  # noqa: E731
                         target, name, moments, first_layer=position == 0, method=method, ranks=ranks, ratio=ratio,
                         energy=energy, norm=norm, centered=centered, bias_correction=bias_correction,
-                        device=device, damping=damping, target_damping=target_damping, folds=fold_moments,
+                        device=device, damping=damping, target_damping=ridge, folds=fold_moments,
                         solver_options=solver_options,
                         row_weights=None if fit_weights is None else fit_weights[name],
                     )
                 new, row = comm.decide(fit, name)
+                if auto_note is not None:
+                    row.notes.append(auto_note)
                 row.seconds = time.perf_counter() - start
                 _set_module(target, name, new)
                 report.append(row)
@@ -979,6 +1005,54 @@ def _targets(module, moments, first_layer, centered, damping, dev):
     # x~ = x for the first layer, and then W' = W exactly (no round-off from a solve).
     goal = weight if first_layer else _sequential_target(weight, c_yy, c_xy, damping)
     return weight, goal, c_yy
+
+
+def _samples_per_image(reference, batches, order, max_batches, run_device) -> dict[str, float]:
+    """Input patches (or rows) per model input of every layer of ``order``, from the first batch.
+
+    A convolution sees one patch per output position, a Linear layer one row per vector of
+    its input (e.g. per token): ``output.numel() / (output features * batch)``.
+    """
+    first = None
+    for index, batch in _iterate(batches, max_batches):
+        first = _prepare(batch, index, run_device)
+        break
+    per_image: dict[str, float] = {}
+    handles = []
+
+    def make_hook(name):
+        def hook(module, _args, output):
+            if name not in per_image and isinstance(output, torch.Tensor) and output.dim() >= 2:
+                features = output.shape[-1] if isinstance(module, nn.Linear) else output.shape[1]
+                per_image[name] = output.numel() / max(1, features * first.shape[0])
+
+        return hook
+
+    try:
+        for name in order:
+            handles.append(reference.get_submodule(name).register_forward_hook(make_hook(name)))
+        reference(first)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return per_image
+
+
+def _auto_target_ridge(module, name, first_name, first_count, per_image, damping):
+    """The target ridge ``target_damping='auto'`` gives layer ``name``: ``'cv'`` when it will see
+    fewer calibration samples than :data:`_AUTO_CV_SAMPLES_PER_INPUT` times its input features,
+    else ``damping``; and the report note that says why (None when ``damping``).
+
+    The count is predicted before the layer's pass (its folds are collected during it) from
+    the first layer's count and both layers' samples per model input.
+    """
+    if first_count is None or name not in per_image or not per_image.get(first_name):
+        return damping, None
+    expected = first_count * per_image[name] / per_image[first_name]
+    inputs = module.weight[0].numel()
+    if expected >= _AUTO_CV_SAMPLES_PER_INPUT * inputs:
+        return damping, None
+    return "cv", f"target damping cross-validated (target_damping='auto': {expected:.0f} samples for {inputs} inputs)"
 
 
 def _warn_if_underdetermined(name: str, moments: CrossStatistics, notes: list[str]) -> None:
