@@ -98,7 +98,12 @@ def validate_tensor(tensor, name: str = "tensor") -> tuple[int, int, tuple[int, 
     return shape[0], shape[1], shape[2:]
 
 
-def validate_sigma(sigma, n: int, *, check_psd: bool = True, psd_tol: float = 1e-6, sym_tol: float = 1e-6):
+#: Default relative tolerance of the PSD test of :func:`validate_sigma` (also applied by the
+#: PyTorch adapter before it repairs round-off, ``torch.compress._round_off_psd``).
+PSD_TOL = 1e-6
+
+
+def validate_sigma(sigma, n: int, *, check_psd: bool = True, psd_tol: float = PSD_TOL, sym_tol: float = 1e-6):
     """Check a covariance matrix and return it symmetrized.
 
     Parameters

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .._validation import _shifted_cholesky_succeeds, validate_cp_rank, validate_tucker2_rank
+from .._validation import PSD_TOL, _shifted_cholesky_succeeds, validate_cp_rank, validate_tucker2_rank
 from ..decomposition import parafac_sigma, tucker2_sigma
 from ..norms import relative_sigma_error, whitened_svd
 from . import ranks as rk
@@ -465,10 +465,6 @@ def plan_compression(
     ]
 
 
-#: Relative tolerance of the PSD test, the same as :func:`~tensorly_dataaware._validation.validate_sigma`'s.
-_PSD_TOL = 1e-6
-
-
 def _round_off_psd(name: str, sigma: torch.Tensor, mean: torch.Tensor) -> tuple[torch.Tensor, str | None]:
     """``sigma`` made positive semi-definite where round-off left it slightly indefinite.
 
@@ -492,7 +488,7 @@ def _round_off_psd(name: str, sigma: torch.Tensor, mean: torch.Tensor) -> tuple[
         ``note`` is None when ``sigma`` passed unchanged, else a line for the layer's report.
     """
     diag = sigma.diagonal()
-    shift = _PSD_TOL * max(float(diag.mean()), 0.0)
+    shift = PSD_TOL * max(float(diag.mean()), 0.0)
     if float(diag.min()) >= -shift and _shifted_cholesky_succeeds(sigma, shift):
         return sigma, None
     values, vectors = torch.linalg.eigh((sigma + sigma.T).to(torch.float64) / 2)

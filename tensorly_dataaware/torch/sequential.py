@@ -695,6 +695,7 @@ def _run_sequential(
     skipped: list = []
     call_position: dict[str, int] = {}
     module_calls: dict[str, int] = {}
+    per_image: dict[str, float] = {}  # patches (rows) per model input of each layer, from planning
     names, named = _candidates(model, layers, skipped)
     refit_all = refit is True
     refit = _check_refit(model, refit, names if named else None, ranks)
@@ -716,15 +717,13 @@ def _run_sequential(
             try:
                 order = _plan_order(
                     reference, batches, names, named, max_batches, run_device, ranks, skipped, call_position, refit,
-                    refit_all, module_calls,
+                    refit_all, module_calls, per_image,
                 )
             except Exception as exc:  # noqa: BLE001 - every process must learn of it
                 error = exc
             comm.agree(error, "planning")
             comm.same(order, "the layer order")
-            per_image: dict[str, float] = {}
             if target_damping == "auto":
-                per_image = _samples_per_image(reference, batches, order, max_batches, run_device)
                 comm.same(sorted(per_image.items()), "the samples per input of each layer")
             cache = _cache_reference_inputs(reference, batches, order, max_batches, run_device, cache_bytes)
             # The target is still a copy of the reference: the same module names and calls.
@@ -840,12 +839,13 @@ def _cache_reference_inputs(reference, batches, order, max_batches, run_device, 
 
 def _plan_order(
     reference, batches, names, named, max_batches, run_device, ranks, skipped, call_position, refit=(),
-    refit_all=False, module_calls=None,
+    refit_all=False, module_calls=None, per_image=None,
 ) -> list[str]:
     """The selected layers in call order (one forward pass over the first batch).
 
     ``module_calls``, if given, receives how many times every module (the model as ``''``)
-    was called in that pass (see :class:`_PrefixCache`).
+    was called in that pass (see :class:`_PrefixCache`); ``per_image``, the input patches
+    (or rows) per model input of every traced layer (see :func:`_samples_hooks`).
     """
     first = None
     for index, batch in _iterate(batches, max_batches):
@@ -856,7 +856,12 @@ def _plan_order(
     # The skipped (e.g. grouped) layers are traced too, to place their report rows.
     traced = list(names) + [name for name, _ in skipped if name not in names]
     # Every module is traced in the same pass, for the prefix replay's call counts.
-    everything, all_counts = layer_call_order(reference, first, [name for name, _ in reference.named_modules()])
+    handles = [] if per_image is None else _samples_hooks(reference, traced, first.shape[0], per_image)
+    try:
+        everything, all_counts = layer_call_order(reference, first, [name for name, _ in reference.named_modules()])
+    finally:
+        for handle in handles:
+            handle.remove()
     if module_calls is not None:
         module_calls.update(all_counts)
     wanted = set(traced)
@@ -1007,35 +1012,22 @@ def _targets(module, moments, first_layer, centered, damping, dev):
     return weight, goal, c_yy
 
 
-def _samples_per_image(reference, batches, order, max_batches, run_device) -> dict[str, float]:
-    """Input patches (or rows) per model input of every layer of ``order``, from the first batch.
-
-    A convolution sees one patch per output position, a Linear layer one row per vector of
-    its input (e.g. per token): ``output.numel() / (output features * batch)``.
+def _samples_hooks(model: nn.Module, names, batch_size: int, per_image: dict[str, float]) -> list:
+    """Forward hooks that record into ``per_image`` the input patches (or rows) per model input
+    of every layer of ``names``, for one pass on a batch of ``batch_size``; the caller removes
+    them. A convolution sees one patch per output position, a Linear layer one row per vector
+    of its input (e.g. per token): ``output.numel() / (output features * batch_size)``.
     """
-    first = None
-    for index, batch in _iterate(batches, max_batches):
-        first = _prepare(batch, index, run_device)
-        break
-    per_image: dict[str, float] = {}
-    handles = []
 
     def make_hook(name):
         def hook(module, _args, output):
             if name not in per_image and isinstance(output, torch.Tensor) and output.dim() >= 2:
                 features = output.shape[-1] if isinstance(module, nn.Linear) else output.shape[1]
-                per_image[name] = output.numel() / max(1, features * first.shape[0])
+                per_image[name] = output.numel() / max(1, features * batch_size)
 
         return hook
 
-    try:
-        for name in order:
-            handles.append(reference.get_submodule(name).register_forward_hook(make_hook(name)))
-        reference(first)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return per_image
+    return [model.get_submodule(name).register_forward_hook(make_hook(name)) for name in names]
 
 
 def _auto_target_ridge(module, name, first_name, first_count, per_image, damping):
