@@ -555,14 +555,20 @@ def test_explicit_messages(tiny_files, tmp_path, capsys):
 DEADLINE = 3  # a module attribute that is not a class (for "class not callable")
 
 
-def test_grouped_convolutions_are_reported(tmp_path, capsys):
+def _net_and_data_args(tmp_path, net_class) -> list[str]:
+    """``--model-file``/``--model-class``/``--data-dir`` arguments for a freshly initialized
+    ``net_class`` of this module (saved as a state dict) and 16 random 10x10 images."""
     torch.manual_seed(0)
-    state = tmp_path / "grouped.pt"
-    torch.save(GroupedNet().state_dict(), state)
+    state = tmp_path / f"{net_class.__name__}.pt"
+    torch.save(net_class().state_dict(), state)
     data = tmp_path / "d.npz"
     np.savez(data, images=np.random.default_rng(0).integers(0, 256, (16, 10, 10), dtype=np.uint8))
-    assert main(["compress", "--model-file", str(state), "--model-class", "tests.test_cli:GroupedNet",
-                 "--data-dir", str(data), "--ratio", "0.5", "--n-iter-max", "2", "--no-progress"]) == 0
+    return ["--model-file", str(state), "--model-class", f"tests.test_cli:{net_class.__name__}", "--data-dir", str(data)]
+
+
+def test_grouped_convolutions_are_reported(tmp_path, capsys):
+    assert main(["compress", *_net_and_data_args(tmp_path, GroupedNet), "--ratio", "0.5", "--n-iter-max", "2",
+                 "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "conv2 (grouped convolutions (groups=4)" in out
     assert "conv3" in out
@@ -587,19 +593,13 @@ class SharedNet(nn.Module):
 def test_sequential_default_selection_keeps_shared_layers_dense(tmp_path, capsys):
     """A layer called twice per forward pass cannot be calibrated sequentially: the default
     selection keeps it dense and says so (it stopped the run with an error before)."""
-    torch.manual_seed(0)
-    state = tmp_path / "shared.pt"
-    torch.save(SharedNet().state_dict(), state)
-    data = tmp_path / "d.npz"
-    np.savez(data, images=np.random.default_rng(0).integers(0, 256, (16, 10, 10), dtype=np.uint8))
-    assert main(["compress", "--model-file", str(state), "--model-class", "tests.test_cli:SharedNet",
-                 "--data-dir", str(data), "--ratio", "0.5", "--sequential", "--n-iter-max", "2", "--no-progress"]) == 0
+    net_and_data = _net_and_data_args(tmp_path, SharedNet)
+    assert main(["compress", *net_and_data, "--ratio", "0.5", "--sequential", "--n-iter-max", "2", "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "kept dense 1 layer(s) sequential calibration cannot compress: shared (called 2 times per forward pass)" in out
     assert "sequential calibration of 1 layers" in out
     # Named explicitly, it is still an error.
-    err = _error(capsys, ["compress", "--model-file", str(state), "--model-class", "tests.test_cli:SharedNet",
-                          "--data-dir", str(data), "--ratio", "0.5", "--sequential", "--layers", "conv2", "shared",
+    err = _error(capsys, ["compress", *net_and_data, "--ratio", "0.5", "--sequential", "--layers", "conv2", "shared",
                           "--no-progress"])
     assert "called 2 times" in err
 

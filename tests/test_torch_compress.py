@@ -325,26 +325,36 @@ def test_round_off_indefinite_statistics_are_made_psd(method):
     assert row.sigma_error == pytest.approx(expected_row.sigma_error, rel=1e-6)
 
 
+def _zero_first_conv_net():
+    """conv -> ReLU -> conv, float64, with an all-zero first weight."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 12, 3, padding=1)).double().eval()
+    with torch.no_grad():
+        model[0].weight.zero_()
+    return model
+
+
+def _compress_one_layer(model, batches, method, layer, sequential):
+    """Layer ``layer`` compressed at 30% by ``compress_sequential`` or, one-shot, by ``compress``."""
+    from tensorly_dataaware.torch import compress_sequential
+
+    kwargs = dict(ratio=0.3, layers=[layer], return_report=True, progress=False)
+    if sequential:
+        return compress_sequential(model, batches, method, **kwargs)
+    return compress(model, collect_covariances(model, batches, progress=False), method, **kwargs)
+
+
 @pytest.mark.parametrize("method", ["tucker2", "cp", "svd"])
 @pytest.mark.parametrize("sequential", [False, True])
 def test_layer_with_constant_inputs(method, sequential):
     """A layer whose inputs are all zero on the calibration data (after a dead ReLU): sigma is
     zero, every W~ fits equally well; it is fitted in the Frobenius norm and says so (a
     ValueError 'sigma is the zero matrix' before)."""
-    from tensorly_dataaware.torch import compress_sequential
-
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 12, 3, padding=1)).double().eval()
+    model = _zero_first_conv_net()
     with torch.no_grad():
-        model[0].weight.zero_()
         model[0].bias.fill_(-1.0)
     batches = _batches(n=2)
-    if sequential:
-        out, report = compress_sequential(model, batches, method, ratio=0.3, layers=["2"], return_report=True, progress=False)
-    else:
-        stats = collect_covariances(model, batches, progress=False)
-        out, report = compress(model, stats, method, ratio=0.3, layers=["2"], return_report=True, progress=False)
-    (row,) = report
+    out, (row,) = _compress_one_layer(model, batches, method, "2", sequential)
     assert row.method == method and row.sigma_error == 0.0
     assert any("Frobenius" in note for note in row.notes), row.notes
     assert all(torch.isfinite(p).all() for p in out.parameters())
@@ -412,19 +422,9 @@ def test_dependent_inputs_after_a_compressed_layer():
 def test_pruned_all_zero_layer(method, sequential):
     """An all-zero (pruned) weight is decomposed exactly, as zero factors (the solvers have
     nothing to normalize: a ValueError or a singular-matrix error before)."""
-    from tensorly_dataaware.torch import compress_sequential
-
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 12, 3, padding=1)).double().eval()
-    with torch.no_grad():
-        model[0].weight.zero_()
+    model = _zero_first_conv_net()
     batches = _batches(n=2)
-    if sequential:
-        out, report = compress_sequential(model, batches, method, ratio=0.3, layers=["0"], return_report=True, progress=False)
-    else:
-        stats = collect_covariances(model, batches, progress=False)
-        out, report = compress(model, stats, method, ratio=0.3, layers=["0"], return_report=True, progress=False)
-    (row,) = report
+    out, (row,) = _compress_one_layer(model, batches, method, "0", sequential)
     assert row.method == method and row.sigma_error == 0.0
     assert "zero weight: factors set to zero" in row.notes
     factors = [p for name, p in out[0].named_parameters() if "bias" not in name]

@@ -297,6 +297,22 @@ def test_float32_model_and_max_batches():
     assert torch.isfinite(out).all()
 
 
+def _disable_replay(monkeypatch):
+    """From now on, every pass of the compressed network is recomputed from the input."""
+    from tensorly_dataaware.torch import sequential
+
+    monkeypatch.setattr(
+        sequential._PrefixCache, "capture",
+        lambda self, module, x, name, index: sequential._capture_input(self.model, module, x, name),
+    )
+
+
+def _assert_same_models(a, b):
+    """Bit-identical parameters and buffers."""
+    for key, value in b.state_dict().items():
+        assert torch.equal(a.state_dict()[key], value), key
+
+
 class _Block(nn.Module):
     """A residual block with a shared in-place ReLU (called twice), an in-place addition and
     a tuple output: what the replay of finished module calls must get right."""
@@ -340,8 +356,6 @@ def test_replayed_prefix_changes_nothing_and_skips_work(monkeypatch, kind):
     ``residual``: a custom forward (shared in-place ReLU, in-place additions, tuple outputs,
     an early output reused at the end); ``sequential``: an nn.Sequential, whose children
     before the previous layer are not called at all."""
-    from tensorly_dataaware.torch import sequential
-
     if kind == "residual":
         net = _ResidualNet().double().eval()
         layers = ["blocks.0.conv1", "blocks.0.conv2", "blocks.1.conv1", "blocks.1.conv2", "head"]
@@ -376,13 +390,9 @@ def test_replayed_prefix_changes_nothing_and_skips_work(monkeypatch, kind):
 
     replayed, early_replayed = run()
     # The same run with every pass of the compressed network recomputed from the input.
-    monkeypatch.setattr(
-        sequential._PrefixCache, "capture",
-        lambda self, module, x, name, index: sequential._capture_input(self.model, module, x, name),
-    )
+    _disable_replay(monkeypatch)
     recomputed, early_recomputed = run()
-    for key, value in recomputed.state_dict().items():
-        assert torch.equal(replayed.state_dict()[key], value), key
+    _assert_same_models(replayed, recomputed)
     x = batches[0][0]
     with torch.no_grad():
         assert torch.equal(replayed(x), recomputed(x))
@@ -411,21 +421,15 @@ class _DataDependentNet(nn.Module):
 
 
 def test_replay_with_input_dependent_call_counts(monkeypatch):
-    from tensorly_dataaware.torch import sequential
-
     batches = _batches(n_batches=4, size=4)
     signs = [float(x[0, 0, 0, 0]) > 0 for x, _ in batches]
     assert any(signs) and not all(signs)  # both branches are taken
     kwargs = dict(ratio=0.5, layers=["conv0", "conv1", "conv2"], progress=False, n_iter_max=10, random_state=0)
     net = _DataDependentNet().double().eval()
     replayed = compress_sequential(net, batches, "tucker2", **kwargs)
-    monkeypatch.setattr(
-        sequential._PrefixCache, "capture",
-        lambda self, module, x, name, index: sequential._capture_input(self.model, module, x, name),
-    )
+    _disable_replay(monkeypatch)
     recomputed = compress_sequential(net, batches, "tucker2", **kwargs)
-    for key, value in recomputed.state_dict().items():
-        assert torch.equal(replayed.state_dict()[key], value), key
+    _assert_same_models(replayed, recomputed)
 
 
 class _Stem(nn.Module):
@@ -458,19 +462,13 @@ class _SharedAcrossBlocks(nn.Module):
 
 
 def test_replay_with_a_module_shared_across_blocks(monkeypatch):
-    from tensorly_dataaware.torch import sequential
-
     batches = _batches(n_batches=2, size=4)
     kwargs = dict(ratio=0.5, layers=["stem.conv", "second.0", "second.1"], progress=False, n_iter_max=10, random_state=0)
     net = _SharedAcrossBlocks().double().eval()
     replayed = compress_sequential(net, batches, "tucker2", **kwargs)
-    monkeypatch.setattr(
-        sequential._PrefixCache, "capture",
-        lambda self, module, x, name, index: sequential._capture_input(self.model, module, x, name),
-    )
+    _disable_replay(monkeypatch)
     recomputed = compress_sequential(net, batches, "tucker2", **kwargs)
-    for key, value in recomputed.state_dict().items():
-        assert torch.equal(replayed.state_dict()[key], value), key
+    _assert_same_models(replayed, recomputed)
 
 
 class _AlternatingOrder:
@@ -735,8 +733,7 @@ def test_auto_target_damping_is_the_fixed_ridge_on_well_sampled_layers():
     auto, report = compress_sequential(net, batches, "tucker2", **kwargs)
     fixed, _ = compress_sequential(net, batches, "tucker2", target_damping=None, **kwargs)
     assert not any("target_damping='auto'" in note for row in report for note in row.notes)
-    for a, b in zip(auto.state_dict().values(), fixed.state_dict().values()):
-        assert torch.equal(a, b)
+    _assert_same_models(auto, fixed)
 
 
 @pytest.mark.parametrize("value", [-1.0, float("inf"), "gcv", True])
