@@ -607,11 +607,19 @@ def _assert_moments_match_patches(conv, x, p, config):
     torch.testing.assert_close(total, p.sum(1), rtol=1e-12, atol=1e-11, msg=lambda m: f"{config}: {m}")
 
 
+@pytest.fixture(params=["direct", "dft"])
+def full_frame_route(request, monkeypatch):
+    """Force one route for the full-frame shift products of ungrouped stride-1 layers: the
+    direct GEMM per shift, or the DFT along the image rows (_dft_shift_products)."""
+    monkeypatch.setattr(stats_module, "_dft_pays", lambda *args: request.param == "dft")
+    return request.param
+
+
 @pytest.mark.parametrize("kernel", KERNELS)
-def test_shift_moments_equal_patch_moments(kernel):
+def test_shift_moments_equal_patch_moments(kernel, full_frame_route):
     """Every padding mode / dilation / groups (one GEMM, a batched GEMM over two groups, the
-    elementwise products of a depthwise layer): same sums as P^T P of the patches, same
-    column order."""
+    elementwise products of a depthwise layer), with either full-frame route: same sums as
+    P^T P of the patches, same column order."""
     x = torch.randn(2, 4, 9, 8, dtype=F64, generator=torch.Generator().manual_seed(4))
     for padding, mode, dilation, groups in itertools.product(
         [0, 1, "same", (2, 0)], ["zeros", "reflect", "circular", "replicate"], [1, 2, (2, 1)], [1, 2, 4]
@@ -626,10 +634,11 @@ def test_shift_moments_equal_patch_moments(kernel):
         _assert_moments_match_patches(conv, x, p, config)
 
 
-def test_shift_moments_random_geometries():
+def test_shift_moments_random_geometries(full_frame_route):
     """Random small geometries, including 1-pixel-high or -wide inputs, even and
     rectangular kernels, asymmetric padding and mixed dilations: the stride-1 route (border
-    products only for the shifts that can matter) equals P^T P of patches_for."""
+    products only for the shifts that can matter; full-frame products direct or by DFT)
+    equals P^T P of patches_for."""
     rng = random.Random(0)
     checked = 0
     for _ in range(200):
@@ -695,6 +704,44 @@ def test_shift_moments_conv1d_and_float32_bound():
     assert bool(((outer[0] - exact[0]).abs() <= bound).all())
     assert float((outer[0] - exact[0]).abs().max()) > 0  # really the float32 path
     torch.testing.assert_close(total, p.sum(1), rtol=1e-5, atol=1e-4)
+
+
+def test_dft_route_float32_meets_its_bound(monkeypatch):
+    """A layer the cost model sends through the DFT route, on positive float32 data (no
+    cancellation): within 4 (full frame, border row, border column, corner) times the
+    documented bound of one product, and the route was really taken (the error is not 0)."""
+    from tensorly_dataaware.torch.statistics import _batch_moments, dft_error_bound, float32_error_bound
+
+    conv = nn.Conv2d(16, 8, 3, padding=1)
+    x = torch.rand(48, 16, 14, 13, generator=torch.Generator().manual_seed(8)) * 3 + 0.5
+    calls = []
+    real = stats_module._dft_shift_products
+    monkeypatch.setattr(stats_module, "_dft_shift_products", lambda *a: calls.append(1) or real(*a))
+    count, total, outer = _batch_moments(conv, x, max_positions_per_image=None, generator=None, precision="auto")
+    assert calls, "the cost model did not choose the DFT route for a 16-channel 14x13 layer"
+    p = patches_for(conv, x.double())
+    exact = torch.bmm(p.transpose(1, 2), p)[0]
+    s = (x.double() ** 2).sum((0, 2, 3)).repeat_interleave(9)  # channel-major, then kernel offset
+    assert dft_error_bound(13) <= float32_error_bound()
+    err = (outer[0] - exact).abs()
+    assert bool((err <= 4 * float32_error_bound() * torch.sqrt(s[:, None] * s[None, :])).all())
+    assert 0 < float((err / exact.abs()).max()) < 2e-5  # typical: random-sign roundings
+    torch.testing.assert_close(total[0], p[0].sum(0), rtol=1e-5, atol=0)
+
+
+def test_dft_route_choice():
+    """Where the DFT route is (not) taken: never where its float32 bound would exceed the
+    direct products' (rows wider than 76 pixels; float64 has no such limit), nor for
+    products with fewer rows than columns; taken for ResNet-20-like layers."""
+    from tensorly_dataaware.torch.statistics import _dft_pays, _shift_plan
+
+    shifts = _shift_plan(3, 3, 1, 1, 1, 1, 28, 28, 28, 28).shifts
+    assert _dft_pays(shifts, 16, 28, 250, 28, 1, torch.float32)
+    assert _dft_pays(shifts, 64, 7, 250, 7, 1, torch.float32)
+    assert not _dft_pays(shifts, 64, 100, 8, 100, 1, torch.float32)
+    assert _dft_pays(shifts, 64, 100, 8, 100, 1, torch.float64)
+    assert not _dft_pays(shifts, 512, 4, 250, 4, 1, torch.float32)
+    assert not _dft_pays(shifts, 1, 28, 250, 28, 1, torch.float32)
 
 
 @pytest.mark.parametrize("stride", [1, 2], ids=["shift-route", "patch-route"])

@@ -594,6 +594,153 @@ def _group_products(a: torch.Tensor, b: torch.Tensor, groups: int, precision: st
     return wide[:, diagonal, :, diagonal].transpose(0, 1).reshape(groups, c_g, c_g)
 
 
+@functools.lru_cache(maxsize=64)
+def _column_dft(width: int, length: int, dtype: torch.dtype, device_type: str, device_index: int | None) -> torch.Tensor:
+    """``(2 F, width)`` real DFT rows of a length-``length`` zero-padded signal, ``F = length // 2 + 1``.
+
+    Row ``2 k`` is ``cos(2 pi k w / length)`` and row ``2 k + 1`` is ``sin(2 pi k w / length)``,
+    so that a product with data laid out ``(..., width, C)`` gives, for each frequency, the
+    cosine and sine parts of ``C`` channels side by side (``2 C`` contiguous columns).
+    Computed in float64 and rounded once to ``dtype``; cached, callers must not modify it.
+    """
+    k = torch.arange(length // 2 + 1, dtype=torch.float64)[:, None]
+    angle = (2 * math.pi / length) * k * torch.arange(width, dtype=torch.float64)[None, :]
+    rows = torch.stack([torch.cos(angle), torch.sin(angle)], dim=1).reshape(-1, width)
+    return rows.to(dtype=dtype, device=torch.device(device_type, device_index))
+
+
+def _dft_lag_weights(length: int, lags: tuple[int, ...]) -> torch.Tensor:
+    """Float64 ``(len(lags), 2 F)``: real correlation at each column lag from the half spectrum.
+
+    With ``X = C - i S`` the DFT of a real row (``C``, ``S`` the cosine and sine sums),
+    ``sum_w x_c(w) x_d(w + s) = (1 / L) sum_k w_k (R_k cos(2 pi k s / L) - I_k sin(2 pi k s / L))``
+    where ``R_k = C_c C_d + S_c S_d`` and ``I_k = S_c C_d - C_c S_d`` (summed over the rows),
+    ``w_k`` = 1 for the zero (and, ``L`` even, the Nyquist) frequency and 2 otherwise: the
+    other half of the spectrum is the complex conjugate. Columns: ``R`` weights, then ``I``.
+    """
+    n_freq = length // 2 + 1
+    k = torch.arange(n_freq, dtype=torch.float64)
+    weight = torch.full((n_freq,), 2.0, dtype=torch.float64)
+    weight[0] = 1.0
+    if length % 2 == 0:
+        weight[-1] = 1.0
+    angle = (2 * math.pi / length) * torch.tensor(lags, dtype=torch.float64)[:, None] * k[None, :]
+    return torch.cat([weight * torch.cos(angle), -weight * torch.sin(angle)], dim=1) / length
+
+
+#: Rows per float32 block of the products of the DFT route (:func:`_dft_shift_products`):
+#: a quarter of :data:`FLOAT32_BLOCK_ROWS`, so that together with the rounding of the
+#: transform itself the route stays within :func:`float32_error_bound` (see
+#: :func:`dft_error_bound`).
+DFT_BLOCK_ROWS = FLOAT32_BLOCK_ROWS // 4
+
+#: The DFT route is taken when its estimated flops are below this fraction of the direct
+#: products' (its GEMMs run somewhat slower: more, shorter products on strided rows).
+_DFT_FLOP_FRACTION = 0.75
+
+
+def dft_error_bound(width: int, rows: int = DFT_BLOCK_ROWS) -> float:
+    """Worst-case relative error of one full-frame shift product formed by the DFT route in float32.
+
+    Every product ``S_cd = sum_q x_c(q) x_d(q + delta)`` that :func:`_dft_shift_products`
+    forms from float32 data satisfies
+
+        ``|computed S_cd - S_cd| <= dft_error_bound(width) * sqrt(S^0_cc S^0_dd)``
+
+    with ``S^0`` the zero-shift Gram diagonals (sums of squares of each channel), i.e. the
+    second form of :func:`float32_error_bound`.  Derivation (first order in the unit
+    roundoff ``u``): a DFT coefficient of one image row of ``width`` pixels is off by at most
+    ``gamma(width + 1) ||x_row||_1 <= gamma(width + 1) sqrt(width) ||x_row||_2`` (the
+    rounded cosine/sine table included); the float32 block sums of the cross-spectra add
+    ``gamma(rows)`` times ``sum |C_c||C_d| + ...`` over the four cosine/sine parts, which is
+    at most ``2 |X_c(k)||X_d(k)|``; Parseval (``(1/L) sum_k |X(k)|^2 = ||x||^2``) and
+    Cauchy-Schwarz over the frequencies and the rows turn both into multiples of
+    ``sqrt(S^0_cc S^0_dd)``: ``2 gamma(rows)`` for the products, ``4 sqrt(2) < 6`` times
+    ``sqrt(width) gamma(width + 1)`` for the transform.  The float64 steps add ``O(1e-16)``.
+    The route is only taken where this is at most :func:`float32_error_bound`, the bound of
+    the direct products (rows up to 76 pixels wide).
+    """
+    return 2 * float32_error_bound(rows) + 6 * math.sqrt(width) * float32_error_bound(width + 1)
+
+
+def _dft_pays(shifts: list[tuple[int, int]], channels: int, rows: int, images: int, width: int, dw: int,
+              dtype: torch.dtype) -> bool:
+    """Whether :func:`_dft_shift_products` should replace the direct full-frame products."""
+    if channels < 2:
+        return False
+    if dtype != torch.float64 and dft_error_bound(width) > float32_error_bound():
+        return False
+    if rows * images < 2 * channels:
+        # Products of fewer rows than columns are dominated by writing their 2C x 2C
+        # results (512 channels at 4x4, 250 images: 16% slower than the direct products).
+        return False
+    n_freq = (width + max(abs(d2) for _, d2 in shifts) * dw) // 2 + 1
+    n_d1 = len({d1 for d1, _ in shifts})
+    direct = 2 * len(shifts) * channels * channels * width
+    dft = 4 * n_freq * width * channels + 8 * n_d1 * n_freq * channels * channels
+    return dft < _DFT_FLOP_FRACTION * direct
+
+
+def _dft_shift_products(
+    data: torch.Tensor, shifts: list[tuple[int, int]], dh: int, dw: int, dtype: torch.dtype
+) -> list[torch.Tensor]:
+    """Float64 ``(1, C, C)``: ``sum_q x(q)^T x(q + (d1 dh, d2 dw))`` for each shift, by a DFT along rows.
+
+    ``data`` is ``(rows, images, width, C)`` (a view is fine: the data block of the frame of
+    :func:`_shift_moments`); ``x`` is taken as zero outside it.  Each image row is
+    transformed once with a real DFT of length ``width + max |d2| dw`` (one batched GEMM with
+    the ``(2 F, width)`` cosine/sine rows: no wrap-around for the lags needed), then, for
+    every row shift ``d1``, one ``(2 C x K) (K x 2 C)`` product per frequency gives the
+    cross-spectra of all channel pairs, and a small float64 product with
+    :func:`_dft_lag_weights` turns them into the correlations at every column shift ``d2``
+    of that ``d1``.
+
+    Why: a full-frame product per shift costs ``2 C^2`` flops per pixel and shift (13 shifts
+    for a 3x3 kernel: ``26 C^2``); here each row shift costs ``8 C^2 F / width`` per pixel
+    (``F ~ width / 2``: ``~4 C^2``, 3 row shifts: ``~12 C^2``) plus ``4 F C`` for the
+    transform.  On the embedded ResNet-20's stride-1 layers (250 images, 2 threads) that made
+    their statistics 25-40% faster (``benchmarks/collect_speed.py``).  In float32 the
+    products are summed in blocks of :data:`DFT_BLOCK_ROWS` rows added in float64, which
+    keeps the error within :func:`dft_error_bound`.
+    """
+    rows, images, width, channels = data.shape
+    max_d2 = max(abs(d2) for _, d2 in shifts)
+    length = width + max_d2 * dw
+    n_freq = length // 2 + 1
+    dft = _column_dft(width, length, dtype, data.device.type, data.device.index)
+    # (rows * images, 2 F, C): per image row, the cosine and sine sums of every channel.
+    spectra = torch.matmul(dft, data.reshape(rows * images, width, channels).to(dtype))
+    spectra = spectra.view(rows, images, n_freq, 2 * channels)
+    by_d1: dict[int, list[int]] = {}
+    for index, (d1, _) in enumerate(shifts):
+        by_d1.setdefault(d1, []).append(index)
+    out: list[torch.Tensor] = [None] * len(shifts)  # type: ignore[list-item]
+    block = DFT_BLOCK_ROWS if dtype != torch.float64 else None
+    for d1, indices in by_d1.items():
+        skip = d1 * dh
+        if skip >= rows:
+            for i in indices:
+                out[i] = torch.zeros(1, channels, channels, dtype=torch.float64, device=data.device)
+            continue
+        left = spectra[:rows - skip].reshape(-1, n_freq, 2 * channels)
+        right = spectra[skip:].reshape(-1, n_freq, 2 * channels)
+        m = left.shape[0]
+        step = block or m
+        gram = torch.zeros(n_freq, 2 * channels, 2 * channels, dtype=torch.float64, device=data.device)
+        for first in range(0, m, step):
+            a = left[first:first + step].transpose(0, 1)  # (F, K, 2C)
+            b = right[first:first + step].transpose(0, 1)
+            gram += torch.bmm(a.transpose(1, 2), b)
+        c = channels
+        real = gram[:, :c, :c] + gram[:, c:, c:]
+        imag = gram[:, c:, :c] - gram[:, :c, c:]
+        weights = _dft_lag_weights(length, tuple(shifts[i][1] * dw for i in indices)).to(data.device)
+        lags = weights @ torch.cat([real, imag]).reshape(2 * n_freq, c * c)
+        for j, i in enumerate(indices):
+            out[i] = lags[j].view(1, c, c)
+    return out
+
+
 class _ShiftPlan(NamedTuple):
     """What :func:`_shift_moments` computes for one geometry (see :func:`_shift_plan`)."""
 
@@ -767,7 +914,10 @@ def _shift_moments(
     # row of the frame and add nothing. On ResNet-20's 7x7 maps that skips 2 of 7 rows for
     # the five shifts with d1 = 2 and 1 of 7 for d1 = 1 (16% of the arithmetic).
     products = []
-    for (d1, _), o in zip(plan.shifts, offsets):
+    if groups == 1 and _dft_pays(plan.shifts, channels, data_h, batch, data_w, dw, dtype):
+        # The same products through a DFT along the image rows: about half the arithmetic.
+        products = _dft_shift_products(frame[row0:row0 + data_h, :, col0:col0 + data_w], plan.shifts, dh, dw, dtype)
+    for (d1, _), o in zip([] if products else plan.shifts, offsets):
         lo, hi = row0 * row_len, (row0 + max(0, data_h - d1 * dh)) * row_len
         if hi == lo:  # the shift is at least as tall as the data: no pair of data rows
             products.append(torch.zeros(groups, c_g, c_g, dtype=torch.float64, device=device))
