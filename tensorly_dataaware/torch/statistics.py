@@ -609,6 +609,7 @@ def _column_dft(width: int, length: int, dtype: torch.dtype, device_type: str, d
     return rows.to(dtype=dtype, device=torch.device(device_type, device_index))
 
 
+@functools.lru_cache(maxsize=256)
 def _dft_lag_weights(length: int, lags: tuple[int, ...]) -> torch.Tensor:
     """Float64 ``(len(lags), 2 F)``: real correlation at each column lag from the half spectrum.
 
@@ -617,6 +618,7 @@ def _dft_lag_weights(length: int, lags: tuple[int, ...]) -> torch.Tensor:
     where ``R_k = C_c C_d + S_c S_d`` and ``I_k = S_c C_d - C_c S_d`` (summed over the rows),
     ``w_k`` = 1 for the zero (and, ``L`` even, the Nyquist) frequency and 2 otherwise: the
     other half of the spectrum is the complex conjugate. Columns: ``R`` weights, then ``I``.
+    Cached (it is the same for every batch of a layer); callers must not modify it.
     """
     n_freq = length // 2 + 1
     k = torch.arange(n_freq, dtype=torch.float64)
