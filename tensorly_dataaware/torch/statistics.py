@@ -833,7 +833,9 @@ def _shift_moments(
     copy per shift; the other half are transposes) minus the products over the few border
     rows and columns that offset ``a`` does not visit.  For a 3x3 kernel that is 13 GEMMs of
     the size of the input instead of one with a 9x longer patch matrix (81 blocks): about
-    a sixth of the arithmetic, and no 9x copy of the input into patches.
+    a sixth of the arithmetic, and no 9x copy of the input into patches.  For ungrouped
+    layers the full-frame correlations are formed through a DFT along the image rows
+    instead when :func:`_dft_pays` (about half the arithmetic again).
 
     How the shifts stay exact: the (padded) input is laid out as ``(row, image, column,
     channel)`` in a zero frame whose image rows are separated by at least
@@ -1989,7 +1991,9 @@ def collect_covariances(
     layer's input patches (:func:`patches_for`); nothing else is kept, so memory does not
     grow with the number of batches.  Stride-1 convolutions (when every position is kept)
     never form the patch matrix: their moments follow from the correlations of the input
-    with its shifts (see :func:`_shift_moments`), several times less work on the CPU.
+    with its shifts (see :func:`_shift_moments`), several times less work on the CPU; for
+    ungrouped layers those shift products are formed through a DFT along the image rows
+    where that is cheaper (:func:`_dft_shift_products`, within the same error bound).
 
     Parameters
     ----------
