@@ -217,7 +217,10 @@ def _accumulate_sums(acc: torch.Tensor, a: torch.Tensor, precision: str) -> None
         acc += a.sum(dim=1)
         return
     for first in range(0, a.shape[1], FLOAT32_BLOCK_ROWS):
-        acc += a[:, first:first + FLOAT32_BLOCK_ROWS].sum(dim=1, dtype=torch.float64)
+        # Summed in the data's dtype, then added in float64: ``sum(dtype=float64)`` would
+        # convert the whole block first (41% of the moments of a 3x3 stride-2 layer with 16
+        # channels at 28x28, 250 images, in a profile).
+        acc += a[:, first:first + FLOAT32_BLOCK_ROWS].sum(dim=1)
 
 
 #: Most float32 elements held by the per-block products of one batched call (64 MiB).
