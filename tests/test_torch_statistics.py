@@ -729,6 +729,21 @@ def test_dft_route_float32_meets_its_bound(monkeypatch):
     torch.testing.assert_close(total[0], p[0].sum(0), rtol=1e-5, atol=0)
 
 
+def test_dft_route_blocks_of_rows(monkeypatch):
+    """The DFT route's float32 products summed over several blocks of rows with a ragged last
+    one (blocks of 50 here): the same moments as the float64 route, within round-off."""
+    from tensorly_dataaware.torch.statistics import _batch_moments
+
+    monkeypatch.setattr(stats_module, "DFT_BLOCK_ROWS", 50)
+    monkeypatch.setattr(stats_module, "_dft_pays", lambda *args: True)
+    conv = nn.Conv2d(5, 4, (3, 2), padding=(1, 0), dilation=(2, 1))
+    x = torch.rand(13, 5, 9, 7, generator=torch.Generator().manual_seed(9)) + 0.5  # 13 * rows: ragged blocks
+    _, _, fast = _batch_moments(conv, x, max_positions_per_image=None, generator=None, precision="auto")
+    _, _, exact = _batch_moments(conv, x.double(), max_positions_per_image=None, generator=None, precision="auto")
+    torch.testing.assert_close(fast, exact, rtol=2e-6, atol=0)
+    assert not torch.equal(fast, exact)
+
+
 def test_dft_route_choice():
     """Where the DFT route is (not) taken: never where its float32 bound would exceed the
     direct products' (rows wider than 76 pixels; float64 has no such limit), nor for
