@@ -670,7 +670,15 @@ def dft_error_bound(width: int, rows: int = DFT_BLOCK_ROWS) -> float:
 
 def _dft_pays(shifts: list[tuple[int, int]], channels: int, rows: int, images: int, width: int, dw: int,
               dtype: torch.dtype) -> bool:
-    """Whether :func:`_dft_shift_products` should replace the direct full-frame products."""
+    """Whether :func:`_dft_shift_products` should replace the direct full-frame products.
+
+    Only where its float32 error bound is within the direct products' (see
+    :func:`dft_error_bound`), its products have more rows than columns, and a flop count
+    (transform plus one ``2C x 2C`` product per row shift and frequency, against one
+    ``C x C`` product per shift over the frame) says it does less than
+    :data:`_DFT_FLOP_FRACTION` of the direct work.  Single channels stay direct (their
+    products are elementwise, see :func:`_group_products`).
+    """
     if channels < 2:
         return False
     if dtype != torch.float64 and dft_error_bound(width) > float32_error_bound():
@@ -703,8 +711,9 @@ def _dft_shift_products(
     Why: a full-frame product per shift costs ``2 C^2`` flops per pixel and shift (13 shifts
     for a 3x3 kernel: ``26 C^2``); here each row shift costs ``8 C^2 F / width`` per pixel
     (``F ~ width / 2``: ``~4 C^2``, 3 row shifts: ``~12 C^2``) plus ``4 F C`` for the
-    transform.  On the embedded ResNet-20's stride-1 layers (250 images, 2 threads) that made
-    their statistics 25-40% faster (``benchmarks/collect_speed.py``).  In float32 the
+    transform.  On the embedded ResNet-20's stride-1 layer shapes (250 images, 2 threads)
+    that made their statistics 25-40% faster (per-layer timings; the whole collection:
+    ``benchmarks/RESULTS.md``, section 8).  In float32 the
     products are summed in blocks of :data:`DFT_BLOCK_ROWS` rows added in float64, which
     keeps the error within :func:`dft_error_bound`.
     """
