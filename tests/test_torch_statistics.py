@@ -747,7 +747,8 @@ def test_dft_route_blocks_of_rows(monkeypatch):
 def test_dft_route_choice():
     """Where the DFT route is (not) taken: never where its float32 bound would exceed the
     direct products' (rows wider than 76 pixels; float64 has no such limit), nor for
-    products with fewer rows than columns; taken for ResNet-20-like layers."""
+    products with fewer rows than columns or spectra beyond its memory cap; taken for
+    ResNet-20-like layers."""
     from tensorly_dataaware.torch.statistics import _dft_pays, _shift_plan
 
     shifts = _shift_plan(3, 3, 1, 1, 1, 1, 28, 28, 28, 28).shifts
@@ -757,6 +758,10 @@ def test_dft_route_choice():
     assert _dft_pays(shifts, 64, 100, 8, 100, 1, torch.float64)
     assert not _dft_pays(shifts, 512, 4, 250, 4, 1, torch.float32)
     assert not _dft_pays(shifts, 1, 28, 250, 28, 1, torch.float32)
+    # A batch whose spectra would not fit in the route's memory cap (56x56, 64 channels,
+    # 1024 images: about 0.9 GB) stays with the direct products.
+    assert not _dft_pays(shifts, 64, 56, 1024, 56, 1, torch.float32)
+    assert _dft_pays(shifts, 64, 56, 64, 56, 1, torch.float32)
 
 
 @pytest.mark.parametrize("stride", [1, 2], ids=["shift-route", "patch-route"])

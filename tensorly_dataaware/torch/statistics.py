@@ -639,6 +639,11 @@ def _dft_lag_weights(length: int, lags: tuple[int, ...]) -> torch.Tensor:
 #: :func:`dft_error_bound`).
 DFT_BLOCK_ROWS = FLOAT32_BLOCK_ROWS // 4
 
+#: The DFT route holds the spectra of all image rows of a batch at once (about the size of
+#: the batch's input); beyond this many bytes the direct products are used instead, which
+#: need no memory beyond the frame.
+_DFT_MAX_SPECTRA_BYTES = 1 << 28
+
 #: The DFT route is taken when its estimated flops are below this fraction of the direct
 #: products' (its GEMMs run somewhat slower: more, shorter products on strided rows).
 _DFT_FLOP_FRACTION = 0.75
@@ -676,8 +681,9 @@ def _dft_pays(shifts: list[tuple[int, int]], channels: int, rows: int, images: i
     :func:`dft_error_bound`), its products have more rows than columns, and a flop count
     (transform plus one ``2C x 2C`` product per row shift and frequency, against one
     ``C x C`` product per shift over the frame) says it does less than
-    :data:`_DFT_FLOP_FRACTION` of the direct work.  Single channels stay direct (their
-    products are elementwise, see :func:`_group_products`).
+    :data:`_DFT_FLOP_FRACTION` of the direct work, and its spectra fit in
+    :data:`_DFT_MAX_SPECTRA_BYTES`.  Single channels stay direct (their products are
+    elementwise, see :func:`_group_products`).
     """
     if channels < 2:
         return False
@@ -688,6 +694,8 @@ def _dft_pays(shifts: list[tuple[int, int]], channels: int, rows: int, images: i
         # results (512 channels at 4x4, 250 images: 16% slower than the direct products).
         return False
     n_freq = (width + max(abs(d2) for _, d2 in shifts) * dw) // 2 + 1
+    if rows * images * 2 * n_freq * channels * torch.finfo(dtype).bits // 8 > _DFT_MAX_SPECTRA_BYTES:
+        return False
     n_d1 = len({d1 for d1, _ in shifts})
     direct = 2 * len(shifts) * channels * channels * width
     dft = 4 * n_freq * width * channels + 8 * n_d1 * n_freq * channels * channels
