@@ -729,6 +729,46 @@ def test_dft_route_float32_meets_its_bound(monkeypatch):
     torch.testing.assert_close(total[0], p[0].sum(0), rtol=1e-5, atol=0)
 
 
+def test_reduced_float32_matmul_precision_is_not_used_for_the_statistics():
+    """A process that allows reduced-precision float32 products
+    (``torch.set_float32_matmul_precision('medium')``: bfloat16 on CPUs with oneDNN support,
+    TF32 on GPUs) still gets IEEE float32 statistics, on the stride-1 route and the patch
+    route, and its setting is left as it was."""
+    from tensorly_dataaware.torch.statistics import _batch_moments
+
+    gen = torch.Generator().manual_seed(10)
+    a = torch.randn(256, 256, generator=gen)
+    exact_a = a.double() @ a.double()
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("medium")
+    try:
+        reduced = float(((a @ a).double() - exact_a).abs().max() / exact_a.abs().max())
+        if reduced < 1e-5:
+            pytest.skip("'medium' does not reduce float32 products on this machine: nothing to guard")
+        conv = nn.Conv2d(16, 8, 3, padding=1)
+        x = torch.rand(48, 16, 14, 13, generator=gen) * 3 + 0.5
+        _, _, outer = _batch_moments(conv, x, max_positions_per_image=None, generator=None, precision="auto")
+        p = torch.rand(3000, 40, generator=gen) + 0.5
+        stats = LayerStatistics("linear", (1, 40))
+        stats.update(p)
+        cross = stats_module.CrossStatistics(40)
+        cross.update(p, p.flip(1))
+        cross_conv = stats_module.CrossStatistics(16 * 9)
+        cross_conv.update_from_inputs(conv, x, x.flip(1))
+        assert torch.get_float32_matmul_precision() == "medium"
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    patches = patches_for(conv, x.double())
+    exact = torch.bmm(patches.transpose(1, 2), patches)[0]
+    assert float(((outer[0] - exact).abs() / exact.abs()).max()) < 2e-5
+    exact_p = p.double().T @ p.double()
+    assert float(((stats.sum_outer[0] - exact_p).abs() / exact_p).max()) < 2e-5
+    exact_xy = p.double().T @ p.flip(1).double()
+    assert float(((cross.sum_xy[0] - exact_xy).abs() / exact_xy).max()) < 2e-5
+    exact_conv = torch.bmm(patches.transpose(1, 2), patches_for(conv, x.flip(1).double()))[0]
+    assert float(((cross_conv.sum_xy[0] - exact_conv).abs() / exact_conv.abs()).max()) < 2e-5
+
+
 def test_dft_route_blocks_of_rows(monkeypatch):
     """The DFT route's float32 products summed over several blocks of rows with a ragged last
     one (blocks of 50 here): the same moments as the float64 route, within round-off."""

@@ -20,6 +20,7 @@ This module provides
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -112,6 +113,40 @@ def float32_error_bound(rows: int = FLOAT32_BLOCK_ROWS) -> float:
     """
     unit = 2.0**-24
     return rows * unit / (1.0 - rows * unit)
+
+
+@contextlib.contextmanager
+def _ieee_float32_matmul():
+    """IEEE float32 matrix products inside the block, whatever the process's precision setting.
+
+    ``torch.set_float32_matmul_precision('high' / 'medium')``, common in training scripts,
+    lets float32 products run in TF32 on GPUs and in bfloat16 on CPUs: on the development CPU
+    a 512 x 512 float32 product then had a relative error of 2.8e-3 instead of 5.4e-7, which
+    would silently break the bound of :func:`float32_error_bound`.  The statistics therefore
+    ask for IEEE products for their own work and restore the caller's setting afterwards
+    (the model's forward pass, between the hooks, keeps the caller's setting).  PyTorch
+    versions with per-backend settings (``torch.backends.<backend>.matmul.fp32_precision``)
+    are set per backend, so that a caller who uses that API does not meet the error PyTorch
+    raises when the legacy and the new API are mixed; older versions use the legacy one.
+    """
+    matmuls = [getattr(getattr(torch.backends, name, None), "matmul", None) for name in ("mkldnn", "cuda")]
+    matmuls = [m for m in matmuls if m is not None and hasattr(m, "fp32_precision")]
+    if matmuls:
+        saved = [(m, m.fp32_precision) for m in matmuls]
+        for m, _ in saved:
+            m.fp32_precision = "ieee"
+        try:
+            yield
+        finally:
+            for m, value in saved:
+                m.fp32_precision = value
+        return
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
 
 
 def _accumulate_products(
@@ -993,6 +1028,7 @@ def _shift_positions(x: torch.Tensor, geometry: dict[str, Any]) -> int | None:
     return out_h * out_w if out_h >= 1 and out_w >= 1 else None
 
 
+@_ieee_float32_matmul()
 def _batch_moments(
     module: nn.Module,
     inputs: torch.Tensor,
@@ -1248,6 +1284,7 @@ class LayerStatistics:
 
     # -- accumulation -------------------------------------------------------------------------
 
+    @_ieee_float32_matmul()
     def update(self, patches: torch.Tensor, *, precision: str = "auto") -> None:
         """Accumulate a batch of patch vectors.
 
@@ -1590,6 +1627,7 @@ class CrossStatistics:
 
     # -- accumulation -------------------------------------------------------------------------
 
+    @_ieee_float32_matmul()
     def update(self, x_patches: torch.Tensor, y_patches: torch.Tensor, *, precision: str = "auto") -> None:
         """Accumulate a batch of aligned patch pairs.
 
@@ -1653,6 +1691,7 @@ class CrossStatistics:
         self.sum_xy += xy
         self.count += int(x.shape[1])
 
+    @_ieee_float32_matmul()
     def update_from_inputs(
         self, module: nn.Module, x_inputs: torch.Tensor, y_inputs: torch.Tensor | None = None, *, precision: str = "auto"
     ) -> None:
@@ -2051,7 +2090,9 @@ def collect_covariances(
         ``sum_outer`` is then within ``4 * gamma`` (``gamma = float32_error_bound()``, below
         5e-4; typically errors are ~1e-6) of the exact value, relative to
         ``sqrt(s_i s_j)`` where ``s_i`` is the sum of squares of the entry's channel over the
-        padded input.  A model (input) in float64 always gets float64 products.  The default
+        padded input; the products are IEEE float32 whatever
+        ``torch.set_float32_matmul_precision`` says (the caller's setting is restored
+        afterwards).  A model (input) in float64 always gets float64 products.  The default
         took the collection on the embedded ResNet-20 / VGG from 24x / 16x a forward pass to
         the figures in ``benchmarks/RESULTS.md`` without changing the compressed models'
         accuracy (``benchmarks/collect_accuracy.py``); pass ``'float64'`` to force exact
