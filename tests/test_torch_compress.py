@@ -209,6 +209,51 @@ def test_unsupported_and_bad_arguments(zoo):
         compress(model, stats, ranks={"a": (9, 2)}, layers=["a"], progress=False)
 
 
+class _LoRALinear(nn.Linear):
+    """A Linear subclass whose output is not W x + b (a low-rank update on top)."""
+
+    def __init__(self, n_in, n_out, rank=2):
+        super().__init__(n_in, n_out, dtype=torch.float64)
+        self.down = nn.Parameter(torch.randn(rank, n_in, dtype=torch.float64))
+        self.up = nn.Parameter(torch.randn(n_out, rank, dtype=torch.float64))
+
+    def forward(self, x):
+        return super().forward(x) + x @ self.down.T @ self.up.T
+
+
+class _InitLinear(nn.Linear):
+    """A Linear subclass that only changes the initialization: the same computation."""
+
+    def reset_parameters(self):
+        nn.init.normal_(self.weight, std=0.1)
+        nn.init.zeros_(self.bias)
+
+
+@pytest.mark.parametrize("sequential", [False, True], ids=["one-shot", "sequential"])
+def test_linear_subclass_overriding_forward_is_kept_dense(sequential):
+    """A Linear subclass with its own forward is not replaced by a factorization of its raw
+    weight (that silently dropped its update): kept dense with the reason by default, an
+    error when named. A subclass with nn.Linear's forward is compressed as usual."""
+    from tensorly_dataaware.torch import compress_sequential
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 12, dtype=torch.float64), nn.ReLU(), _LoRALinear(12, 12), nn.ReLU(),
+                          _InitLinear(12, 6, dtype=torch.float64)).eval()
+    batches = [torch.randn(40, 8, dtype=torch.float64) for _ in range(2)]
+    run = (lambda **kw: compress_sequential(model, batches, "svd", progress=False, return_report=True, **kw)) \
+        if sequential else \
+        (lambda **kw: compress(model, collect_covariances(model, batches, progress=False), "svd", progress=False,
+                               return_report=True, **kw))
+    with pytest.warns(UserWarning, match="_LoRALinear overrides nn.Linear.forward"):
+        small, report = run(ratio=0.5)
+    rows = {row.name: row for row in report}
+    assert rows["2"].method == "dense" and "overrides nn.Linear.forward" in rows["2"].notes[0]
+    assert small[2] is not model[2] and type(small[2]) is _LoRALinear  # a copy, kept as it is
+    assert rows["4"].method == "svd" and not isinstance(small[4], _InitLinear)
+    with pytest.raises(ValueError, match="overrides nn.Linear.forward"):
+        run(ratio=0.5, layers=["2"])
+
+
 def test_rank_rules(zoo):
     model, stats = zoo
     for method, shape in (("tucker2", (64, 32, 3, 3)), ("cp", (64, 32, 3, 3)), ("svd", (10, 40))):
