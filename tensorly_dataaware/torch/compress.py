@@ -665,7 +665,8 @@ def compress(
         ``centered=True``, False otherwise (the classical Frobenius pipeline has none).
     layers : iterable of str, optional
         Module names to compress; default: every layer with statistics (unsupported ones,
-        e.g. grouped convolutions, are skipped with a warning; named ones raise).
+        e.g. grouped convolutions, ``nn.Conv2d`` subclasses and ``nn.Linear`` subclasses that
+        override ``forward``, are skipped with a warning; named ones raise).
     inplace : bool, default is False
         Modify ``model`` itself instead of a copy.
     damping : float, default is 1e-6
