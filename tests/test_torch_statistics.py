@@ -439,6 +439,26 @@ def test_collect_bad_inputs_raise_and_clean_up():
     assert all(not m._forward_pre_hooks for m in model.modules())
 
 
+@pytest.mark.parametrize("api", ["collect", "compress", "sequential"])
+def test_torchscript_model_is_refused_with_a_clear_error(api):
+    """A scripted model (an nn.Module whose layers are script modules) gets an error that
+    says so, not a misleading "no layer"; a non-module gets a TypeError too."""
+    from tensorly_dataaware.torch import compress, compress_sequential
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3)).eval()
+    batches = [torch.randn(2, 3, 8, 8)]
+    stats = collect_covariances(model, batches, progress=False)
+    calls = {
+        "collect": lambda m: collect_covariances(m, batches, progress=False),
+        "compress": lambda m: compress(m, stats, ratio=0.5, progress=False),
+        "sequential": lambda m: compress_sequential(m, batches, ratio=0.5, progress=False),
+    }
+    with pytest.raises(TypeError, match="TorchScript"):
+        calls[api](torch.jit.script(model))
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        calls[api]({"not": "a module"})
+
+
 def test_collect_float64_model_and_unused_layer_warning():
     model = _Net().double()
     model.extra = nn.Linear(2, 2)  # never called in forward

@@ -26,7 +26,7 @@ from ..decomposition import parafac_sigma, tucker2_sigma
 from ..norms import relative_sigma_error, whitened_svd
 from . import ranks as rk
 from .layers import CPConv2d, LowRankConv2d, LowRankLinear, Tucker2Conv2d
-from .statistics import LayerStatistics, float32_error_bound
+from .statistics import LayerStatistics, check_eager_model, float32_error_bound
 
 __all__ = ["compress", "plan_compression", "decompose_layer", "LayerJob", "LayerReport", "format_report"]
 
@@ -685,6 +685,7 @@ def compress(
     -------
     nn.Module or (nn.Module, list of LayerReport)
     """
+    check_eager_model(model)
     _check_choice(norm, "norm", NORMS)
     _check_choice(method, "method", METHODS)
     check_solver_options(method, norm, solver_options)

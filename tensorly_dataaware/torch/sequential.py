@@ -87,7 +87,7 @@ from .compress import (
     plan_compression,
 )
 from .sensitivity import fisher_matrix_roots, fisher_row_weights, output_fisher
-from .statistics import CrossStatistics, _batch_input, _model_device, collect_covariances
+from .statistics import CrossStatistics, _batch_input, _model_device, check_eager_model, collect_covariances
 
 __all__ = ["compress_sequential", "layer_call_order"]
 
@@ -667,8 +667,7 @@ def _run_sequential(
 ):
     """The work of :func:`compress_sequential`; ``collectives`` makes it distributed."""
     comm = collectives if collectives is not None else _Local()
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"`model` must be a torch.nn.Module; got {type(model).__name__}.")
+    check_eager_model(model)
     _check_choice(method, "method", METHODS)
     _check_choice(norm, "norm", NORMS)
     check_rank_options(ranks, ratio, energy, budget)

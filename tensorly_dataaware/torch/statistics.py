@@ -2008,6 +2008,23 @@ def merge_statistics(
 # --------------------------------------------------------------------------------------------
 
 
+def check_eager_model(model: Any) -> None:
+    """Raise a ``TypeError`` unless ``model`` is an eager ``nn.Module`` (hooks and module
+    replacement work on it).
+
+    A TorchScript module (``torch.jit.script`` / ``trace``) is an ``nn.Module`` too, but its
+    submodules are script modules: no ``nn.Conv2d`` or ``nn.Linear`` is found in it and none
+    can be replaced, which used to end in a misleading "no layer" error.
+    """
+    if isinstance(model, torch.jit.ScriptModule):
+        raise TypeError(
+            "`model` is a TorchScript module: its layers cannot be hooked or replaced. Pass the eager "
+            "nn.Module (before torch.jit.script / torch.jit.trace); export the compressed model afterwards."
+        )
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"`model` must be a torch.nn.Module; got {type(model).__name__}.")
+
+
 def _model_device(model: nn.Module) -> torch.device:
     for tensor in model.parameters():
         return tensor.device
@@ -2112,8 +2129,7 @@ def collect_covariances(
     TypeError
         For a ``model`` that is not an ``nn.Module`` or badly formed batches.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"`model` must be a torch.nn.Module; got {type(model).__name__}.")
+    check_eager_model(model)
     if max_batches is not None:
         _check_positive_int(max_batches, "max_batches")
     if max_samples is not None:
