@@ -9,12 +9,13 @@ backend's own routine. It reports failure (a singular or indefinite matrix) by r
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import numpy as np
 import tensorly as tl
 
-__all__ = ["cholesky_factor", "cholesky_solve", "contract", "host_dtype", "dtype_kind", "framework_of", "weighted_sum"]
+__all__ = ["full_precision_products", "cholesky_factor", "cholesky_solve", "contract", "host_dtype", "dtype_kind", "framework_of", "weighted_sum"]
 
 
 @functools.lru_cache(maxsize=512)
@@ -33,6 +34,26 @@ def contract(expression: str, *operands):
     """
     shapes = tuple(tuple(int(d) for d in tl.shape(op)) for op in operands)
     return _contraction(expression, shapes)(*operands)
+
+
+@contextlib.contextmanager
+def full_precision_products():
+    """Full-precision float32 matrix products inside the block, on backends that reduce them.
+
+    JAX's default matmul precision lets float32 products run with TF32 or bfloat16 passes
+    on GPUs and TPUs (about 1e-3 relative error). Without x64 mode the solvers work in
+    float32 on JAX, where that would cost the ALS its accuracy and monotonicity on
+    ill-conditioned covariances, so the block asks for ``'highest'`` and restores the
+    caller's setting afterwards. NumPy's products are always IEEE, and PyTorch inputs are
+    solved in float64, which no precision setting reduces: nothing to do there.
+    """
+    if tl.get_backend() != "jax":
+        yield
+        return
+    import jax
+
+    with jax.default_matmul_precision("highest"):
+        yield
 
 
 #: Up to this many terms, :func:`weighted_sum` on PyTorch accumulates slice by slice.

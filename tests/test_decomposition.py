@@ -483,6 +483,24 @@ class TestClassWrapsFunction:
         assert details["rank"] == 3 and details["solver"] in ("direct", "cg")
 
 
+def test_jax_solvers_ask_for_full_precision_products(rng):
+    """On JAX the solvers run with 'highest' matmul precision (JAX may otherwise use TF32 /
+    bfloat16 passes for float32 products on GPUs) and restore the caller's setting."""
+    jax = pytest.importorskip("jax")
+    W, sigma = rng.standard_normal(SHAPE), np.eye(N)
+    seen = []
+    previous = tl.get_backend()
+    tl.set_backend("jax")
+    try:
+        with jax.default_matmul_precision("bfloat16"):
+            for solver in (tucker2_sigma, parafac_sigma):
+                solver(W, 3, sigma, n_iter_max=2, callback=lambda *_: seen.append(jax.config.jax_default_matmul_precision))
+            assert jax.config.jax_default_matmul_precision == "bfloat16"
+    finally:
+        tl.set_backend(previous)
+    assert seen and all(value == "highest" for value in seen)
+
+
 class TestThreads:
     def _settings(self):
         import torch

@@ -14,6 +14,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from .._backend_ops import full_precision_products
 from ._monitor import ALSMonitor
 from ._problem import SigmaProblem
 from ._structured_solve import InputFactorSystem, SolveInfo
@@ -137,7 +138,7 @@ def run_als(
         n_iter_max=n_iter_max, tol=tol, solver=solver, cg_tol=cg_tol, cg_maxiter=cg_maxiter,
         check_psd=check_psd, verbose=verbose, callback=callback,
     )
-    with solver_threads(threads) as used_threads:
+    with solver_threads(threads) as used_threads, full_precision_products():
         prob = SigmaProblem.build(tensor, sigma, damping=damping, check_psd=options["check_psd"])
         rank = model.resolve_rank(prob.shape, rank)
         solver = options["solver"]
