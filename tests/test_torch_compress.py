@@ -254,6 +254,52 @@ def test_linear_subclass_overriding_forward_is_kept_dense(sequential):
         run(ratio=0.5, layers=["2"])
 
 
+class _InitConv2d(nn.Conv2d):
+    """A Conv2d subclass that only changes the initialization: the same computation."""
+
+    def reset_parameters(self):
+        nn.init.normal_(self.weight, std=0.2)
+        nn.init.zeros_(self.bias)
+
+
+class _CenteredConv2d(nn.Conv2d):
+    """A Conv2d subclass whose output is not the convolution with its weight."""
+
+    def forward(self, x):
+        return self._conv_forward(x, self.weight - self.weight.mean((1, 2, 3), keepdim=True), self.bias)
+
+
+def test_conv2d_subclasses_compressed_only_when_they_compute_a_convolution(tmp_path):
+    """Parametrized (weight-normalized) and initialization-only Conv2d subclasses are
+    compressed like nn.Conv2d (full ranks reproduce the output; save/load round trip on a
+    fresh model); a subclass that overrides forward is kept dense with the reason."""
+    from torch.nn.utils import parametrizations
+
+    from tensorly_dataaware.torch import load_compressed, save_compressed
+
+    def make():
+        torch.manual_seed(0)
+        return nn.Sequential(
+            parametrizations.weight_norm(nn.Conv2d(3, 8, 3, padding=1, dtype=torch.float64)), nn.ReLU(),
+            _InitConv2d(8, 8, 3, padding=1, padding_mode="reflect", dtype=torch.float64), nn.ReLU(),
+            _CenteredConv2d(8, 8, 3, padding=1, dtype=torch.float64),
+        ).eval()
+
+    model = make()
+    batches = [torch.randn(4, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    stats = collect_covariances(model, batches, progress=False)
+    with pytest.warns(UserWarning, match="_CenteredConv2d overrides nn.Conv2d.forward"):
+        small, report = compress(model, stats, "tucker2", ranks={"0": (8, 3), "2": (8, 8)}, return_report=True,
+                                 progress=False)
+    assert [row.method for row in report] == ["tucker2", "tucker2", "dense"]
+    x = batches[0]
+    torch.testing.assert_close(small(x), model(x), rtol=1e-10, atol=1e-10)
+    save_compressed(small, tmp_path / "small.pt")
+    torch.testing.assert_close(load_compressed(make(), tmp_path / "small.pt")(x), small(x), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="overrides nn.Conv2d.forward"):
+        compress(model, stats, "tucker2", ratio=0.5, layers=["4"], progress=False)
+
+
 def test_rank_rules(zoo):
     model, stats = zoo
     for method, shape in (("tucker2", (64, 32, 3, 3)), ("cp", (64, 32, 3, 3)), ("svd", (10, 40))):

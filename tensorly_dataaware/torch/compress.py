@@ -134,16 +134,40 @@ def dense_report_row(name: str, module: nn.Module, reason: str) -> LayerReport:
     )
 
 
+def _overridden(module: nn.Module, base: type, methods: tuple[str, ...]) -> str | None:
+    """The first of ``methods`` that ``module``'s class defines differently from ``base``."""
+    for method in methods:
+        if getattr(type(module), method, None) is not getattr(base, method, None):
+            return method
+    return None
+
+
+def is_plain_conv2d(module: nn.Module) -> bool:
+    """An ``nn.Conv2d`` (or a subclass) that computes what ``nn.Conv2d`` computes.
+
+    Subclasses that only add attributes or change the initialization qualify, and so do
+    parametrized layers (``torch.nn.utils.parametrize``, e.g. weight normalization: their
+    ``weight`` is the effective weight); subclasses that override ``forward`` or
+    ``_conv_forward`` (a weight standardization, quantization-aware training, dynamic
+    padding) do not.
+    """
+    return isinstance(module, nn.Conv2d) and _overridden(module, nn.Conv2d, ("forward", "_conv_forward")) is None
+
+
 def _unsupported_reason(module: nn.Module) -> str | None:
+    # A subclass that computes something else than W x + b (a LoRA update, a weight
+    # standardization) would be replaced by a factorization of its raw weight: its own
+    # computation silently lost (a LoRA-style Linear subclass at 90% kept: 72% output error).
     if isinstance(module, nn.Linear):
-        # A subclass that computes something else than W x + b (a LoRA update, a weight
-        # standardization) would be replaced by a factorization of its raw weight: its own
-        # computation silently lost (a LoRA-style subclass at 90% kept: 72% output error).
-        if type(module).forward is not nn.Linear.forward:
+        if _overridden(module, nn.Linear, ("forward",)):
             return (f"{type(module).__name__} overrides nn.Linear.forward: its output need not be W x + b, "
                     "which is what the factorized layer computes.")
         return None
-    if type(module) is nn.Conv2d:
+    if isinstance(module, nn.Conv2d):
+        method = _overridden(module, nn.Conv2d, ("forward", "_conv_forward"))
+        if method:
+            return (f"{type(module).__name__} overrides nn.Conv2d.{method}: its output need not be the "
+                    "convolution with its weight, which is what the factorized layer computes.")
         if module.groups != 1:
             return f"grouped convolutions (groups={module.groups}) are not supported."
         if module.transposed:
@@ -665,8 +689,9 @@ def compress(
         ``centered=True``, False otherwise (the classical Frobenius pipeline has none).
     layers : iterable of str, optional
         Module names to compress; default: every layer with statistics (unsupported ones,
-        e.g. grouped convolutions, ``nn.Conv2d`` subclasses and ``nn.Linear`` subclasses that
-        override ``forward``, are skipped with a warning; named ones raise).
+        e.g. grouped convolutions and ``nn.Conv2d`` / ``nn.Linear`` subclasses that override
+        ``forward``, are skipped with a warning; named ones raise; parametrized layers and
+        subclasses that keep ``forward`` are compressed).
     inplace : bool, default is False
         Modify ``model`` itself instead of a copy.
     damping : float, default is 1e-6

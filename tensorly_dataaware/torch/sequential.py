@@ -495,9 +495,9 @@ def compress_sequential(
         ``'frobenius'`` fits the sequential target ``W'`` in the Frobenius norm (a baseline).
     layers : iterable of str, optional
         Layers to compress; default every ``nn.Conv2d`` and ``nn.Linear`` the forward pass
-        calls once (grouped convolutions, ``nn.Linear`` subclasses that override ``forward``
-        and layers called several times per pass are skipped with a warning; naming them
-        raises).
+        calls once (grouped convolutions, ``nn.Conv2d`` / ``nn.Linear`` subclasses that
+        override ``forward`` and layers called several times per pass are skipped with a
+        warning; naming them raises).
     centered : bool, default is True
         Covariances (True) or uncentred second moments (False).
     bias_correction : bool, default is True

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .._atomic import atomic_write
-from .compress import _FACTORIZED, _set_module
+from .compress import _FACTORIZED, _set_module, is_plain_conv2d
 from .layers import CPConv2d, LowRankConv2d, LowRankLinear, Tucker2Conv2d, build_from_spec
 
 __all__ = ["compression_spec", "save_compressed", "load_compressed"]
@@ -117,7 +117,7 @@ def _conv_geometry(module: nn.Module) -> dict[str, Any]:
 
 def _is_conv_like(module: nn.Module) -> bool:
     # The dense layer of a fresh model, or an already factorized one (loading twice).
-    return (type(module) is nn.Conv2d and not module.transposed) or isinstance(
+    return (is_plain_conv2d(module) and not module.transposed) or isinstance(
         module, (Tucker2Conv2d, CPConv2d, LowRankConv2d)
     )
 
