@@ -789,6 +789,29 @@ def test_reduced_float32_matmul_precision_is_not_used_for_the_statistics():
     assert float(((cross_conv.sum_xy[0] - exact_conv).abs() / exact_conv.abs()).max()) < 2e-5
 
 
+def test_ieee_float32_scope_on_pytorch_without_per_backend_settings(monkeypatch):
+    """PyTorch versions before the per-backend ``fp32_precision`` settings: the legacy
+    ``set_float32_matmul_precision`` is raised to 'highest' inside and restored after, also
+    when the block raises."""
+    from types import SimpleNamespace
+
+    from tensorly_dataaware.torch.statistics import _ieee_float32_matmul
+
+    for name in ("mkldnn", "cuda"):
+        monkeypatch.setattr(getattr(torch.backends, name), "matmul", SimpleNamespace(), raising=False)
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("medium")
+    try:
+        with _ieee_float32_matmul():
+            assert torch.get_float32_matmul_precision() == "highest"
+        assert torch.get_float32_matmul_precision() == "medium"
+        with pytest.raises(RuntimeError, match="inside"), _ieee_float32_matmul():
+            raise RuntimeError("inside")
+        assert torch.get_float32_matmul_precision() == "medium"
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
 def test_dft_route_blocks_of_rows(monkeypatch):
     """The DFT route's float32 products summed over several blocks of rows with a ragged last
     one (blocks of 50 here): the same moments as the float64 route, within round-off."""
