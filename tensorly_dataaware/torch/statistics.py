@@ -648,7 +648,9 @@ def _column_dft(width: int, length: int, dtype: torch.dtype, device_type: str, d
 
 
 @functools.lru_cache(maxsize=256)
-def _dft_lag_weights(length: int, lags: tuple[int, ...]) -> torch.Tensor:
+def _dft_lag_weights(
+    length: int, lags: tuple[int, ...], device_type: str, device_index: int | None
+) -> torch.Tensor:
     """Float64 ``(len(lags), 2 F)``: real correlation at each column lag from the half spectrum.
 
     With ``X = C - i S`` the DFT of a real row (``C``, ``S`` the cosine and sine sums),
@@ -656,7 +658,8 @@ def _dft_lag_weights(length: int, lags: tuple[int, ...]) -> torch.Tensor:
     where ``R_k = C_c C_d + S_c S_d`` and ``I_k = S_c C_d - C_c S_d`` (summed over the rows),
     ``w_k`` = 1 for the zero (and, ``L`` even, the Nyquist) frequency and 2 otherwise: the
     other half of the spectrum is the complex conjugate. Columns: ``R`` weights, then ``I``.
-    Cached (it is the same for every batch of a layer); callers must not modify it.
+    Cached on its device (it is the same for every batch of a layer); callers must not
+    modify it.
     """
     n_freq = length // 2 + 1
     k = torch.arange(n_freq, dtype=torch.float64)
@@ -665,7 +668,8 @@ def _dft_lag_weights(length: int, lags: tuple[int, ...]) -> torch.Tensor:
     if length % 2 == 0:
         weight[-1] = 1.0
     angle = (2 * math.pi / length) * torch.tensor(lags, dtype=torch.float64)[:, None] * k[None, :]
-    return torch.cat([weight * torch.cos(angle), -weight * torch.sin(angle)], dim=1) / length
+    weights = torch.cat([weight * torch.cos(angle), -weight * torch.sin(angle)], dim=1) / length
+    return weights.to(torch.device(device_type, device_index))
 
 
 #: Rows per float32 block of the products of the DFT route (:func:`_dft_shift_products`):
@@ -791,7 +795,9 @@ def _dft_shift_products(
         c = channels
         real = gram[:, :c, :c] + gram[:, c:, c:]
         imag = gram[:, c:, :c] - gram[:, :c, c:]
-        weights = _dft_lag_weights(length, tuple(shifts[i][1] * dw for i in indices)).to(data.device)
+        weights = _dft_lag_weights(
+            length, tuple(shifts[i][1] * dw for i in indices), data.device.type, data.device.index
+        )
         lags = weights @ torch.cat([real, imag]).reshape(2 * n_freq, c * c)
         for j, i in enumerate(indices):
             out[i] = lags[j].view(1, c, c)
@@ -972,18 +978,19 @@ def _shift_moments(
     # row (d1 * dh frame rows further down) is a data row too: all other pairs meet a zero
     # row of the frame and add nothing. On ResNet-20's 7x7 maps that skips 2 of 7 rows for
     # the five shifts with d1 = 2 and 1 of 7 for d1 = 1 (16% of the arithmetic).
-    products = []
     if groups == 1 and _dft_pays(plan.shifts, channels, data_h, batch, data_w, dw, dtype):
         # The same products through a DFT along the image rows: about half the arithmetic.
         products = _dft_shift_products(frame[row0:row0 + data_h, :, col0:col0 + data_w], plan.shifts, dh, dw, dtype)
-    for (d1, _), o in zip([] if products else plan.shifts, offsets):
-        lo, hi = row0 * row_len, (row0 + max(0, data_h - d1 * dh)) * row_len
-        if hi == lo:  # the shift is at least as tall as the data: no pair of data rows
-            products.append(torch.zeros(groups, c_g, c_g, dtype=torch.float64, device=device))
-        else:
-            left = flat[lo:hi]
-            # Offset 0 is the symmetric a^T a (passed as one object, see _accumulate_products).
-            products.append(_group_products(left, left if o == 0 else flat[o + lo:o + hi], groups, precision))
+    else:
+        products = []
+        for (d1, _), o in zip(plan.shifts, offsets):
+            lo, hi = row0 * row_len, (row0 + max(0, data_h - d1 * dh)) * row_len
+            if hi == lo:  # the shift is at least as tall as the data: no pair of data rows
+                products.append(torch.zeros(groups, c_g, c_g, dtype=torch.float64, device=device))
+            else:
+                left = flat[lo:hi]
+                # Offset 0 is the symmetric a^T a (passed as one object, see _accumulate_products).
+                products.append(_group_products(left, left if o == 0 else flat[o + lo:o + hi], groups, precision))
     # Then the few border products that matter (see _shift_plan), each a small GEMM on views.
     products += [
         _group_products(region(0, r, c), region(offsets[s], r, c), groups, precision) for r, c, s in plan.terms
