@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 import tensorly as tl
 
-from ._backend_ops import cholesky_solve, dtype_kind, host_dtype
+from ._backend_ops import cholesky_solve, dtype_kind, framework_of, host_dtype
 from ._validation import as_backend_tensor, check_finite, validate_sigma, validate_tensor
 
 __all__ = [
@@ -225,7 +225,7 @@ def psd_solve(matrix, rhs, rcond: float | None = None):
         wide = _as_float64(matrix)
         # JAX without x64 mode cannot promote: then solve in single precision.
         if host_dtype(wide).itemsize == 8:
-            return tl.tensor(psd_solve(wide, _as_float64(rhs), rcond=rcond), **tl.context(matrix))
+            return _cast_like(psd_solve(wide, _as_float64(rhs), rcond=rcond), matrix)
     out = cholesky_solve(matrix, rhs)
     if out is not None:
         return out
@@ -244,9 +244,22 @@ def psd_solve(matrix, rhs, rcond: float | None = None):
 
 def _as_float64(tensor):
     """Same backend and device, float64."""
+    if framework_of(tensor) == "pytorch":
+        # One conversion: ``tl.tensor`` clones first, then converts (two copies), which
+        # was a third of a float32 solve of a 68 x 68 system (the CP output step).
+        import torch
+
+        return tensor.to(torch.float64)
     context = dict(tl.context(tensor))
     context["dtype"] = getattr(tl.backend, "float64")
     return tl.tensor(tensor, **context)
+
+
+def _cast_like(tensor, like):
+    """``tensor`` in the dtype and on the device of ``like`` (same backend)."""
+    if framework_of(tensor) == "pytorch":
+        return tensor.to(dtype=like.dtype, device=like.device)
+    return tl.tensor(tensor, **tl.context(like))
 
 
 def top_eigvecs(matrix, k: int):

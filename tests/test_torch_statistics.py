@@ -630,7 +630,7 @@ def _assert_moments_match_patches(conv, x, p, config):
 @pytest.fixture(params=["direct", "dft"])
 def full_frame_route(request, monkeypatch):
     """Force one route for the full-frame shift products of ungrouped stride-1 layers: the
-    direct GEMM per shift, or the DFT along the image rows (_dft_shift_products)."""
+    direct GEMM per shift, or the DFT along the image rows (_dft_products)."""
     monkeypatch.setattr(stats_module, "_dft_pays", lambda *args: request.param == "dft")
     return request.param
 
@@ -735,8 +735,8 @@ def test_dft_route_float32_meets_its_bound(monkeypatch):
     conv = nn.Conv2d(16, 8, 3, padding=1)
     x = torch.rand(48, 16, 14, 13, generator=torch.Generator().manual_seed(8)) * 3 + 0.5
     calls = []
-    real = stats_module._dft_shift_products
-    monkeypatch.setattr(stats_module, "_dft_shift_products", lambda *a: calls.append(1) or real(*a))
+    real = stats_module._dft_products
+    monkeypatch.setattr(stats_module, "_dft_products", lambda *a: calls.append(1) or real(*a))
     count, total, outer = _batch_moments(conv, x, max_positions_per_image=None, generator=None, precision="auto")
     assert calls, "the cost model did not choose the DFT route for a 16-channel 14x13 layer"
     p = patches_for(conv, x.double())

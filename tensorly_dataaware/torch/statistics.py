@@ -633,18 +633,27 @@ def _group_products(a: torch.Tensor, b: torch.Tensor, groups: int, precision: st
 
 
 @functools.lru_cache(maxsize=64)
-def _column_dft(width: int, length: int, dtype: torch.dtype, device_type: str, device_index: int | None) -> torch.Tensor:
-    """``(2 F, width)`` real DFT rows of a length-``length`` zero-padded signal, ``F = length // 2 + 1``.
+def _column_dft(
+    width: int, length: int, dtype: torch.dtype, device_type: str, device_index: int | None,
+    columns: tuple[int, ...] = (),
+) -> torch.Tensor:
+    """``(2 F + len(columns), width)``: real DFT rows of a length-``length`` zero-padded signal
+    (``F = length // 2 + 1``), then one selector row per entry of ``columns``.
 
     Row ``2 k`` is ``cos(2 pi k w / length)`` and row ``2 k + 1`` is ``sin(2 pi k w / length)``,
     so that a product with data laid out ``(..., width, C)`` gives, for each frequency, the
-    cosine and sine parts of ``C`` channels side by side (``2 C`` contiguous columns).
-    Computed in float64 and rounded once to ``dtype``; cached, callers must not modify it.
+    cosine and sine parts of ``C`` channels side by side (``2 C`` contiguous columns).  Row
+    ``0`` (all ones) gives the row sums.  A selector row is 1 at its column and 0 elsewhere,
+    so the same product copies that column exactly (every other term is an exact zero of a
+    finite input).  Computed in float64 and rounded once to ``dtype``; cached, callers must
+    not modify it.
     """
     k = torch.arange(length // 2 + 1, dtype=torch.float64)[:, None]
     angle = (2 * math.pi / length) * k * torch.arange(width, dtype=torch.float64)[None, :]
     rows = torch.stack([torch.cos(angle), torch.sin(angle)], dim=1).reshape(-1, width)
-    return rows.to(dtype=dtype, device=torch.device(device_type, device_index))
+    selectors = torch.zeros(len(columns), width, dtype=torch.float64)
+    selectors[torch.arange(len(columns)), list(columns)] = 1.0
+    return torch.cat([rows, selectors]).to(dtype=dtype, device=torch.device(device_type, device_index))
 
 
 @functools.lru_cache(maxsize=256)
@@ -672,7 +681,7 @@ def _dft_lag_weights(
     return weights.to(torch.device(device_type, device_index))
 
 
-#: Rows per float32 block of the products of the DFT route (:func:`_dft_shift_products`):
+#: Rows per float32 block of the products of the DFT route (:func:`_dft_products`):
 #: a quarter of :data:`FLOAT32_BLOCK_ROWS`, so that together with the rounding of the
 #: transform itself the route stays within :func:`float32_error_bound` (see
 #: :func:`dft_error_bound`).
@@ -691,7 +700,7 @@ _DFT_FLOP_FRACTION = 0.75
 def dft_error_bound(width: int, rows: int = DFT_BLOCK_ROWS) -> float:
     """Worst-case relative error of one full-frame shift product formed by the DFT route in float32.
 
-    Every product ``S_cd = sum_q x_c(q) x_d(q + delta)`` that :func:`_dft_shift_products`
+    Every product ``S_cd = sum_q x_c(q) x_d(q + delta)`` that :func:`_dft_products`
     forms from float32 data satisfies
 
         ``|computed S_cd - S_cd| <= dft_error_bound(width) * sqrt(S^0_cc S^0_dd)``
@@ -714,7 +723,7 @@ def dft_error_bound(width: int, rows: int = DFT_BLOCK_ROWS) -> float:
 
 def _dft_pays(shifts: list[tuple[int, int]], channels: int, rows: int, images: int, width: int, dw: int,
               dtype: torch.dtype) -> bool:
-    """Whether :func:`_dft_shift_products` should replace the direct full-frame products.
+    """Whether :func:`_dft_products` should replace the direct full-frame products.
 
     Only where its float32 error bound is within the direct products' (see
     :func:`dft_error_bound`), its products have more rows than columns, and a flop count
@@ -741,67 +750,158 @@ def _dft_pays(shifts: list[tuple[int, int]], channels: int, rows: int, images: i
     return dft < _DFT_FLOP_FRACTION * direct
 
 
-def _dft_shift_products(
-    data: torch.Tensor, shifts: list[tuple[int, int]], dh: int, dw: int, dtype: torch.dtype
-) -> list[torch.Tensor]:
-    """Float64 ``(1, C, C)``: ``sum_q x(q)^T x(q + (d1 dh, d2 dw))`` for each shift, by a DFT along rows.
+def _row_spectra(
+    data: torch.Tensor, length: int, columns: tuple[int, ...], dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The real DFT of length ``length`` of every image row of ``data``, and some of its columns.
 
-    ``data`` is ``(rows, images, width, C)`` (a view is fine: the data block of the frame of
-    :func:`_shift_moments`); ``x`` is taken as zero outside it.  Each image row is
-    transformed once with a real DFT of length ``width + max |d2| dw`` (one batched GEMM with
-    the ``(2 F, width)`` cosine/sine rows: no wrap-around for the lags needed), then, for
-    every row shift ``d1``, one ``(2 C x K) (K x 2 C)`` product per frequency gives the
-    cross-spectra of all channel pairs, and a small float64 product with
-    :func:`_dft_lag_weights` turns them into the correlations at every column shift ``d2``
-    of that ``d1``.
+    ``data`` is ``(images, C, rows, width)``, as a layer receives it.  Returns the spectra,
+    ``(rows, images, F, 2 C)`` (cosine then sine sums of every channel per frequency, see
+    :func:`_column_dft`), and the data columns ``columns``, ``(rows, images, len(columns), C)``
+    (exact copies), both views of one buffer.
 
-    Why: a full-frame product per shift costs ``2 C^2`` flops per pixel and shift (13 shifts
-    for a 3x3 kernel: ``26 C^2``); here each row shift costs ``8 C^2 F / width`` per pixel
-    (``F ~ width / 2``: ``~4 C^2``, 3 row shifts: ``~12 C^2``) plus ``4 F C`` for the
-    transform.  On the embedded ResNet-20's stride-1 layer shapes (250 images, 2 threads)
-    that made their statistics 25-40% faster (per-layer timings; the whole collection:
-    ``benchmarks/RESULTS.md``, section 8).  In float32 the
-    products are summed in blocks of :data:`DFT_BLOCK_ROWS` rows added in float64, which
-    keeps the error within :func:`dft_error_bound`.
+    Row by row, one batched GEMM over the images, ``(2 F + len(columns)) x width`` by
+    ``width x C``, reads the row's ``width x C`` slice of every image as it lies (a strided
+    matrix) and writes its results with the channels innermost, where every frequency's
+    products in :func:`_spectral_lags` read them as ``(image rows) x 2 C`` matrices.  No copy
+    of the input is made, and the border columns come out of the same pass: copying the
+    input channels-last first and transforming that, or transforming it as it lies and
+    copying the spectra channels-last, each took 1.2 to 2.5 times as long (250 images of 16
+    to 64 channels, 28x28 to 7x7, one or two threads), and each gather of a column of an
+    ``(images, C, rows, width)`` input reads all of its memory.
     """
-    rows, images, width, channels = data.shape
-    max_d2 = max(abs(d2) for _, d2 in shifts)
-    length = width + max_d2 * dw
+    batch, channels, rows, width = data.shape
     n_freq = length // 2 + 1
-    dft = _column_dft(width, length, dtype, data.device.type, data.device.index)
-    # (rows * images, 2 F, C): per image row, the cosine and sine sums of every channel.
-    spectra = torch.matmul(dft, data.reshape(rows * images, width, channels).to(dtype))
-    spectra = spectra.view(rows, images, n_freq, 2 * channels)
-    by_d1: dict[int, list[int]] = {}
-    for index, (d1, _) in enumerate(shifts):
-        by_d1.setdefault(d1, []).append(index)
-    out: list[torch.Tensor] = [None] * len(shifts)  # type: ignore[list-item]
-    block = DFT_BLOCK_ROWS if dtype != torch.float64 else None
-    for d1, indices in by_d1.items():
-        skip = d1 * dh
-        if skip >= rows:
-            for i in indices:
-                out[i] = torch.zeros(1, channels, channels, dtype=torch.float64, device=data.device)
+    data = data.to(dtype)
+    table = _column_dft(width, length, dtype, data.device.type, data.device.index, columns)
+    out = data.new_empty(rows, batch, table.shape[0], channels)
+    table = table.expand(batch, *table.shape)
+    for h in range(rows):
+        torch.bmm(table, data[:, :, h, :].transpose(1, 2), out=out[h])
+    spectra = out[:, :, :2 * n_freq].reshape(rows, batch, n_freq, 2 * channels)
+    return spectra, out[:, :, 2 * n_freq:]
+
+
+def _spectral_lags(
+    spectra: torch.Tensor, lo: int, hi: int, skip: int, lags: list[int], length: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """Float64 ``(len(lags), 1, C, C)``: ``sum x(h, w)^T x(h + skip, w + lag)`` over the rows
+    ``lo <= h < hi``, every image and column, from :func:`_row_spectra`.
+
+    One ``(2 C x K) (K x 2 C)`` product per frequency (``K`` = rows times images) gives the
+    cross-spectra of every channel pair; a small float64 product with
+    :func:`_dft_lag_weights` turns them into the correlations at every wanted column lag.
+    In float32 the products are summed in blocks of :data:`DFT_BLOCK_ROWS` rows added in
+    float64 (see :func:`dft_error_bound`).
+    """
+    _, _, n_freq, width2 = spectra.shape
+    c = width2 // 2
+    left = spectra[lo:hi].reshape(-1, n_freq, width2)
+    right = spectra[lo + skip:hi + skip].reshape(-1, n_freq, width2)
+    m = left.shape[0]
+    step = DFT_BLOCK_ROWS if dtype != torch.float64 else m
+    gram = torch.zeros(n_freq, width2, width2, dtype=torch.float64, device=spectra.device)
+    for first in range(0, m, step):
+        gram += torch.bmm(left[first:first + step].permute(1, 2, 0), right[first:first + step].transpose(0, 1))
+    real = gram[:, :c, :c] + gram[:, c:, c:]
+    imag = gram[:, c:, :c] - gram[:, :c, c:]
+    weights = _dft_lag_weights(length, tuple(lags), spectra.device.type, spectra.device.index)
+    return (weights @ torch.cat([real, imag]).reshape(2 * n_freq, c * c)).view(len(lags), 1, c, c)
+
+
+def _dft_products(
+    data: torch.Tensor, plan: "_ShiftPlan", row0: int, col0: int, kernel: tuple[int, int], dh: int, dw: int,
+    out_hw: tuple[int, int], dtype: torch.dtype, precision: str,
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The products of ``plan`` (float64 ``(1, C, C)``: its full-frame shifts, then its border
+    terms) and the float64 ``(C, kh kw)`` patch sums, for an ungrouped stride-1 layer, by a
+    DFT along the image rows and without a frame.
+
+    ``data`` is ``(images, C, rows, width)``: the input (zero padding) or the padded input
+    (other padding modes), placed at frame row ``row0`` and column ``col0`` of
+    :func:`_shift_moments`'s frame; everything outside it is zero.  ``out_hw`` is the
+    output size.
+
+    * Full-frame shifts ``(d1, d2)``: each image row gets a real DFT of length
+      ``width + max |d2| dw`` (:func:`_row_spectra`; no wrap-around for the lags needed), and
+      for every row shift ``d1`` the products of the spectra of rows ``h`` and ``h + d1 dh``
+      give the correlations at all column shifts ``d2`` at once (:func:`_spectral_lags`).
+    * Border rows: the same, restricted to that row.
+    * Border columns and corners: direct products of the few data columns they read, which
+      the transform copies out in the same pass.
+    * Patch sums: the row sums (the zero frequency) minus the columns a kernel offset does
+      not visit.
+
+    Why: a direct product per shift costs ``2 C^2`` flops per pixel and shift (13 shifts for
+    a 3x3 kernel: ``26 C^2``); here each row shift costs ``8 C^2 F / width`` per pixel
+    (``F ~ width / 2``: ``~4 C^2``, 3 row shifts: ``~12 C^2``) plus ``4 F C`` for the
+    transform.  And the input is read once: no channels-last frame of it is built (see
+    ``benchmarks/RESULTS.md``, section 9, for what that saved).
+    """
+    batch, channels, data_h, data_w = data.shape
+    kh, kw = kernel
+    out_h, out_w = out_hw
+    shifts = plan.shifts
+    device = data.device
+    # Data rows / columns visited by each kernel row / column offset (clipped to the data).
+    row_span = [(max(0, a1 * dh - row0), max(0, min(data_h, a1 * dh - row0 + out_h))) for a1 in range(kh)]
+    col_span = [(max(0, a2 * dw - col0), min(data_w, a2 * dw - col0 + out_w)) for a2 in range(kw)]
+    unvisited = {a2: [w for w in range(data_w) if not lo <= w < hi] for a2, (lo, hi) in enumerate(col_span)}
+    wanted_columns = {w for ws in unvisited.values() for w in ws}
+    for r, c, s in plan.terms:
+        if c is not None:
+            wanted_columns |= {c - col0, c - col0 + shifts[s][1] * dw}
+    columns = tuple(sorted(wanted_columns))
+    slot = {w: j for j, w in enumerate(columns)}
+    length = data_w + max(abs(d2) for _, d2 in shifts) * dw
+    spectra, picked = _row_spectra(data, length, columns, dtype)
+
+    out: list[torch.Tensor | None] = [None] * (len(shifts) + len(plan.terms))
+    # Every wanted (rows lo..hi, row shift) pair of spectra, with the column lags it serves.
+    requests: dict[tuple[int, int, int], list[tuple[int, int]]] = {}
+    for i, (d1, d2) in enumerate(shifts):
+        requests.setdefault((0, data_h - d1 * dh, d1 * dh), []).append((d2 * dw, i))
+    for j, (r, c, s) in enumerate(plan.terms):
+        if c is None:  # a border row: its partner row is a data row (see _shift_plan)
+            d1, d2 = shifts[s]
+            requests.setdefault((r - row0, r - row0 + 1, d1 * dh), []).append((d2 * dw, len(shifts) + j))
+    for (lo, hi, skip), wanted in requests.items():
+        if hi <= lo:  # the shift is at least as tall as the data: no pair of data rows
+            lags = torch.zeros(len(wanted), 1, channels, channels, dtype=torch.float64, device=device)
+        else:
+            lags = _spectral_lags(spectra, lo, hi, skip, [lag for lag, _ in wanted], length, dtype)
+        for (_, position), value in zip(wanted, lags):
+            out[position] = value
+
+    for j, (r, c, s) in enumerate(plan.terms):
+        if c is None:
             continue
-        left = spectra[:rows - skip].reshape(-1, n_freq, 2 * channels)
-        right = spectra[skip:].reshape(-1, n_freq, 2 * channels)
-        m = left.shape[0]
-        step = block or m
-        gram = torch.zeros(n_freq, 2 * channels, 2 * channels, dtype=torch.float64, device=data.device)
-        for first in range(0, m, step):
-            a = left[first:first + step].transpose(0, 1)  # (F, K, 2C)
-            b = right[first:first + step].transpose(0, 1)
-            gram += torch.bmm(a.transpose(1, 2), b)
-        c = channels
-        real = gram[:, :c, :c] + gram[:, c:, c:]
-        imag = gram[:, c:, :c] - gram[:, :c, c:]
-        weights = _dft_lag_weights(
-            length, tuple(shifts[i][1] * dw for i in indices), data.device.type, data.device.index
-        )
-        lags = weights @ torch.cat([real, imag]).reshape(2 * n_freq, c * c)
-        for j, i in enumerate(indices):
-            out[i] = lags[j].view(1, c, c)
-    return out
+        d1, d2 = shifts[s]
+        e1, e2 = d1 * dh, d2 * dw
+        first, second = picked[:, :, slot[c - col0]], picked[:, :, slot[c - col0 + e2]]  # (rows, images, C)
+        if r is None:  # a border column over every data row whose partner row is a data row
+            if e1 >= data_h:
+                out[len(shifts) + j] = torch.zeros(1, channels, channels, dtype=torch.float64, device=device)
+                continue
+            a = first[:data_h - e1].reshape(-1, channels)
+            b = a if (e1, e2) == (0, 0) else second[e1:].reshape(-1, channels)
+        else:  # a corner: one pixel of every image
+            a = first[r - row0]
+            b = a if (e1, e2) == (0, 0) else second[r - row0 + e1]
+        out[len(shifts) + j] = _group_products(a, b, 1, precision)
+
+    # Patch sums: per data row, the sum over the images of its row sums (the zero-frequency
+    # cosine part) and of the picked columns, then in float64 one window per kernel offset.
+    row_sums = spectra[:, :, 0, :channels].sum(1).to(torch.float64)  # (rows, C)
+    column_sums = picked.sum(1).to(torch.float64)  # (rows, columns, C)
+    total = torch.empty(channels, kh * kw, dtype=torch.float64, device=device)
+    for a1, (lo, hi) in enumerate(row_span):
+        visited_rows = row_sums[lo:hi].sum(0)
+        for a2 in range(kw):
+            skipped = [slot[w] for w in unvisited[a2]]
+            value = visited_rows - column_sums[lo:hi, skipped].sum((0, 1)) if skipped else visited_rows
+            total[:, a1 * kw + a2] = value
+    return out, total  # type: ignore[return-value]
 
 
 class _ShiftPlan(NamedTuple):
@@ -880,6 +980,64 @@ def _shift_plan(
     return _ShiftPlan(shifts, terms, combine, ab_idx, ba_idx)
 
 
+def _frame_products(
+    data: torch.Tensor, plan: _ShiftPlan, row0: int, col0: int, frame_h: int, frame_w: int, dh: int, dw: int,
+    kh: int, kw: int, groups: int, dtype: torch.dtype, precision: str,
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The products of ``plan`` by one GEMM per shift on a channels-last zero frame (see
+    :func:`_shift_moments`), and the float64 ``(frame_h, frame_w, C)`` per-pixel sums over
+    the images."""
+    batch, channels, data_h, data_w = data.shape
+    device = data.device
+    c_g = channels // groups
+    row_len = batch * frame_w  # one frame row: that row of every image
+    n_frame = frame_h * row_len
+    max_offset = dh * (kh - 1) * row_len + dw * (kw - 1)
+    # Only the zero frame is cleared: writing zeros under the data first would double the
+    # memory traffic of building the frame (measured 1.9x slower at 16 channels, 28x28).
+    flat = data.new_empty((n_frame + max_offset, channels), dtype=dtype)
+    frame = flat[:n_frame].view(frame_h, batch, frame_w, channels)
+    frame[:row0].zero_()
+    frame[row0 + data_h:].zero_()
+    frame[row0:row0 + data_h, :, :col0].zero_()
+    frame[row0:row0 + data_h, :, col0 + data_w:].zero_()
+    flat[n_frame:].zero_()
+    frame[row0:row0 + data_h, :, col0:col0 + data_w] = data.permute(2, 0, 3, 1)
+    offsets = [d1 * dh * row_len + d2 * dw for d1, d2 in plan.shifts]
+
+    def frame_at(o: int) -> torch.Tensor:
+        return flat[o:o + n_frame].view(frame_h, batch, frame_w, channels)
+
+    def region(o: int, r: int | None, c: int | None) -> torch.Tensor:
+        """A border row (all images), a frame column over the data rows (a strided matrix, no
+        copy) or a corner, of the frame shifted by the flat offset ``o``, as ``(rows, C)``."""
+        if c is None:
+            return flat[o + r * row_len:o + (r + 1) * row_len]
+        if r is None:
+            return frame_at(o)[row0:row0 + data_h, :, c].reshape(-1, channels)
+        return frame_at(o)[r, :, c]
+
+    # The full-frame correlation of every shift: 13 GEMMs of the size of the input. Only
+    # the data rows are taken on the left, and of those only the ones whose shifted partner
+    # row (d1 * dh frame rows further down) is a data row too: all other pairs meet a zero
+    # row of the frame and add nothing. On ResNet-20's 7x7 maps that skips 2 of 7 rows for
+    # the five shifts with d1 = 2 and 1 of 7 for d1 = 1 (16% of the arithmetic).
+    products = []
+    for (d1, _), o in zip(plan.shifts, offsets):
+        lo, hi = row0 * row_len, (row0 + max(0, data_h - d1 * dh)) * row_len
+        if hi == lo:  # the shift is at least as tall as the data: no pair of data rows
+            products.append(torch.zeros(groups, c_g, c_g, dtype=torch.float64, device=device))
+        else:
+            left = flat[lo:hi]
+            # Offset 0 is the symmetric a^T a (passed as one object, see _accumulate_products).
+            products.append(_group_products(left, left if o == 0 else flat[o + lo:o + hi], groups, precision))
+    # Then the few border products that matter (see _shift_plan), each a small GEMM on views.
+    products += [
+        _group_products(region(0, r, c), region(offsets[s], r, c), groups, precision) for r, c, s in plan.terms
+    ]
+    return products, frame.sum(1).to(torch.float64)
+
+
 def _shift_moments(
     x: torch.Tensor, geometry: dict[str, Any], precision: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -895,10 +1053,12 @@ def _shift_moments(
     rows and columns that offset ``a`` does not visit.  For a 3x3 kernel that is 13 GEMMs of
     the size of the input instead of one with a 9x longer patch matrix (81 blocks): about
     a sixth of the arithmetic, and no 9x copy of the input into patches.  For ungrouped
-    layers the full-frame correlations are formed through a DFT along the image rows
-    instead when :func:`_dft_pays` (about half the arithmetic again).
+    layers all products and the sums are formed through a DFT along the image rows
+    instead when :func:`_dft_pays` (about half the arithmetic again, and no frame: see
+    :func:`_dft_products`).
 
-    How the shifts stay exact: the (padded) input is laid out as ``(row, image, column,
+    How the shifts stay exact (the direct route, :func:`_frame_products`): the (padded)
+    input is laid out as ``(row, image, column,
     channel)`` in a zero frame whose image rows are separated by at least
     ``(kw - 1) * dw`` zero columns, with zero rows after the last row.  A flat offset
     ``o = d1*dh*(B*Wq) + d2*dw`` then pairs every pixel with its ``(d1, d2)`` neighbour in
@@ -941,60 +1101,26 @@ def _shift_moments(
     # A pixel whose neighbour is past the right edge must land in zeros, not in the next
     # image's (or row's) data: at least (kw - 1) * dw zeros between two data segments.
     frame_w = max(padded_w, col0 + data_w, data_w + dw * (kw - 1))
-    row_len = batch * frame_w  # one frame row: that row of every image
-    n_frame = frame_h * row_len
-    max_offset = dh * (kh - 1) * row_len + dw * (kw - 1)
-    # Only the zero frame is cleared: writing zeros under the data first would double the
-    # memory traffic of building the frame (measured 1.9x slower at 16 channels, 28x28).
-    flat = x.new_empty((n_frame + max_offset, channels), dtype=dtype)
-    frame = flat[:n_frame].view(frame_h, batch, frame_w, channels)
-    frame[:row0].zero_()
-    frame[row0 + data_h:].zero_()
-    frame[row0:row0 + data_h, :, :col0].zero_()
-    frame[row0:row0 + data_h, :, col0 + data_w:].zero_()
-    flat[n_frame:].zero_()
-    frame[row0:row0 + data_h, :, col0:col0 + data_w] = data.permute(2, 0, 3, 1)
-
     plan = _shift_plan(kh, kw, dh, dw, row0, col0, data_h, data_w, out_h, out_w)
     k = kh * kw
     c_g = channels // groups
     n = c_g * k
-    offsets = [d1 * dh * row_len + d2 * dw for d1, d2 in plan.shifts]
 
-    def frame_at(o: int) -> torch.Tensor:
-        return flat[o:o + n_frame].view(frame_h, batch, frame_w, channels)
-
-    def region(o: int, r: int | None, c: int | None) -> torch.Tensor:
-        """A border row (all images), a frame column over the data rows (a strided matrix, no
-        copy) or a corner, of the frame shifted by the flat offset ``o``, as ``(rows, C)``."""
-        if c is None:
-            return flat[o + r * row_len:o + (r + 1) * row_len]
-        if r is None:
-            return frame_at(o)[row0:row0 + data_h, :, c].reshape(-1, channels)
-        return frame_at(o)[r, :, c]
-
-    # The full-frame correlation of every shift: 13 GEMMs of the size of the input. Only
-    # the data rows are taken on the left, and of those only the ones whose shifted partner
-    # row (d1 * dh frame rows further down) is a data row too: all other pairs meet a zero
-    # row of the frame and add nothing. On ResNet-20's 7x7 maps that skips 2 of 7 rows for
-    # the five shifts with d1 = 2 and 1 of 7 for d1 = 1 (16% of the arithmetic).
     if groups == 1 and _dft_pays(plan.shifts, channels, data_h, batch, data_w, dw, dtype):
-        # The same products through a DFT along the image rows: about half the arithmetic.
-        products = _dft_shift_products(frame[row0:row0 + data_h, :, col0:col0 + data_w], plan.shifts, dh, dw, dtype)
+        # The same products through a DFT along the image rows (about half the arithmetic),
+        # read from the data itself: no frame.
+        products, total = _dft_products(data, plan, row0, col0, (kh, kw), dh, dw, (out_h, out_w), dtype, precision)
     else:
-        products = []
-        for (d1, _), o in zip(plan.shifts, offsets):
-            lo, hi = row0 * row_len, (row0 + max(0, data_h - d1 * dh)) * row_len
-            if hi == lo:  # the shift is at least as tall as the data: no pair of data rows
-                products.append(torch.zeros(groups, c_g, c_g, dtype=torch.float64, device=device))
-            else:
-                left = flat[lo:hi]
-                # Offset 0 is the symmetric a^T a (passed as one object, see _accumulate_products).
-                products.append(_group_products(left, left if o == 0 else flat[o + lo:o + hi], groups, precision))
-    # Then the few border products that matter (see _shift_plan), each a small GEMM on views.
-    products += [
-        _group_products(region(0, r, c), region(offsets[s], r, c), groups, precision) for r, c, s in plan.terms
-    ]
+        products, pixel_sums = _frame_products(data, plan, row0, col0, frame_h, frame_w, dh, dw, kh, kw, groups,
+                                               dtype, precision)
+        # Patch sums: from the per-pixel sums over the batch (in the product dtype), in
+        # float64 one window sum per kernel offset.
+        total = torch.stack(
+            [pixel_sums[a1 * dh:a1 * dh + out_h, a2 * dw:a2 * dw + out_w].sum((0, 1))
+             for a1 in range(kh) for a2 in range(kw)],
+            dim=1,
+        )  # (C, k): channel-major, then kernel offset, as in patches_for
+
     # Every block (a, a + delta) is its shift's full-frame correlation minus the products over
     # the border rows / columns that offset a does not visit plus those over the corners
     # (subtracted twice): one small float64 matrix product with the plan's signs, instead of
@@ -1011,14 +1137,6 @@ def _shift_moments(
     outer = torch.empty(groups, n, n, dtype=torch.float64, device=device)  # every entry is written
     outer.view(groups, c_g, k, c_g, k).copy_(by_offsets.view(k, k, groups, c_g, c_g).permute(2, 3, 0, 4, 1))
 
-    # Patch sums: per-pixel sums over the batch (in the product dtype, from the frame already
-    # in memory), then in float64 one window sum per kernel offset.
-    pixel_sums = frame.sum(1).to(torch.float64)
-    total = torch.stack(
-        [pixel_sums[a1 * dh:a1 * dh + out_h, a2 * dw:a2 * dw + out_w].sum((0, 1))
-         for a1 in range(kh) for a2 in range(kw)],
-        dim=1,
-    )  # (C, k): channel-major, then kernel offset, as in patches_for
     return total.reshape(groups, n), outer
 
 
@@ -2076,7 +2194,7 @@ def collect_covariances(
     never form the patch matrix: their moments follow from the correlations of the input
     with its shifts (see :func:`_shift_moments`), several times less work on the CPU; for
     ungrouped layers those shift products are formed through a DFT along the image rows
-    where that is cheaper (:func:`_dft_shift_products`, within the same error bound).
+    where that is cheaper (:func:`_dft_products`, within the same error bound).
 
     Parameters
     ----------
