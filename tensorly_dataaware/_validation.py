@@ -167,7 +167,12 @@ def _shifted_cholesky_succeeds(sigma, shift: float) -> bool:
     overwrite that copy, instead of building ``sigma + shift * eye(n)`` and an ``eye(n)``.
     """
     n = tl.shape(sigma)[0]
-    if tl.get_backend() == "pytorch":
+    # Dispatch on the tensor, not on TensorLy's global backend: the PyTorch adapter calls this
+    # with torch tensors whatever backend the user has set (the default is NumPy, which copied
+    # the matrix to the host through a deprecated conversion).
+    from ._backend_ops import framework_of
+
+    if framework_of(sigma) == "pytorch":
         import torch
 
         work = sigma.to(torch.float64, copy=True)

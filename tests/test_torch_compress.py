@@ -465,6 +465,35 @@ def test_indefinite_statistics_beyond_round_off_are_refused():
         decompose_layer(job)
 
 
+@pytest.mark.parametrize("method", ["tucker2", "cp", "svd"])
+@pytest.mark.parametrize("where", ["sigma", "mean"])
+def test_non_finite_statistics_are_refused(method, where):
+    """NaN fails every comparison, so statistics holding one were taken for a zero
+    sigma-norm and silently fitted in the Frobenius norm; now they are refused."""
+    from tensorly_dataaware.torch.compress import LayerJob, decompose_layer
+
+    module = nn.Conv2d(4, 6, 3).double()
+    sigma, mean = _singular_sigma(36, 0.0), torch.zeros(36, dtype=torch.float64)
+    if where == "sigma":
+        sigma[5, 7] = sigma[7, 5] = float("nan")
+    else:
+        mean[3] = float("inf")
+    job = LayerJob("conv", module, method, module.weight.detach().clone(), sigma, mean, (3, 2) if method == "tucker2" else 3)
+    with pytest.raises(ValueError, match=r"layer 'conv' contain NaN or Inf"):
+        decompose_layer(job)
+
+
+def test_psd_check_of_torch_statistics_stays_in_torch_under_any_tensorly_backend(monkeypatch):
+    """The adapter's PSD test factors torch statistics with torch whatever TensorLy's global
+    backend is (the default NumPy backend copied them to the host, a GPU matrix included)."""
+    from tensorly_dataaware import _validation
+
+    monkeypatch.setattr(_validation.scipy.linalg, "cholesky", lambda *a, **k: pytest.fail("copied to the host"))
+    with tl.backend_context("numpy"):
+        assert _validation._shifted_cholesky_succeeds(torch.eye(3, dtype=torch.float64), 0.0)
+        assert not _validation._shifted_cholesky_succeeds(-torch.eye(3, dtype=torch.float64), 0.0)
+
+
 def test_dependent_inputs_after_a_compressed_layer():
     """Circular padding with a dilated 5x5 kernel on 10x9 maps repeats pixels within a patch:
     the covariance of ``c``'s inputs is singular, and after the compressed ``a`` and ``b`` its

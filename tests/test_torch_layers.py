@@ -128,6 +128,42 @@ def test_low_rank_linear_exact_and_round_trip():
         assert "rank=3" in repr(module)
 
 
+@pytest.mark.parametrize("kind", ["tucker2", "cp", "lowrank", "linear"])
+def test_weight_and_bias_read_like_the_dense_layer(kind):
+    """Code that reads a layer's ``weight`` / ``bias`` instead of calling it (as
+    ``nn.TransformerEncoderLayer`` does) sees the dense weight the layer computes with and its
+    bias; ``weight`` is not a parameter (the factors are) and TorchScript still compiles."""
+    gen = torch.Generator().manual_seed(3)
+    if kind == "linear":
+        first, last, bias = _randn(3, 7, gen=gen), _randn(4, 3, gen=gen), _randn(4, gen=gen)
+        module, weight = LowRankLinear(first, last, bias), last @ first
+    else:
+        module, weight = _make(kind, (3, 3), 1, 1, "zeros", 1, _randn(T, gen=gen), gen)
+        bias = module.last.bias
+    torch.testing.assert_close(module.weight, weight, rtol=1e-12, atol=1e-12)
+    assert module.bias is module.last.bias and bias is not None
+    assert "weight" not in dict(module.named_parameters())
+    torch.jit.script(module)
+
+
+def test_compressed_transformer_encoder_layer_runs_and_matches():
+    """``nn.TransformerEncoderLayer.forward`` reads ``linear1.weight`` (and its fused path
+    computes with it): compressed at full rank, the layer gives the original output, with and
+    without autograd."""
+    from tensorly_dataaware.torch import collect_covariances, compress
+
+    torch.manual_seed(0)
+    model = torch.nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True).double().eval()
+    x = torch.randn(3, 5, 16, dtype=F64)
+    stats = collect_covariances(model, [x], progress=False)
+    assert set(stats) == {"linear1", "linear2"}
+    small = compress(model, stats, "svd", ranks={"linear1": 16, "linear2": 16}, progress=False)
+    assert type(small.linear1).__name__ == "LowRankLinear"
+    torch.testing.assert_close(small(x), model(x), rtol=1e-9, atol=1e-9)
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), model(x), rtol=1e-9, atol=1e-9)
+
+
 def test_low_rank_conv_accepts_4d_first_and_dtype_follows_input():
     gen = torch.Generator().manual_seed(3)
     first = _randn(2, S, 3, 3, gen=gen).float()

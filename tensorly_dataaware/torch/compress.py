@@ -580,6 +580,13 @@ def decompose_layer(
         fit_norm = "zero"
         notes.append("zero weight: factors set to zero")
     elif norm == "sigma":
+        if not (bool(torch.isfinite(sigma).all()) and bool(torch.isfinite(job.mean).all())):
+            # Checked first: NaN fails every comparison below, which would take it for a zero
+            # sigma-norm and fit in the Frobenius norm without a word.
+            raise ValueError(
+                f"The input statistics of layer {job.name!r} contain NaN or Inf values: were they edited, or "
+                "computed from non-finite inputs?"
+            )
         if options.get("check_psd", True):
             # The PSD test is done here, with the round-off of the statistics in mind; the
             # solvers need not repeat it.

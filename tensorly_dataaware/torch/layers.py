@@ -171,6 +171,26 @@ class _FormMixin(nn.Module):
     """Selectable inference form (see the module docstring): validation, cache, spec key."""
 
     forms = ("chain", "dense")
+    # TorchScript compiles a module's properties unless they are listed here; these two are
+    # for eager code that reads the parameters (see below), not for the layer's own forward.
+    __jit_unused_properties__ = ["weight", "bias"]
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense weight this layer computes with (``weight_approx()``), read-only.
+
+        For code written against ``nn.Conv2d`` / ``nn.Linear`` that reads its layers'
+        parameters instead of calling them: ``nn.TransformerEncoderLayer.forward`` reads
+        ``linear1.weight`` to choose its fused path, which made a compressed encoder layer
+        fail with an ``AttributeError``.  It is rebuilt from the factors at every read and is
+        not a parameter: train the factors.
+        """
+        return self.weight_approx()  # type: ignore[attr-defined]
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        """The layer's bias (that of its last factor), or ``None``; as ``nn.Conv2d.bias``."""
+        return self.last.bias  # type: ignore[union-attr]
 
     def _init_form(self) -> None:
         self.form = "chain"
