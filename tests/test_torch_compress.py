@@ -319,6 +319,25 @@ def test_rank_rules(zoo):
         allocate_budget(curves, 1)
 
 
+def test_explicit_ranks_are_kept_under_a_budget(zoo):
+    """``ranks`` for some layers and ``budget`` for the model: those layers keep their ranks
+    (the budget used to overwrite them) and their parameters count against the budget;
+    ranks that leave nothing for the other layers are refused."""
+    from tensorly_dataaware.torch import plan_compression
+
+    model, stats = zoo
+    jobs = plan_compression(model, stats, "tucker2", ranks={"a": (2, 1)}, budget=0.3, layers=SUPPORTED)
+    by_name = {job.name: job for job in jobs}
+    assert by_name["a"].rank == (2, 1)
+    dense = sum(int(np.prod(job.weight.shape)) for job in jobs)
+    assert sum(factorized_params(job.method, tuple(job.weight.shape), job.rank) for job in jobs) <= 0.3 * dense
+    # The other layers get what the budget allocation gives them without "a" in it.
+    alone = plan_compression(model, stats, "tucker2", budget=0.3, layers=SUPPORTED)
+    assert {job.name: job.rank for job in alone}["a"] != (2, 1)
+    with pytest.raises(ValueError, match="nothing is left"):
+        plan_compression(model, stats, "tucker2", ranks={"fc": 5, "e": (9, 12)}, budget=0.05, layers=SUPPORTED)
+
+
 def test_decomposition_error_matches_report(zoo):
     model, stats = zoo
     small, rep = compress(model, stats, "tucker2", ratio=0.3, layers=["c"], progress=False, return_report=True, damping=0.0)

@@ -476,7 +476,7 @@ def plan_compression(
         mean = st.mean[0].to(dev)
         prepared.append((name, module, _layer_method(module, method), weight, sigma, mean))
     if budget is not None:
-        ranks = dict(ranks or {})
+        fixed = dict(ranks or {})
         if budget_weights is not None:
             missing = [p[0] for p in prepared if p[0] not in budget_weights]
             if missing:
@@ -487,7 +487,21 @@ def plan_compression(
                         f"`budget_weights[{p[0]!r}]` must have shape ({p[3].shape[0]},), one weight per output "
                         f"channel; got {tuple(budget_weights[p[0]].shape)}."
                     )
-        ranks.update(_budget_ranks([p[:5] for p in prepared], budget, budget_weights))
+        # Explicit ranks are kept as given (as with `ratio`), and the budget is what is left
+        # for the other layers: the budget used to overwrite them silently.
+        total = sum(rk.dense_params(tuple(p[3].shape)) for p in prepared)
+        spent = sum(
+            rk.factorized_params(p[2], tuple(p[3].shape), _check_rank_value(p[0], p[2], tuple(p[3].shape), fixed[p[0]]))
+            for p in prepared if p[0] in fixed
+        )
+        free = [p[:5] for p in prepared if p[0] not in fixed]
+        available = int(budget * total) - spent
+        if free and available <= 0:
+            raise ValueError(
+                f"The explicit `ranks` use {spent} parameters, all of the `budget` ({int(budget * total)} of the "
+                f"selected layers' {total}): nothing is left for {[p[0] for p in free]}."
+            )
+        ranks = {**fixed, **(_budget_ranks(free, budget, budget_weights, available=available) if free else {})}
     return [
         LayerJob(name, module, layer_method, weight, sigma, mean,
                  _resolve_rank(name, module, layer_method, ranks, ratio, energy, weight, sigma))
@@ -684,7 +698,9 @@ def compress(
     budget : float in (0, 1], optional
         Whole-model mode: keep this fraction of the selected layers' total weights, spent
         where the whitened spectra say it lowers the sigma-error most
-        (:func:`~tensorly_dataaware.torch.allocate_budget`).
+        (:func:`~tensorly_dataaware.torch.allocate_budget`). Layers listed in ``ranks`` keep
+        those ranks and their parameters count against the budget; the rest is allocated
+        over the other layers.
     norm : {'sigma', 'frobenius'}, default is 'sigma'
         Data-aware decomposition, or the classical Frobenius one (TensorLy's
         ``partial_tucker`` / ``parafac`` / plain SVD) as a baseline.
@@ -754,8 +770,13 @@ def _cast_tensors(tensors, dtype, device):
     return out
 
 
-def _budget_ranks(prepared, budget: float, output_weights: Mapping[str, torch.Tensor] | None = None) -> dict[str, Any]:
+def _budget_ranks(
+    prepared, budget: float, output_weights: Mapping[str, torch.Tensor] | None = None, available: int | None = None
+) -> dict[str, Any]:
     """Ranks from a global budget, using each layer's whitened output spectrum as its curve.
+
+    ``budget`` is a fraction of the ``prepared`` layers' dense parameters, unless
+    ``available`` gives the number of parameters to spend directly.
 
     Without ``output_weights`` a layer's error is its *relative* squared sigma-error (every
     layer's relative error counts the same). With them (name -> per-output-channel weight
@@ -788,4 +809,4 @@ def _budget_ranks(prepared, budget: float, output_weights: Mapping[str, torch.Te
             if not curve or params > curve[-1][0]:
                 curve.append((params, err, rank))
         curves[name] = curve
-    return rk.allocate_budget(curves, int(budget * total))
+    return rk.allocate_budget(curves, int(budget * total) if available is None else available)
