@@ -338,6 +338,31 @@ def test_explicit_ranks_are_kept_under_a_budget(zoo):
         plan_compression(model, stats, "tucker2", ranks={"fc": 5, "e": (9, 12)}, budget=0.05, layers=SUPPORTED)
 
 
+def test_a_layer_registered_under_two_names_is_replaced_under_both():
+    """``named_modules()`` lists a module registered twice under its first name only; the
+    forward pass here uses the other one, which kept running the dense layer while the
+    report said it was compressed. At full rank the output is unchanged."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(6, 6, 3, padding=1)
+            self.layers = nn.ModuleList([self.stem, nn.Conv2d(6, 6, 3, padding=1)])
+
+        def forward(self, x):
+            return self.layers[1](torch.relu(self.layers[0](x)))
+
+    torch.manual_seed(0)
+    model = Net().double().eval()
+    x = torch.randn(4, 6, 7, 7, dtype=torch.float64)
+    stats = collect_covariances(model, [x], progress=False)
+    small = compress(model, stats, "tucker2", ranks={"stem": (6, 6), "layers.1": (6, 6)}, progress=False,
+                     n_iter_max=5)
+    assert isinstance(small.layers[0], Tucker2Conv2d) and small.layers[0] is small.stem
+    assert isinstance(model.layers[0], nn.Conv2d) and model.layers[0] is model.stem  # the original is untouched
+    torch.testing.assert_close(small(x), model(x), rtol=1e-8, atol=1e-8)
+
+
 def test_decomposition_error_matches_report(zoo):
     model, stats = zoo
     small, rep = compress(model, stats, "tucker2", ratio=0.3, layers=["c"], progress=False, return_report=True, damping=0.0)

@@ -177,9 +177,18 @@ def _unsupported_reason(module: nn.Module) -> str | None:
 
 
 def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
+    """Put ``new`` in place of the submodule ``name``, under every name it is registered.
+
+    A module registered twice (``self.stem = conv; self.layers = nn.ModuleList([conv, ...])``)
+    is one layer: ``named_modules()`` lists it once, and replacing that name alone left the
+    forward pass running the old module through the other one.
+    """
+    old = model.get_submodule(name)
+    aliases = [alias for alias, module in model.named_modules(remove_duplicate=False) if module is old]
+    for alias in aliases or [name]:
+        parent_name, _, child = alias.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, new)
 
 
 def _layer_method(module: nn.Module, method: str) -> str:
