@@ -363,6 +363,22 @@ def test_a_layer_registered_under_two_names_is_replaced_under_both():
     torch.testing.assert_close(small(x), model(x), rtol=1e-8, atol=1e-8)
 
 
+def test_statistics_of_a_layer_with_other_settings_are_refused():
+    """Statistics carry the layer's settings: those of a layer with the same weight shape
+    but another padding / dilation / padding mode are for other patches and are refused
+    (they used to be accepted silently)."""
+    torch.manual_seed(0)
+    x = torch.randn(16, 3, 8, 8, dtype=torch.float64)
+    base = nn.Sequential(nn.Conv2d(3, 8, 3)).double()
+    stats = collect_covariances(base, [x], progress=False)
+    for other in (dict(padding=2, dilation=2), dict(padding=1, padding_mode="circular"), dict(stride=2)):
+        model = nn.Sequential(nn.Conv2d(3, 8, 3, **other)).double()
+        model.load_state_dict(base.state_dict())
+        with pytest.raises(ValueError, match="collected on a layer with other settings"):
+            compress(model, stats, "tucker2", ranks={"0": (4, 2)}, progress=False)
+    compress(base, stats, "tucker2", ranks={"0": (4, 2)}, progress=False, n_iter_max=2)  # its own: fine
+
+
 def test_decomposition_error_matches_report(zoo):
     model, stats = zoo
     small, rep = compress(model, stats, "tucker2", ratio=0.3, layers=["c"], progress=False, return_report=True, damping=0.0)

@@ -26,7 +26,7 @@ from ..decomposition import parafac_sigma, tucker2_sigma
 from ..norms import relative_sigma_error, whitened_svd
 from . import ranks as rk
 from .layers import CPConv2d, LowRankConv2d, LowRankLinear, Tucker2Conv2d
-from .statistics import LayerStatistics, check_eager_model, float32_error_bound
+from .statistics import LayerStatistics, _hyper_parameters, _plain, check_eager_model, float32_error_bound
 
 __all__ = ["compress", "plan_compression", "decompose_layer", "LayerJob", "LayerReport", "format_report"]
 
@@ -479,6 +479,16 @@ def plan_compression(
             )
         if st.groups != 1:
             raise ValueError(f"Statistics of {name!r} have groups={st.groups}; grouped layers cannot be compressed.")
+        # Same weight shape is not the same layer: padding, stride or dilation change which
+        # patches the weight sees, and statistics of other patches fit it to the wrong data.
+        layer_hyper = {k: _plain(v) for k, v in _hyper_parameters(module).items()}
+        differ = sorted(k for k in set(st.hyper_parameters) & set(layer_hyper) if st.hyper_parameters[k] != layer_hyper[k])
+        if differ:
+            raise ValueError(
+                f"Statistics of {name!r} were collected on a layer with other settings: "
+                + ", ".join(f"{k}={st.hyper_parameters[k]!r} there, {layer_hyper[k]!r} here" for k in differ)
+                + ". Collect them on this model."
+            )
         dev = device if device is not None else module.weight.device
         weight = module.weight.detach().to(device=dev, dtype=torch.float64)
         sigma = st.sigma(centered).to(dev)
