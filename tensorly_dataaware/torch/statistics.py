@@ -701,7 +701,8 @@ def dft_error_bound(width: int, rows: int = DFT_BLOCK_ROWS) -> float:
     """Worst-case relative error of one full-frame shift product formed by the DFT route in float32.
 
     Every product ``S_cd = sum_q x_c(q) x_d(q + delta)`` that :func:`_dft_products`
-    forms from float32 data satisfies
+    forms from spectra (full-frame shifts and border rows; its border columns are direct
+    products, within :func:`float32_error_bound`) from float32 data satisfies
 
         ``|computed S_cd - S_cd| <= dft_error_bound(width) * sqrt(S^0_cc S^0_dd)``
 
