@@ -736,7 +736,7 @@ def cmd_compress(args) -> int:
             export_onnx(compressed, onnx_out, example)
         except ImportError as exc:
             raise CLIError(f"--export-onnx needs onnx and onnxruntime (pip install 'tensorly-dataaware[onnx]'): {exc}") from None
-        except (RuntimeError, ValueError) as exc:
+        except (RuntimeError, TypeError, ValueError) as exc:  # TypeError: an output ONNX cannot hold
             raise CLIError(f"--export-onnx {str(onnx_out)!r} failed: {_one_line(exc)}") from None
         print(f"wrote the ONNX model to {onnx_out} (ONNX Runtime output checked against PyTorch)")
     return 0

@@ -35,6 +35,13 @@ class TinyNet(nn.Module):
         return self.fc(x.mean(dim=(2, 3)))
 
 
+class NoneAuxNet(TinyNet):
+    """TinyNet returning ``(logits, None)``: an output ONNX cannot hold."""
+
+    def forward(self, x):
+        return super().forward(x), None
+
+
 @pytest.fixture(autouse=True)
 def _few_threads():
     previous = torch.get_num_threads()
@@ -658,3 +665,17 @@ def test_compress_export_onnx(tiny_files, tmp_path, capsys):
     code = main(["compress", *_state_args(tiny_files), "--data-dir", str(tiny_files["data"]), "--ratio", "0.5",
                  "--no-progress", "--export-onnx", str(tiny_files["data"])])
     assert code == 2 and "--export-onnx" in capsys.readouterr().err
+
+
+def test_compress_export_onnx_unsupported_output_is_a_one_line_error(tiny_files, tmp_path, capsys):
+    onnx_path = tmp_path / "small.onnx"
+    code = main([
+        "compress", "--model-file", str(tiny_files["state"]), "--model-class", "tests.test_cli:NoneAuxNet",
+        "--model-kwargs", '{"width": 12}', "--data-dir", str(tiny_files["data"]), "--layers", "conv2",
+        "--ratio", "0.5", "--n-iter-max", "5", "--no-progress", "--export-onnx", str(onnx_path),
+    ])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "--export-onnx" in lines[0] and "output[1] has type NoneType" in lines[0]
+    assert not any(name.endswith(".onnx") for name in os.listdir(tmp_path))  # no temporary file either

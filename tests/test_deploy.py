@@ -174,3 +174,35 @@ def test_all_dense_configuration_competes_as_a_whole(monkeypatch):
     assert set(_forms(fast).values()) == {"dense"} and report.memory_format == "contiguous"
     assert report.configurations_ms["contiguous, all dense"] == report.ms_after == 7.0
     torch.testing.assert_close(fast(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+class _TwoOutputs(torch.nn.Module):
+    """SmallFactorized returning ``(logits, {"features": ...})``, or ``(logits, None)``."""
+
+    def __init__(self, with_none: bool = False) -> None:
+        super().__init__()
+        self.body, self.with_none = SmallFactorized(), with_none
+
+    def forward(self, x):
+        features = self.body.features(x)
+        logits = self.body.head(torch.flatten(self.body.pool(features), 1))
+        return logits, (None if self.with_none else {"features": features * 1e3})
+
+
+def test_nested_outputs_are_compared_tensor_by_tensor(monkeypatch):
+    model, x = _TwoOutputs(), small_input()
+    fast, report = optimize_for_inference(model, x, repeats=1, memory_formats="contiguous", return_report=True)
+    with torch.no_grad():
+        (logits, aux), (want_logits, want_aux) = fast(x), model(x)
+    torch.testing.assert_close(logits, want_logits, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(aux["features"], want_aux["features"], rtol=1e-4, atol=1e-2)
+    # Each tensor relative to its own scale: the features (x 1e3) do not hide the logits.
+    assert report.max_abs_diff >= float((logits - want_logits).abs().max())
+    assert 0 <= report.max_rel_diff < 1e-4
+    # An output that cannot be compared fails on the first forward pass, before any timing.
+    def no_timing(*args, **kwargs):
+        raise AssertionError("timed")
+
+    monkeypatch.setattr(deploy, "time_interleaved", no_timing)
+    with pytest.raises(TypeError, match=r"output\[1\] has type NoneType"):
+        optimize_for_inference(_TwoOutputs(with_none=True), x, repeats=1)

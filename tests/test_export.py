@@ -7,6 +7,7 @@ import os
 import pytest
 
 torch = pytest.importorskip("torch")
+from torch import nn  # noqa: E402
 
 from tensorly_dataaware.torch import export  # noqa: E402
 from tensorly_dataaware.torch.export import ONNX_RTOL, export_onnx, script, trace  # noqa: E402
@@ -102,3 +103,69 @@ def test_bad_arguments(tmp_path):
         export_onnx(model, tmp_path / "missing" / "a.onnx", x)
     with pytest.raises(ValueError, match="opset_version"):
         export_onnx(model, tmp_path / "a.onnx", x, opset_version="17")
+
+
+class _Heads(nn.Module):
+    """SmallFactorized's features and head, returning several tensors in a tuple or a dict."""
+
+    def __init__(self, structure: str, aux: str = "features") -> None:
+        super().__init__()
+        self.body, self.structure, self.aux = SmallFactorized(), structure, aux
+
+    def forward(self, x):
+        features = self.body.features(x)
+        logits = self.body.head(torch.flatten(self.body.pool(features), 1))
+        # `aux` "none" / "number": leaves that neither exporter can put in an ONNX output.
+        other = {"features": features, "none": None, "number": 3}[self.aux]
+        if self.structure == "tuple":
+            return logits, other
+        if self.structure == "empty":
+            return ()
+        return {"logits": logits, "aux": [other, (logits * 2).sum()]}  # nested, and a 0-d tensor
+
+
+@pytest.mark.parametrize("structure,names", [
+    ("tuple", ["output.0", "output.1"]),
+    ("dict", ["output.logits", "output.aux.0", "output.aux.1"]),
+])
+def test_onnx_nested_outputs_are_flattened_named_and_checked(tmp_path, structure, names):
+    pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    model, x = _Heads(structure).eval(), small_input()
+    path = export_onnx(model, tmp_path / "heads.onnx", x)  # checked tensor by tensor
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    assert [o.name for o in session.get_outputs()] == names
+    other = small_input(batch=3, seed=7)  # every output with a batch dimension is dynamic
+    got = session.run(None, {"input": other.numpy()})
+    with torch.no_grad():
+        expected = model(other)
+    expected = list(expected) if structure == "tuple" else [expected["logits"], *expected["aux"]]
+    assert len(got) == len(expected)
+    for array, want in zip(got, expected):
+        assert array.shape == tuple(want.shape)
+        assert float((torch.from_numpy(array) - want).abs().max()) <= ONNX_RTOL * float(want.abs().max())
+    assert export.check_onnx(path, model, x) <= ONNX_RTOL
+    # One name per tensor is used as given; another count of names is refused before exporting.
+    explicit = [f"out{i}" for i in range(len(names))]
+    path = export_onnx(model, tmp_path / "named.onnx", x, output_names=explicit, check=False)
+    assert [o.name for o in ort.InferenceSession(path, providers=["CPUExecutionProvider"]).get_outputs()] == explicit
+    with pytest.raises(ValueError, match="output_names"):
+        export_onnx(model, tmp_path / "bad.onnx", x, output_names=["a", "b", "c", "d"])
+
+
+@pytest.mark.parametrize("structure,aux,error,match", [
+    ("tuple", "none", TypeError, r"output\[1\] has type NoneType"),
+    ("dict", "number", TypeError, r"output\['aux'\]\[0\] has type int"),
+    ("empty", "features", ValueError, "contains no tensor"),
+])
+def test_unsupported_outputs_fail_before_exporting(tmp_path, monkeypatch, structure, aux, error, match):
+    def no_export(*args, **kwargs):
+        raise AssertionError("torch.onnx.export called")
+
+    monkeypatch.setattr(torch.onnx, "export", no_export)
+    model, x = _Heads(structure, aux).eval(), small_input()
+    with pytest.raises(error, match=match):
+        export_onnx(model, tmp_path / "m.onnx", x)
+    assert os.listdir(tmp_path) == []
+    with pytest.raises(error, match=match):  # before onnxruntime is even imported
+        export.check_onnx(tmp_path / "m.onnx", model, x)

@@ -161,3 +161,52 @@ def test_folded_model_scripts_and_matches():
     folded = fold_batchnorm(copy.deepcopy(model))
     scripted = torch.jit.script(folded)
     torch.testing.assert_close(scripted(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+class _Tied(nn.Module):
+    """Two conv -> BatchNorm pairs, ``second`` first in the graph, with tensors shared as ``tie`` says."""
+
+    def __init__(self, tie: str) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(3)
+        torch.manual_seed(3)  # the convolutions' default initialization
+        self.second, self.bn2 = nn.Conv2d(4, 4, 3, padding=1), _random_bn(nn.BatchNorm2d(4), gen)
+        self.first, self.bn1 = nn.Conv2d(4, 4, 3, padding=1), _random_bn(nn.BatchNorm2d(4), gen)
+        self.other = nn.Conv2d(4, 4, 3, padding=1)
+        if tie == "weight":  # the audit's case: another convolution (no BatchNorm) uses it
+            self.other.weight = self.first.weight
+        elif tie == "storage":  # two Parameters over one memory
+            self.other.weight = nn.Parameter(self.first.weight.data)
+        elif tie == "bias_is_bn_bias":  # folding `second` first would change bn1 before its fold
+            self.second.bias = self.bn1.bias
+        elif tie == "bn":  # BatchNorms sharing their affine parameters: only read, folding is fine
+            self.bn2.weight, self.bn2.bias = self.bn1.weight, self.bn1.bias
+
+    def forward(self, x):
+        x = torch.relu(self.bn2(self.second(x)))
+        return self.other(torch.relu(self.bn1(self.first(x))))
+
+
+@pytest.mark.parametrize("tie,inplace,expected_pairs", [
+    ("weight", False, [("second", "bn2")]),
+    ("storage", True, [("second", "bn2")]),
+    # A deep copy gives the two Parameters a memory each: `first` can then be folded.
+    ("storage", False, [("second", "bn2"), ("first", "bn1")]),
+    ("bias_is_bn_bias", False, [("first", "bn1")]),
+    ("bn", False, [("second", "bn2"), ("first", "bn1")]),
+])
+def test_shared_parameters_are_never_changed(tie, inplace, expected_pairs):
+    x = torch.randn(2, 4, 6, 6, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        expected = _Tied(tie).eval()(x)
+    folded, pairs = fold_batchnorm(_Tied(tie).eval(), inplace=inplace, return_pairs=True)
+    assert pairs == expected_pairs
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), expected, rtol=1e-5, atol=1e-5)
+    # optimize_for_inference folds by default: the same output, and the same pairs reported.
+    fast, report = optimize_for_inference(
+        _Tied(tie).eval(), x, repeats=1, memory_formats="contiguous", inplace=inplace, return_report=True
+    )
+    assert report.folded_batchnorm in ([], [list(pair) for pair in expected_pairs])  # [] if "as given" won
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), expected, rtol=1e-5, atol=1e-5)

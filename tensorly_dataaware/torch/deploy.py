@@ -33,6 +33,7 @@ from typing import Any, Iterable, Iterator
 import torch
 from torch import nn
 
+from .export import _max_abs_diff, _output_leaves
 from .fold import fold_batchnorm
 from .layers import CPConv2d, LowRankConv2d, LowRankLinear, Tucker2Conv2d, _FormMixin
 
@@ -339,7 +340,10 @@ def optimize_for_inference(
     ----------
     model : nn.Module
         A model containing factorized layers (e.g. from :func:`~tensorly_dataaware.torch.compress`).
-        Deep-copied unless ``inplace=True``. The returned model is in eval mode.
+        Deep-copied unless ``inplace=True``. The returned model is in eval mode. It may return
+        a tensor or nested tuples, lists and dicts of tensors (e.g. ``(logits, features)``):
+        the report's ``max_abs_diff`` and ``max_rel_diff`` are then the largest over them, each
+        tensor relative to its own magnitude.
     example_input : torch.Tensor
         A representative input: the choice is specific to its shape (batch size included),
         device and dtype, so optimize with the batch you will deploy with.
@@ -376,7 +380,9 @@ def optimize_for_inference(
     Raises
     ------
     TypeError, ValueError
-        For arguments of the wrong type or value (named in the message).
+        For arguments of the wrong type or value (named in the message), or a model whose
+        output is not a tensor or tuples, lists and dicts of tensors (found on the first
+        forward pass, before any timing).
 
     Notes
     -----
@@ -396,7 +402,9 @@ def optimize_for_inference(
     target.eval()
     with _threads(threads) as n_threads, torch.no_grad():
         reference = copy.deepcopy(target)
-        expected = reference(example_input)
+        # Checked now, not when the result is compared after every timing run: an output
+        # that cannot be compared fails in one forward pass.
+        expected = _output_leaves(reference(example_input))
         layers_before = _factorized(reference)
         forms_before = {name: m.form for name, m in layers_before.items()}
         layout_before = _layout_of(reference)
@@ -436,11 +444,16 @@ def optimize_for_inference(
         if best == "as given":
             pairs = []
         elif pairs:
-            fold_batchnorm(target, inplace=True)
+            # The pairs of `target` itself: a deep copy (`reference`) no longer shares memory
+            # between distinct Parameters, so the two can differ when `target` has tied tensors.
+            pairs = fold_batchnorm(target, inplace=True, return_pairs=True)[1]
         _apply(target, forms_after, layout_after)
-        got = target(example_input)
-        abs_diff = float((got - expected).abs().max()) if expected.numel() else 0.0
-        rel_diff = abs_diff / max(float(expected.abs().max()), 1e-30) if expected.numel() else 0.0
+        got = _output_leaves(target(example_input))
+        # Tensor by tensor, each relative to its own magnitude (logits and features of a
+        # (logits, features) output may differ in scale by orders of magnitude).
+        diffs = [_max_abs_diff(g, e) for (_, g), (_, e) in zip(got, expected)]
+        abs_diff = max(diff for diff, _ in diffs)
+        rel_diff = max(diff / max(scale, 1e-30) for diff, scale in diffs)
 
         report = None
         if return_report:

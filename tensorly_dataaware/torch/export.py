@@ -10,6 +10,12 @@ dynamo=False)``): it needs only the ``onnx`` package and works offline, whereas 
 dynamo-based exporter (the default since PyTorch 2.9) also needs ``onnxscript``. Pass
 ``dynamo=True`` to :func:`export_onnx` to use the latter where it is installed.
 Install the checker with the ``onnx`` extra: ``pip install tensorly-dataaware[onnx]``.
+
+A model may return one tensor or a nested tuple / list / dict of tensors (e.g. ``(logits,
+features)`` or ``{"logits": ...}``): both exporters flatten the structure into one ONNX output
+per tensor, tuples and lists in order and dicts in insertion order, depth first; the dict keys
+and the nesting are lost, so :func:`export_onnx` names the outputs after their place in the
+structure (see ``output_names``).
 """
 
 from __future__ import annotations
@@ -33,6 +39,86 @@ def _check_model_input(model: Any, example_input: Any) -> None:
         raise TypeError(f"`model` must be a torch.nn.Module; got {type(model).__name__}.")
     if not isinstance(example_input, torch.Tensor):
         raise TypeError(f"`example_input` must be a torch.Tensor; got {type(example_input).__name__}.")
+
+
+def _output_leaves(output: Any, what: str = "the model's output") -> list[tuple[tuple, torch.Tensor]]:
+    """``(path, tensor)`` of every tensor of a model's output, in the order the ONNX exporters use.
+
+    Parameters
+    ----------
+    output : Any
+        What the model returned: a tensor, or tuples / lists (named tuples included) and
+        dicts of them, nested to any depth.
+    what : str
+        How the messages name ``output``.
+
+    Returns
+    -------
+    list of (tuple, torch.Tensor)
+        The path (indices and dict keys from the top) and the tensor, depth first, sequences in
+        order and dicts in insertion order: the order in which ``torch.onnx.export`` (both
+        exporters) flattens outputs, so that the i-th pair is the i-th ONNX output.
+
+    Raises
+    ------
+    TypeError
+        For any other leaf (``None``, a number, a custom object), named by its path: the
+        TorchScript exporter drops ``None`` and fails on the others, and no tolerance check
+        can be defined for them.
+    ValueError
+        If there is no tensor at all (e.g. an empty tuple).
+    """
+    leaves: list[tuple[tuple, torch.Tensor]] = []
+
+    def visit(value: Any, path: tuple) -> None:
+        if isinstance(value, torch.Tensor):
+            leaves.append((path, value))
+        elif isinstance(value, (tuple, list)):
+            for i, item in enumerate(value):
+                visit(item, (*path, i))
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                visit(item, (*path, key))
+        else:
+            where = what + "".join(f"[{key!r}]" for key in path)
+            raise TypeError(
+                f"{where} has type {type(value).__name__}: a model's output must be a tensor or "
+                "tuples, lists and dicts of tensors."
+            )
+
+    visit(output, ())
+    if not leaves:
+        raise ValueError(f"{what} contains no tensor ({type(output).__name__} without tensors).")
+    return leaves
+
+
+def _max_abs_diff(got: torch.Tensor, expected: torch.Tensor) -> tuple[float, float]:
+    """``(max |got - expected|, max |expected|)``, in float64 (0 for empty tensors)."""
+    if not expected.numel():
+        return 0.0, 0.0
+    # float64 also for integer and bool outputs, which cannot be subtracted as they are.
+    as_float = (lambda t: t) if expected.is_complex() else (lambda t: t.to(torch.float64))
+    got, expected = as_float(got.to(expected.device)), as_float(expected)
+    return float((got - expected).abs().max()), float(expected.abs().max())
+
+
+def _onnx_output_names(paths: Sequence[tuple], output_names: Sequence[str]) -> list[str]:
+    """One ONNX name per output tensor: ``output_names`` itself, or its one name plus each path."""
+    names = [output_names] if isinstance(output_names, str) else list(output_names)
+    if not names or not all(isinstance(name, str) and name for name in names):
+        raise ValueError(f"`output_names` must be non-empty strings; got {output_names!r}.")
+    if len(names) != len(paths):
+        if len(names) != 1:
+            raise ValueError(
+                f"`output_names` has {len(names)} names for the {len(paths)} tensors the model returns; "
+                "give one per tensor, or one to prefix each tensor's place in the output with."
+            )
+        # The exporter would name all but the first output after internal graph values, and
+        # `dynamic_axes` needs their names: e.g. "output.0", "output.1" or "output.logits".
+        names = [".".join([names[0], *(str(key) for key in path)]) for path in paths]
+    if len(set(names)) != len(names):
+        raise ValueError(f"The ONNX output names are not unique: {names}.")
+    return names
 
 
 def script(model: nn.Module) -> torch.jit.ScriptModule:
@@ -94,7 +180,14 @@ def export_onnx(
     opset_version : int, default 17
     dynamic_batch : bool, default True
         Make the first dimension of input and output symbolic.
-    input_names, output_names : sequence of str
+    input_names : sequence of str
+    output_names : sequence of str, default ``("output",)``
+        One name per tensor the model returns. A model returning nested tuples, lists or
+        dicts of tensors (flattened into one ONNX output each, see the module docstring) may
+        also be given one name, which is then followed by each tensor's indices and keys:
+        ``(logits, features)`` gives ``"output.0"`` and ``"output.1"``, ``{"logits": ...,
+        "aux": (a, b)}`` gives ``"output.logits"``, ``"output.aux.0"`` and ``"output.aux.1"``;
+        a single tensor in a container keeps the name as given.
     dynamo : bool, default False
         Use the dynamo-based exporter (needs ``onnxscript``) instead of the TorchScript one.
     check : bool, default True
@@ -110,8 +203,12 @@ def export_onnx(
 
     Raises
     ------
+    TypeError
+        If the model's output is not a tensor or tuples, lists and dicts of tensors (checked
+        on one forward pass before exporting).
     ValueError
-        If the check fails (the destination is then left untouched).
+        If ``output_names`` does not fit the outputs, or the check fails (the destination is
+        then left untouched).
     """
     _check_model_input(model, example_input)
     if isinstance(opset_version, bool) or not isinstance(opset_version, int) or opset_version < 7:
@@ -121,9 +218,16 @@ def export_onnx(
     if not os.path.isdir(folder):
         raise ValueError(f"`path`: folder {folder!r} does not exist.")
     exported = _eval_copy(model)
+    # One forward pass first: an output the exporter or the check cannot handle fails here,
+    # with its place in the output named, not after the (slow) export.
+    with torch.no_grad():
+        leaves = _output_leaves(exported(example_input))
+    output_names = _onnx_output_names([path for path, _ in leaves], output_names)
     dynamic_axes = None
     if dynamic_batch:
-        dynamic_axes = {name: {0: "batch"} for name in (*input_names, *output_names)}
+        dynamic_axes = {name: {0: "batch"} for name in input_names}
+        # A 0-d output (e.g. a sum over the batch) has no batch dimension to make symbolic.
+        dynamic_axes.update({name: {0: "batch"} for name, (_, t) in zip(output_names, leaves) if t.dim()})
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".onnx", dir=folder)
     os.close(fd)
     try:
@@ -138,7 +242,7 @@ def export_onnx(
                 kwargs["dynamic_axes"] = dynamic_axes
             torch.onnx.export(
                 exported, (example_input,), tmp, opset_version=opset_version,
-                input_names=list(input_names), output_names=list(output_names), **kwargs,
+                input_names=list(input_names), output_names=output_names, **kwargs,
             )
         if check:
             check_onnx(tmp, exported, example_input, rtol=rtol)
@@ -158,32 +262,48 @@ def check_onnx(
 ) -> float:
     """Run an ONNX file with ONNX Runtime (CPU) and compare with ``model`` in eval mode.
 
+    A model returning nested tuples, lists or dicts of tensors is compared tensor by tensor
+    with the file's outputs, in the exporters' flattening order (see the module docstring).
+
     Returns
     -------
     float
-        ``max |onnx - torch| / max |torch|``.
+        ``max |onnx - torch| / max |torch|``, the largest over the output tensors (each relative
+        to its own magnitude: logits and features may differ in scale by orders of magnitude).
 
     Raises
     ------
     ImportError
         Without ``onnxruntime`` (install the ``onnx`` extra).
+    TypeError
+        If the model's output is not a tensor or tuples, lists and dicts of tensors.
     ValueError
-        If the relative difference exceeds ``rtol``.
+        If the number of outputs or a shape differs, or a relative difference exceeds ``rtol``.
     """
     _check_model_input(model, example_input)
+    with torch.no_grad():
+        # Before importing onnxruntime and loading the file: an unsupported output fails first.
+        expected = _output_leaves(_eval_copy(model)(example_input))
     import onnxruntime as ort
 
     session = ort.InferenceSession(os.fspath(path), providers=["CPUExecutionProvider"])
     feed = {session.get_inputs()[0].name: example_input.detach().cpu().numpy()}
-    got = torch.from_numpy(session.run(None, feed)[0])
-    with torch.no_grad():
-        expected = _eval_copy(model)(example_input).detach().cpu()
-    scale = float(expected.abs().max()) if expected.numel() else 0.0
-    diff = float((got.to(expected.dtype) - expected).abs().max()) if expected.numel() else 0.0
-    relative = diff / max(scale, 1e-30)
-    if tuple(got.shape) != tuple(expected.shape) or not relative <= rtol:
+    outputs = session.run(None, feed)
+    names = [o.name for o in session.get_outputs()]
+    if len(outputs) != len(expected):
         raise ValueError(
-            f"ONNX Runtime output differs from PyTorch: shape {tuple(got.shape)} vs {tuple(expected.shape)}, "
-            f"max relative difference {relative:.3e} > rtol={rtol:g}."
+            f"ONNX Runtime returns {len(outputs)} output(s) {names}, PyTorch {len(expected)} tensor(s)."
         )
-    return relative
+    worst = 0.0
+    for name, array, (_, want) in zip(names, outputs, expected):
+        got, want = torch.from_numpy(array), want.detach().cpu()
+        same_shape = tuple(got.shape) == tuple(want.shape)
+        diff, scale = _max_abs_diff(got, want) if same_shape else (float("nan"), 0.0)
+        relative = diff / max(scale, 1e-30)
+        if not same_shape or not relative <= rtol:
+            raise ValueError(
+                f"ONNX Runtime output {name!r} differs from PyTorch: shape {tuple(got.shape)} vs "
+                f"{tuple(want.shape)}, max relative difference {relative:.3e} > rtol={rtol:g}."
+            )
+        worst = max(worst, relative)
+    return worst

@@ -85,6 +85,27 @@ def _check_bn(name: str, bn: nn.BatchNorm2d, channels: int) -> str | None:
     return None
 
 
+def _storage_key(tensor: torch.Tensor) -> tuple:
+    """Identifies the memory behind ``tensor``: two Parameters over one storage are one tensor."""
+    storage = tensor.untyped_storage()
+    # Empty or storage-less tensors (meta, sizes 0) have no address to compare: their identity is.
+    return (str(tensor.device), storage.data_ptr()) if storage.data_ptr() else ("id", id(tensor))
+
+
+def _check_shared(name: str, conv: nn.Conv2d, uses: Counter) -> str | None:
+    """Why ``conv``'s weight or bias cannot be rewritten in place because another module uses it, or None.
+
+    ``uses`` counts, per :func:`_storage_key`, the parameters and buffers of the whole model
+    in every module that holds them.  Folding rewrites the weight (and bias) in place: a
+    tied weight (``b.weight = a.weight``) or one built on the same memory
+    (``nn.Parameter(a.weight.data)``) would change in every other module using it.
+    """
+    for role, tensor in (("weight", conv.weight), ("bias", conv.bias)):
+        if tensor is not None and uses[_storage_key(tensor)] > 1:
+            return f"{name}: its {role} is shared with another module (folding would change that module too)"
+    return None
+
+
 def fold_batchnorm(model: nn.Module, *, inplace: bool = False, return_pairs: bool = False):
     """Fold every eval-mode ``BatchNorm2d`` into the convolution that alone feeds it.
 
@@ -123,9 +144,11 @@ def fold_batchnorm(model: nn.Module, *, inplace: bool = False, return_pairs: boo
     BatchNorm, and its ``state_dict`` no longer has the BatchNorm entries, so
     :func:`~tensorly_dataaware.torch.load_compressed` refuses it for the original
     architecture.  Save the compressed model before folding, and fold after loading.
-    BatchNorm layers without running statistics, fed by anything but a convolution, or whose
-    convolution's output is used elsewhere (e.g. a pre-activation residual) are left as
-    they are.
+    BatchNorm layers without running statistics, fed by anything but a convolution, whose
+    convolution's output is used elsewhere (e.g. a pre-activation residual), or whose
+    convolution's weight or bias is shared with another module (tied weights, which folding
+    would change there too) are left as they are.  A BatchNorm's own parameters are only
+    read, so sharing them does not prevent folding.
 
     Examples
     --------
@@ -155,6 +178,13 @@ def fold_batchnorm(model: nn.Module, *, inplace: bool = False, return_pairs: boo
     # A module reachable under two names, or called twice, has one set of weights for
     # several places in the graph: folding one BatchNorm into it would change the others.
     aliases = Counter(id(m) for _, m in target.named_modules(remove_duplicate=False))
+    # Likewise a tensor held by several modules (tied weights), counted once per holder: the
+    # module checks above do not see it, as each module appears once.
+    uses = Counter(
+        _storage_key(t) for _, t in (
+            *target.named_parameters(remove_duplicate=False), *target.named_buffers(remove_duplicate=False)
+        )
+    )
     calls = Counter(node.target for node in graph.nodes if node.op == "call_module")
     pairs = []
     for node in graph.nodes:
@@ -172,6 +202,8 @@ def fold_batchnorm(model: nn.Module, *, inplace: bool = False, return_pairs: boo
         if aliases[id(modules[source.target])] != 1 or aliases[id(bn)] != 1 or aliases[id(producer)] != 1:
             continue
         if _check_bn(node.target, bn, producer.out_channels) is not None:
+            continue
+        if _check_shared(source.target, producer, uses) is not None:
             continue
         _fold_into(producer, bn)
         if isinstance(modules[source.target], _FormMixin):
