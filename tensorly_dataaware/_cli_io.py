@@ -114,6 +114,9 @@ def _as_float_images(images, labels, normalize: str, what: str):
             raise InputError(f"{what}: {images.shape[0]} images but labels of shape {labels.shape}.")
         if labels.dtype == np.bool_ or not np.issubdtype(labels.dtype, np.integer):
             raise InputError(f"{what}: labels must be integers, got dtype {labels.dtype}.")
+        if labels.size and int(labels.min()) < 0:
+            # A class index is never negative: the accuracy would count them as misses.
+            raise InputError(f"{what}: labels must be class indices >= 0, got {int(labels.min())}.")
         y = torch.from_numpy(labels.astype(np.int64))
     return x, y
 

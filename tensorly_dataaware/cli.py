@@ -242,6 +242,13 @@ def _select_layers(model, layers: list[str] | None, include_first: bool, origin:
     if bad:
         shown = ", ".join(candidates[:40]) + (" ..." if len(candidates) > 40 else "")
         raise CLIError(f"unknown or unsupported layer(s) {bad} in {origin}; the model's conv/linear layers: {shown}")
+    from .torch.compress import _unsupported_reason
+
+    # Checked here, before the statistics are collected, not when the library meets them.
+    refused = [(n, reason) for n in layers if (reason := _unsupported_reason(modules[n])) is not None]
+    if refused:
+        raise CLIError(f"{origin} names layer(s) that cannot be compressed: "
+                       + "; ".join(f"{n} ({reason})" for n, reason in refused))
     return list(dict.fromkeys(layers))
 
 
@@ -354,7 +361,11 @@ def evaluate(model, x, y, *, batch_size: int = 500, device=None) -> float | None
                     raise CLIError(f"running the model on the evaluation images failed: {_one_line(exc)}") from None
                 if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != xb.shape[0]:
                     return None
-                correct += int((out.argmax(1).cpu() == y[start : start + batch_size]).sum())
+                yb = y[start : start + batch_size]
+                if yb.numel() and int(yb.max()) >= out.shape[1]:
+                    # Such a label can never be predicted: the accuracy would be silently low.
+                    raise CLIError(f"the labels go up to {int(yb.max())} but the model has {out.shape[1]} classes.")
+                correct += int((out.argmax(1).cpu() == yb).sum())
     finally:
         model.train(was_training)
     return correct / x.shape[0]
@@ -651,6 +662,14 @@ def cmd_compress(args) -> int:
         layers = _drop_repeated_layers(model, data.calib_x[:1], layers, device)
     _check_ranks(ranks, model, layers, args.method)
     progress = not args.no_progress
+    evaluation = None if args.distributed else data.evaluation()
+    before = None
+    if evaluation is not None:
+        # The original model's accuracy first: labels it can never predict fail here, before
+        # the statistics and the decompositions, not after them.
+        ex, ey, what = evaluation
+        n_eval = min(args.eval_samples, ex.shape[0])
+        before = evaluate(model, ex[:n_eval], ey[:n_eval], device=device)
     if args.distributed:
         from .torch.dist_main import run_distributed
 
@@ -709,11 +728,7 @@ def cmd_compress(args) -> int:
         raise CLIError(f"compression failed: {_one_line(exc)}") from None
     print()
     print(format_report(report))
-    evaluation = data.evaluation()
     if evaluation is not None:
-        ex, ey, what = evaluation
-        n_eval = min(args.eval_samples, ex.shape[0])
-        before = evaluate(model, ex[:n_eval], ey[:n_eval], device=device)
         after = evaluate(compressed, ex[:n_eval], ey[:n_eval], device=device)
         if before is None or after is None:
             print("\naccuracy: the model's outputs are not (N, classes) scores; skipped.")

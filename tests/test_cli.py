@@ -429,6 +429,8 @@ def _bad_inputs(tiny_files, tmp_path):
     np.savez(tmp_path / "nan.npz", images=np.full((4, 1, 12, 12), np.nan, np.float32))
     np.savez(tmp_path / "labels.npz", images=np.zeros((4, 12, 12), np.uint8), labels=np.zeros(3, np.int64))
     np.savez(tmp_path / "flabels.npz", images=np.zeros((4, 12, 12), np.uint8), labels=np.zeros(4, np.float32))
+    np.savez(tmp_path / "neglabels.npz", images=np.zeros((4, 12, 12), np.uint8), labels=np.array([0, 1, -1, 2]))
+    np.savez(tmp_path / "biglabels.npz", images=np.zeros((4, 12, 12), np.uint8), labels=np.array([0, 1, 9, 2]))
     np.savez(tmp_path / "strings.npz", images=np.array([["a"]]))
     np.save(tmp_path / "obj.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
     np.save(tmp_path / "img1d.npy", np.zeros(5, np.uint8))
@@ -489,6 +491,9 @@ def _bad_inputs(tiny_files, tmp_path):
         "data nan": ["compress", *model, "--data-dir", str(tmp_path / "nan.npz")],
         "data label count": ["compress", *model, "--data-dir", str(tmp_path / "labels.npz")],
         "data float labels": ["compress", *model, "--data-dir", str(tmp_path / "flabels.npz")],
+        "data negative labels": ["compress", *model, "--data-dir", str(tmp_path / "neglabels.npz")],
+        "data labels beyond the classes": ["compress", *model, "--data-dir", str(tmp_path / "biglabels.npz")],
+        "grouped layer named": ["compress", *_net_and_data_args(tmp_path, GroupedNet), "--layers", "conv2"],
         "data strings": ["compress", *model, "--data-dir", str(tmp_path / "strings.npz")],
         "data object npy": ["compress", *model, "--data-dir", str(tmp_path / "obj.npy")],
         "data 1-D npy": ["compress", *model, "--data-dir", str(tmp_path / "img1d.npy")],
@@ -539,6 +544,21 @@ def test_bad_inputs_give_one_line_and_exit_2(tiny_files, tmp_path, capsys, monke
         if code != 2 or len(lines) != 1 or "error" not in lines[0] or "Traceback" in err:
             failures.append(f"{label}: exit {code}, stderr {err!r}")
     assert not failures, "\n".join(failures)
+
+
+def test_layer_and_label_errors_come_before_any_statistics(tiny_files, tmp_path, capsys, monkeypatch):
+    """A named layer the library cannot compress and labels the model can never predict are
+    reported before the statistics are collected (both used to fail, or pass silently,
+    after the work)."""
+    import tensorly_dataaware.cli as cli_module
+
+    monkeypatch.setattr(cli_module, "_collect", lambda *a, **k: pytest.fail("statistics were collected"))
+    err = _error(capsys, ["compress", *_net_and_data_args(tmp_path, GroupedNet), "--layers", "conv2", "--ratio", "0.5"])
+    assert "conv2 (grouped convolutions" in err
+    labels = tmp_path / "big.npz"
+    np.savez(labels, images=np.zeros((4, 12, 12), np.uint8), labels=np.array([0, 1, 9, 2]))
+    err = _error(capsys, ["compress", *_state_args(tiny_files), "--data-dir", str(labels), "--ratio", "0.5"])
+    assert "labels go up to 9 but the model has 4 classes" in err
 
 
 def test_explicit_messages(tiny_files, tmp_path, capsys):
