@@ -1,5 +1,6 @@
 """Sequential calibration (compress_sequential): equations, equivalences and contracts."""
 
+import collections
 import copy
 
 import numpy as np
@@ -469,6 +470,207 @@ def test_replay_with_a_module_shared_across_blocks(monkeypatch):
     _disable_replay(monkeypatch)
     recomputed = compress_sequential(net, batches, "tucker2", **kwargs)
     _assert_same_models(replayed, recomputed)
+
+
+class _ReluInPlaceTimesTwo(nn.Module):
+    """Modifies its argument in place and returns a new tensor."""
+
+    def forward(self, x):
+        return 2 * x.relu_()
+
+
+class _AliasedNet(nn.Module):
+    """A shortcut that holds the tensor an in-place operation of a later module call
+    changes, so that the shortcut sees the change: a replay that only returns a copy of the
+    call's output would leave it unchanged.
+
+    ``inplace``: ``skip = y; y = relu_(y)`` with an ``nn.ReLU(inplace=True)`` (it modifies
+    its argument and returns it); ``argument``: the same with a module that modifies its
+    argument and returns a new tensor; ``identity``: ``skip = y; y = identity(y); y.relu_()``
+    (the module's output is its argument).
+    """
+
+    def __init__(self, kind):
+        super().__init__()
+        torch.manual_seed(0)
+        self.kind = kind
+        self.c0 = nn.Conv2d(3, 6, 3, padding=1)
+        acts = {"inplace": nn.ReLU(inplace=True), "argument": _ReluInPlaceTimesTwo(), "identity": nn.Identity()}
+        self.act = acts[kind]
+        self.c1 = nn.Conv2d(6, 6, 3, padding=1)
+        self.c2 = nn.Conv2d(6, 6, 3, padding=1)
+
+    def forward(self, x):
+        y = self.c0(x)
+        skip = y
+        y = self.act(y)
+        if self.kind == "identity":
+            y.relu_()
+        return self.c2(self.c1(y) + skip)
+
+
+@pytest.mark.parametrize("kind", ["inplace", "argument", "identity"])
+def test_replay_keeps_in_place_changes_seen_through_aliases(monkeypatch, kind):
+    """A module call whose in-place effect reaches a tensor the network still holds (an
+    in-place activation, an output that is its own input) is not replayed but run in every
+    pass: the result is exactly that of recomputing, and at full rank the compressed network
+    is the original (the replayed copy once fed the last layer the un-activated shortcut:
+    49% relative output error)."""
+    net = _AliasedNet(kind).double().eval()
+    batches = _batches(n_batches=2, size=8)
+    kwargs = dict(ranks={"c0": (6, 3), "c1": (6, 6), "c2": (6, 6)}, progress=False, n_iter_max=10, random_state=0)
+    replayed = compress_sequential(net, batches, "tucker2", **kwargs)
+    x = batches[0][0]
+    with torch.no_grad():
+        y = net(x)
+        assert float((replayed(x) - y).norm() / y.norm()) < 1e-6
+    _disable_replay(monkeypatch)
+    recomputed = compress_sequential(net, batches, "tucker2", **kwargs)
+    _assert_same_models(replayed, recomputed)
+
+
+class _Counted(nn.Module):
+    """Counts its calls in a buffer and adds the count to its input: a module with state."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x):
+        self.calls += 1
+        return x + self.calls
+
+
+class _CountedStem(nn.Module):
+    """A stem with state, called by a custom forward."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), _Counted())
+        self.c1 = nn.Conv2d(6, 6, 3, padding=1)
+        self.c2 = nn.Conv2d(6, 4, 3, padding=1)
+
+    def forward(self, x):
+        return self.c2(torch.relu(self.c1(self.stem(x))))
+
+
+@pytest.mark.parametrize("where", ["call", "sequential"])
+def test_replay_keeps_buffer_updates(monkeypatch, where):
+    """A module call that updates a buffer runs in every pass, be it called by a custom
+    forward or a child of an nn.Sequential ancestor of the layer: a replay would skip the
+    update."""
+    if where == "call":
+        net, layers = _CountedStem(), ["stem.0", "c1", "c2"]
+    else:
+        torch.manual_seed(0)
+        net = nn.Sequential(
+            nn.Conv2d(3, 6, 3, padding=1), _Counted(), nn.Conv2d(6, 6, 3, padding=1), nn.Conv2d(6, 4, 3, padding=1)
+        )
+        layers = ["0", "2", "3"]
+    net = net.double().eval()
+    batches = _batches(n_batches=2, size=4)
+    kwargs = dict(ratio=0.5, layers=layers, progress=False, n_iter_max=10, random_state=0)
+    # Copies: the original network's passes update its buffers too.
+    replayed = compress_sequential(copy.deepcopy(net), batches, "tucker2", **kwargs)
+    _disable_replay(monkeypatch)
+    recomputed = compress_sequential(copy.deepcopy(net), batches, "tucker2", **kwargs)
+    _assert_same_models(replayed, recomputed)
+
+
+_Pair = collections.namedtuple("_Pair", "features aux")
+
+
+class _ContainerStem(nn.Module):
+    """Returns its features and their mean in a container of type ``kind``."""
+
+    def __init__(self, kind):
+        super().__init__()
+        self.kind = kind
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+
+    def forward(self, x):
+        y = torch.relu(self.conv(x))
+        if self.kind is _Pair:
+            return _Pair(y, y.mean())
+        if issubclass(self.kind, dict):
+            return self.kind(features=y, aux=y.mean())
+        return self.kind([y, y.mean()])
+
+
+class _ContainerNet(nn.Module):
+    def __init__(self, kind):
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = _ContainerStem(kind)
+        self.c1 = nn.Conv2d(6, 6, 3, padding=1)
+        self.c2 = nn.Conv2d(6, 4, 3, padding=1)
+
+    def forward(self, x):
+        out = self.stem(x)
+        assert type(out) is self.stem.kind  # also when the stem is replayed
+        features = out["features"] if isinstance(out, dict) else out[0]
+        return self.c2(torch.relu(self.c1(features)))
+
+
+@pytest.mark.parametrize("kind", [_Pair, tuple, list, dict, collections.OrderedDict])
+def test_replay_keeps_the_type_of_container_outputs(monkeypatch, kind):
+    """A module's tuple, list or dict output is replayed with its own type: a namedtuple
+    (whose constructor takes one argument per field) once made the replay crash."""
+    net = _ContainerNet(kind).double().eval()
+    batches = _batches(n_batches=2, size=4)
+    kwargs = dict(ratio=0.5, layers=["c1", "c2"], progress=False, n_iter_max=10, random_state=0)
+    replayed = compress_sequential(net, batches, "tucker2", **kwargs)
+    _disable_replay(monkeypatch)
+    recomputed = compress_sequential(net, batches, "tucker2", **kwargs)
+    _assert_same_models(replayed, recomputed)
+
+
+def test_copied_outputs_keep_their_types():
+    """Copies of module outputs keep the container types, and the containers whose type an
+    iterable of items cannot rebuild are not copied (their calls then run in every pass)."""
+    from tensorly_dataaware.torch.sequential import _clone_output, _replayed
+
+    t = torch.arange(3.0)
+    for value in (_Pair(t, 1), (t, None), [t, "a"], {"a": t}, collections.OrderedDict(b=(t, 2.0), a=t)):
+        copied, size = _clone_output(value)
+        assert size == t.numel() * t.element_size() * (2 if isinstance(value, collections.OrderedDict) else 1)
+        for result in (copied, _replayed(copied)):
+            # The same type, keys and values (repr shows them all), in new tensors.
+            assert type(result) is type(value) and repr(result) == repr(value)
+            first = result["a"] if isinstance(result, dict) else result[0]
+            assert first is not t and first.untyped_storage().data_ptr() != t.untyped_storage().data_ptr()
+
+    class Tensors(list):
+        pass
+
+    assert _clone_output(Tensors([t])) is None
+    assert _clone_output(collections.defaultdict(list, a=t)) is None
+    assert _clone_output(object()) is None
+
+
+def test_missing_rank_refused_before_any_fit(monkeypatch):
+    """A rank that ``ranks`` lacks or gets wrong for a late layer is refused before the first
+    layer's pass, with the message of ``compress`` (it once came after every earlier layer
+    was fitted)."""
+    from tensorly_dataaware.torch import sequential
+
+    def no_pass(*args, **kwargs):
+        raise AssertionError("a layer's pass ran before the ranks were checked")
+
+    monkeypatch.setattr(sequential, "_layer_moments", no_pass)
+    net = _conv_net()
+    batches = _batches(1)
+    stats = collect_covariances(net, batches, progress=False)
+    for ranks in ({"0": (4, 2), "3": (5, 4), "5": (3, 4)}, {"0": (4, 2), "3": (5, 4), "5": (3, 4), "7": 99}):
+        with pytest.raises(ValueError) as one_shot:
+            compress(net, stats, "tucker2", ranks=ranks, progress=False)
+        with pytest.raises(ValueError) as late:
+            compress_sequential(net, batches, "tucker2", ranks=ranks, progress=False)
+        assert str(late.value) == str(one_shot.value) and "'7'" in str(late.value)
+    # With `ratio`, a layer without an entry in `ranks` is fine.
+    with pytest.raises(AssertionError, match="pass ran"):
+        compress_sequential(net, batches, "tucker2", ranks={"0": (4, 2)}, ratio=0.5, progress=False)
 
 
 class _AlternatingOrder:

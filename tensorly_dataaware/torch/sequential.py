@@ -58,6 +58,7 @@ import copy
 import numbers
 import time
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -189,31 +190,137 @@ def _capture_input(model: nn.Module, module: nn.Module, x: torch.Tensor, name: s
     return captured[0].detach()
 
 
+#: Output values a replay returns as they are: immutable, and holding no tensor.
+_ATOMS = (bool, int, float, complex, str, bytes, type(None), torch.dtype, torch.device)
+
+
+def _items(value: Any) -> list | None:
+    """The items of a container that :func:`_rebuild` can rebuild with its own type: a tuple,
+    list, dict or OrderedDict (these exact types: a subclass may carry state or a constructor
+    that an iterable of items does not fit) or a namedtuple; None for anything else."""
+    kind = type(value)
+    if kind in (tuple, list) or _is_namedtuple(value):
+        return list(value)
+    if kind in (dict, OrderedDict):
+        return list(value.values())
+    return None
+
+
+def _is_namedtuple(value: Any) -> bool:
+    # A namedtuple's constructor takes one argument per field, not an iterable (hence _make);
+    # a subclass that added instance attributes would lose them: not one.
+    kind = type(value)
+    return (
+        isinstance(value, tuple) and hasattr(kind, "_fields") and hasattr(kind, "_make")
+        and not getattr(value, "__dict__", None)
+    )
+
+
+def _rebuild(value: Any, items: list) -> Any:
+    """A container of the type (and for a mapping, the keys) of ``value`` holding ``items``."""
+    if _is_namedtuple(value):
+        return type(value)._make(items)
+    if isinstance(value, dict):
+        return type(value)(zip(value.keys(), items))
+    return type(value)(items)
+
+
 def _clone_output(value: Any) -> tuple[Any, int] | None:
     """A copy of a module's output that later in-place operations cannot change, and its
     size in bytes; None for outputs that cannot be copied safely."""
     if isinstance(value, torch.Tensor):
         return value.detach().clone(), value.numel() * value.element_size()
-    if value is None or isinstance(value, (bool, int, float, str)):
+    if isinstance(value, _ATOMS):
         return value, 0
-    if isinstance(value, (tuple, list)):
-        parts = [_clone_output(v) for v in value]
-        if any(p is None for p in parts):
-            return None
-        return type(value)(p[0] for p in parts) if isinstance(value, tuple) else [p[0] for p in parts], sum(
-            p[1] for p in parts
-        )
-    return None
+    items = _items(value)
+    if items is None:
+        return None
+    parts = [_clone_output(v) for v in items]
+    if any(p is None for p in parts):
+        return None
+    return _rebuild(value, [p[0] for p in parts]), sum(p[1] for p in parts)
 
 
 def _replayed(value: Any) -> Any:
-    """A fresh copy of a recorded output for the caller (which may modify it in place)."""
+    """A fresh copy of a recorded output (from :func:`_clone_output`) for the caller (which
+    may modify it in place)."""
     if isinstance(value, torch.Tensor):
         return value.clone()
+    items = _items(value)
+    return value if items is None else _rebuild(value, [_replayed(v) for v in items])
+
+
+def _tensors(value: Any, found: list[torch.Tensor]) -> bool:
+    """Append to ``found`` the tensors in ``value`` (through tuples, lists and mappings of any
+    type); False when it holds another object, whose changes cannot be watched."""
+    if isinstance(value, torch.Tensor):
+        found.append(value)
+        return True
+    if isinstance(value, _ATOMS):
+        return True
+    if isinstance(value, Mapping):
+        value = list(value.values())
     if isinstance(value, (tuple, list)):
-        items = [_replayed(v) for v in value]
-        return tuple(items) if isinstance(value, tuple) else items
-    return value
+        return all(_tensors(v, found) for v in value)
+    return False
+
+
+def _watch(args: tuple, kwargs: dict, module: nn.Module) -> list[tuple[torch.Tensor, int]] | None:
+    """What a call of ``module`` could change in place for the rest of the network to see,
+    to be checked by :func:`_replayable` after the call: the tensors of its arguments and
+    its parameters and buffers, with their version counters (which every in-place operation
+    on a tensor or on any view of it increments).
+
+    None when the call cannot be watched: an argument that is not tensors, numbers, strings
+    and containers of them (an object the call could change, e.g. a key-value cache), or an
+    inference-mode tensor (which has no version counter).
+    """
+    found: list[torch.Tensor] = []
+    if not _tensors((args, kwargs), found):
+        return None
+    found.extend(module.parameters())
+    found.extend(module.buffers())
+    try:
+        return [(t, t._version) for t in found]
+    except RuntimeError:
+        return None
+
+
+def _replayable(watched: list[tuple[torch.Tensor, int]] | None, output: Any) -> bool:
+    """Whether a module call that was watched (:func:`_watch`) and returned ``output`` can be
+    replayed from a copy of ``output`` (:func:`_clone_output`) with the same effect.
+
+    A replay only returns a fresh copy of the output, so the call must have changed none of
+    the watched tensors in place (e.g. an ``nn.ReLU(inplace=True)`` modifies its argument,
+    which its caller may still hold: ``skip = y; y = relu(y)``), and its output must share
+    memory with none of them nor with itself (a module that returns its input, a view of it
+    or a tensor twice): there, an in-place operation on one tensor changes the other when the
+    module runs, and not when it is replayed. Such a call simply runs in every pass.
+    """
+    if watched is None:
+        return False
+    outputs: list[torch.Tensor] = []
+    if not _tensors(output, outputs):
+        return False
+    try:
+        if any(t._version != version for t, version in watched):
+            return False
+        memory = {_memory(t) for t, _ in watched} - {None}
+        for t in outputs:
+            where = _memory(t)
+            if where is not None:
+                if where in memory:
+                    return False
+                memory.add(where)
+    except Exception:  # noqa: BLE001 - a tensor whose memory cannot be inspected: not replayed
+        return False
+    return True
+
+
+def _memory(t: torch.Tensor) -> int | None:
+    """The address of the storage behind ``t`` (shared by all its views); None when empty."""
+    storage = t.untyped_storage()
+    return storage.data_ptr() if storage.nbytes() else None
 
 
 class _PrefixCache:
@@ -235,6 +342,17 @@ class _PrefixCache:
     through the network costs half a forward pass; with it, about the part since the
     previous layer. The copies count against ``limit`` bytes (beyond it nothing more is
     kept, and that part is recomputed).
+
+    A replay returns a copy of the output and has no other effect, so a call is kept only
+    when that is all it did (:func:`_replayable`): it changed none of its arguments,
+    parameters or buffers in place, and its output shares memory with none of them (for an
+    ``nn.Sequential`` ancestor: the children up to the kept one changed none of their
+    parameters or buffers; nothing can see their effect on the container's input before the
+    pass stops inside it). Other calls, e.g. an ``nn.ReLU(inplace=True)`` whose argument the
+    caller also keeps as a shortcut, or a module that updates a buffer, run in every pass
+    (limits: a change made through ``.data``, which has its own version counter, or to a
+    tensor that is neither an argument nor a parameter or buffer of the module, is not
+    seen).
     """
 
     def __init__(self, model: nn.Module, once: set[str], limit: int):
@@ -270,7 +388,8 @@ class _PrefixCache:
 
         calls: dict[str, int] = {}
 
-        def wrap_call(mod_name, forward):
+        def wrap_call(mod_name, mod):
+            forward = mod.forward
             parent = mod_name.rpartition(".")[0]
             outermost = parent in path and parent not in sequential
 
@@ -286,8 +405,11 @@ class _PrefixCache:
                     if outermost:
                         new[mod_name] = old[mod_name]
                     return _replayed(old[mod_name][0])
+                if not outermost:
+                    return forward(*args, **kwargs)
+                watched = _watch(args, kwargs, mod)
                 out = forward(*args, **kwargs)
-                if outermost:
+                if _replayable(watched, out):
                     keep(mod_name, out)
                 return out
 
@@ -298,6 +420,10 @@ class _PrefixCache:
             target = [n for n, m in container.named_children()].index(path[seq_name].rpartition(".")[2])
 
             def forward(value):
+                # Only the children's parameters and buffers are watched: what they do to the
+                # container's input (e.g. an in-place activation first) or to one another's
+                # outputs cannot be seen before the pass stops inside the container.
+                watched = _watch((), {}, container) if target > 0 else None
                 start = 0
                 record = old.get(("seq", seq_name))
                 if record is not None and record[2] < target:
@@ -306,7 +432,7 @@ class _PrefixCache:
                         new[("seq", seq_name)] = record
                 for i in range(start, len(children)):
                     value = children[i](value)
-                    if i == target - 1:
+                    if i == target - 1 and _replayable(watched, value):
                         keep(("seq", seq_name), value, i)
                 return value
 
@@ -319,7 +445,7 @@ class _PrefixCache:
             if mod_name in sequential:
                 replacement = wrap_sequential(mod_name, mod)
             elif mod_name not in path:
-                replacement = wrap_call(mod_name, mod.forward)
+                replacement = wrap_call(mod_name, mod)
             else:
                 continue  # an ancestor of the layer: it runs (and is stopped inside)
             wrapped.append((mod, mod.__dict__.get("forward")))
@@ -719,6 +845,10 @@ def _run_sequential(
                     reference, batches, names, named, max_batches, run_device, ranks, skipped, call_position, refit,
                     refit_all, module_calls, per_image,
                 )
+                # Before any fitting, as compress does (the loop would meet them layer by layer).
+                _check_ranks(
+                    reference, [name for name in order if name not in refit], method, ranks, ratio, energy, budget
+                )
             except Exception as exc:  # noqa: BLE001 - every process must learn of it
                 error = exc
             comm.agree(error, "planning")
@@ -896,6 +1026,24 @@ def _plan_order(
         raise ValueError("No layer to compress: none of the selected layers is called once per forward pass.")
     check_unknown_ranks(ranks, [name for name in order if name not in refit])
     return order
+
+
+def _check_ranks(model, names, method, ranks, ratio, energy, budget) -> None:
+    """Refuse a missing or invalid rank of any layer of ``names`` before the first layer is
+    fitted, with :func:`compress`'s message (each layer's rank is otherwise resolved only when
+    its turn comes, after every earlier layer's pass and fit).
+
+    The same checks as :func:`_resolve_rank` in :func:`_fit_layer`, on the same weight shapes
+    (a layer is replaced only after its fit): an explicit rank is validated, a layer without
+    one needs ``ratio`` or ``energy`` (always valid; ``energy``'s rank depends on the fit's
+    statistics). With ``budget`` the allocation sets every rank, so nothing is checked here.
+    """
+    if budget is not None:
+        return
+    for name in names:
+        if (ranks is not None and name in ranks) or (ratio is None and energy is None):
+            module = model.get_submodule(name)
+            _resolve_rank(name, module, _layer_method(module, method), ranks, None, None, module.weight, None)
 
 
 def _layer_moments(
