@@ -767,7 +767,7 @@ def _row_spectra(
     products in :func:`_spectral_lags` read them as ``(image rows) x 2 C`` matrices.  No copy
     of the input is made, and the border columns come out of the same pass: copying the
     input channels-last first and transforming that, or transforming it as it lies and
-    copying the spectra channels-last, each took 1.2 to 2.5 times as long (250 images of 16
+    copying the spectra channels-last, each took 1.1 to 1.7 times as long (250 images of 16
     to 64 channels, 28x28 to 7x7, one or two threads), and each gather of a column of an
     ``(images, C, rows, width)`` input reads all of its memory.
     """
