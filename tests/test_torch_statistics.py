@@ -547,6 +547,33 @@ def test_cross_statistics_streaming_equals_one_batch_and_numpy(dtype, precision)
     assert not torch.allclose(streamed.cov_xy, streamed.cov_xy.transpose(1, 2))
 
 
+def test_state_dicts_are_snapshots_and_rebuilt_statistics_are_independent():
+    """``state_dict()`` is a snapshot, and statistics rebuilt from it are a new object: they
+    used to share the sums' memory (a CPU tensor's ``.cpu()`` is itself), so updating one
+    changed the other and the snapshot (sums of 144 patches beside a count of 72)."""
+    from tensorly_dataaware.torch.statistics import CrossStatistics
+
+    gen = torch.Generator().manual_seed(11)
+    x, y = torch.randn(40, 5, generator=gen, dtype=F64), torch.randn(40, 5, generator=gen, dtype=F64)
+    layer = LayerStatistics("linear", (3, 5))
+    layer.update(x[:20])
+    cross = CrossStatistics(5)
+    cross.update(x[:20], y[:20])
+    cases = ((layer, ("sum", "sum_outer"), lambda s: s.update(x[20:])),
+             (cross, ("sum_x", "sum_y", "sum_yy", "sum_xy"), lambda s: s.update(x[20:], y[20:])))
+    for original, names, more in cases:
+        before = {name: getattr(original, name).clone() for name in names}
+        snapshot = original.state_dict()
+        rebuilt = type(original).from_state_dict(snapshot)
+        more(rebuilt)
+        assert rebuilt.count == 40 and original.count == 20
+        for name in names:
+            assert torch.equal(getattr(original, name), before[name]), f"{name}: the original changed"
+        more(original)
+        for name in names:
+            assert torch.equal(snapshot[name], before[name]), f"{name}: the snapshot followed an update"
+
+
 def test_cross_statistics_merge_state_and_errors(tmp_path):
     from tensorly_dataaware.torch.statistics import CrossStatistics
 

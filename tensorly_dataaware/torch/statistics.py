@@ -1258,7 +1258,9 @@ def _state_tensor(state: Mapping[str, Any], key: str, shape: tuple[int, ...], wh
         raise ValueError(f"Corrupt {what} state: {key!r} must be a real floating-point tensor; got {type(value).__name__}.")
     if tuple(value.shape) != shape:
         raise ValueError(f"Corrupt {what} state: {key!r} has shape {tuple(value.shape)}, expected {shape}.")
-    value = value.to(torch.float64)
+    # A copy: the rebuilt statistics accumulate into it in place, which must not change
+    # the state they were built from (or the statistics that state came from).
+    value = value.to(torch.float64, copy=True)
     if not bool(torch.isfinite(value).all()):
         raise ValueError(f"Corrupt {what} state: {key!r} holds NaN or Inf values.")
     return value
@@ -1588,8 +1590,10 @@ class LayerStatistics:
             "groups": self.groups,
             "hyper_parameters": dict(self.hyper_parameters),
             "count": int(self.count),
-            "sum": self.sum.detach().cpu(),
-            "sum_outer": self.sum_outer.detach().cpu(),
+            # Copies: a CPU tensor's .cpu() is the tensor itself, and a snapshot must not
+            # follow later updates (nor its rebuilt statistics write into these).
+            "sum": self.sum.detach().to("cpu", copy=True),
+            "sum_outer": self.sum_outer.detach().to("cpu", copy=True),
         }
 
     @classmethod
@@ -2004,7 +2008,7 @@ class CrossStatistics:
             "n": self.n,
             "groups": self.groups,
             "count": int(self.count),
-            **{name: t.detach().cpu() for name, t in zip(_CROSS_SUMS, self.sum_tensors())},
+            **{name: t.detach().to("cpu", copy=True) for name, t in zip(_CROSS_SUMS, self.sum_tensors())},
         }
 
     @classmethod
