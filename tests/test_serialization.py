@@ -59,6 +59,18 @@ def test_round_trip(saved):
     torch.testing.assert_close(fresh(x), small(x))
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_factorized_layers_take_the_dtype_of_the_model_they_are_loaded_into(saved, dtype):
+    """A float32 file loaded into a model of another dtype: the factorized layers follow the
+    model (as its dense layers do through load_state_dict) instead of keeping the file's
+    dtype, which made the forward pass fail on mixed dtypes."""
+    small, path = saved
+    fresh = load_compressed(Net().to(dtype), path)
+    assert {p.dtype for p in fresh.parameters()} == {dtype}
+    x = torch.randn(2, 3, 6, 6)
+    torch.testing.assert_close(fresh(x.to(dtype)).float(), small(x), rtol=2e-2, atol=2e-2)
+
+
 def test_other_widths_fail_cleanly_and_leave_the_model_untouched(saved):
     _, path = saved
     other = Net(width=12)

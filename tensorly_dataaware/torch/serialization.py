@@ -172,8 +172,11 @@ def _build(name: str, spec: Any, modules: dict[str, nn.Module]) -> nn.Module:
         raise _Invalid(f"layer {name!r} ({cls_name}): {exc}") from None
     reference = next(iter(old.parameters()), None)
     device = reference.device if reference is not None else None
+    # The layer's dtype, not the file's: the rest of the model keeps its own dtype (its
+    # load_state_dict casts), and a float64 layer in a float32 model cannot run.
+    dtype = reference.dtype if reference is not None and reference.is_floating_point() else None
     try:
-        new = build_from_spec(spec, device=device)
+        new = build_from_spec(spec, device=device, dtype=dtype)
     except (ValueError, TypeError, KeyError, IndexError) as exc:
         raise _Invalid(f"bad spec for layer {name!r}: {exc}") from None
     if cls_name in _CONV_CLASSES:
@@ -225,7 +228,9 @@ def load_compressed(model: nn.Module, path: str | os.PathLike, map_location: Any
     Parameters
     ----------
     model : nn.Module
-        A fresh instance of the original architecture; modified in place.
+        A fresh instance of the original architecture; modified in place. The factorized
+        modules take the device and dtype of the layers they replace (the weights are cast,
+        as ``load_state_dict`` casts the others).
     path : str or os.PathLike
         A file written by :func:`save_compressed`. It is read with
         ``torch.load(weights_only=True)``, which runs no code from the file.
