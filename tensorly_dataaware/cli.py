@@ -1037,7 +1037,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "choose it per layer by cross-validation over the calibration images, or 'auto' (default): "
                         "'cv' for the layers with fewer calibration samples than twice their inputs, --damping elsewhere")
     r.add_argument("--uncentered", action="store_true", help="weight with the uncentred second moment instead of the covariance")
-    r.add_argument("--damping", type=float, default=1e-6, help="relative ridge added to each covariance")
+    r.add_argument("--damping", type=_nonnegative_float, default=1e-6, help="relative ridge added to each covariance")
     r.add_argument("--n-iter-max", type=_positive_int, default=30, help="maximum ALS sweeps of the solvers")
     r.add_argument("--eval-samples", type=_positive_int, default=DEFAULT_EVAL, help="labelled images used for the accuracy")
     io_ = comp.add_argument_group("files")

@@ -40,11 +40,23 @@ def matricize(tensor):
 
 
 def _to_dense(approximation):
-    """Accept a dense tensor, a ``CPTensor``/``TuckerTensor`` or a ``(weights, factors)`` pair."""
+    """Accept a dense tensor, a ``CPTensor``/``TuckerTensor``, or their plain-tuple forms
+    ``(weights, factors)`` / ``(core, factors)`` (what the solvers' ``init`` also accepts)."""
     if isinstance(approximation, tl.cp_tensor.CPTensor):
         return tl.cp_to_tensor(approximation)
     if isinstance(approximation, tl.tucker_tensor.TuckerTensor):
         return tl.tucker_to_tensor(approximation)
+    if isinstance(approximation, tuple) and len(approximation) == 2:
+        # Only a pair whose second item is a sequence of matrices (the factors): a dense
+        # tensor written as nested tuples of numbers stays what it is.
+        head, factors = approximation
+        if (isinstance(factors, (list, tuple)) and factors
+                and all(getattr(f, "ndim", None) == 2 for f in factors) and getattr(head, "ndim", None) is not None):
+            ranks = [f.shape[1] for f in factors]
+            if head.ndim == 1 and all(r == head.shape[0] for r in ranks):
+                return tl.cp_to_tensor(tl.cp_tensor.CPTensor((head, list(factors))))
+            if head.ndim == len(factors) and tuple(head.shape) == tuple(ranks):
+                return tl.tucker_to_tensor(tl.tucker_tensor.TuckerTensor((head, list(factors))))
     return approximation
 
 

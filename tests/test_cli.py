@@ -522,6 +522,8 @@ def _bad_inputs(tiny_files, tmp_path):
         # argparse's own errors
         "ratio > 1": ["compress", *model, *data, "--ratio", "2"],
         "ratio nan": ["compress", *model, *data, "--ratio", "nan"],
+        "damping negative": ["compress", *model, *data, "--damping", "-1"],
+        "damping nan": ["compress", *model, *data, "--damping", "nan"],
         "two sizes": ["compress", *model, *data, "--ratio", "0.5", "--energy", "0.9"],
         "threads 0": ["compress", *model, *data, "--threads", "0"],
         "timeout negative": ["compress", *model, *data, "--distributed", "--timeout", "-1"],
@@ -559,6 +561,11 @@ def test_layer_and_label_errors_come_before_any_statistics(tiny_files, tmp_path,
     np.savez(labels, images=np.zeros((4, 12, 12), np.uint8), labels=np.array([0, 1, 9, 2]))
     err = _error(capsys, ["compress", *_state_args(tiny_files), "--data-dir", str(labels), "--ratio", "0.5"])
     assert "labels go up to 9 but the model has 4 classes" in err
+    for damping in ("-1", "nan", "inf"):  # were checked by the library, after the statistics
+        code = main(["compress", *_state_args(tiny_files), "--data-dir", str(tiny_files["data"]),
+                     "--ratio", "0.5", "--damping", damping, "--no-progress"])
+        err = capsys.readouterr().err
+        assert code == 2 and "argument --damping: expected a finite number >= 0" in err, err
 
 
 def test_explicit_messages(tiny_files, tmp_path, capsys):

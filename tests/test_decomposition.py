@@ -326,6 +326,20 @@ class TestBadInput:
             with pytest.raises(ValueError, match="NaN or Inf"):
                 parafac_sigma(W2, 3, s2)
 
+    @pytest.mark.parametrize("bad", [np.nan, np.inf])
+    def test_non_finite_init(self, rng, bad):
+        """A warm start holding a NaN / Inf is refused by name (it used to surface as
+        "Eigenvalues did not converge" in the first sweep)."""
+        W, sigma = rng.standard_normal(SHAPE), correlated_sigma(rng, N)
+        tucker = tucker2_sigma(W, (3, 2), sigma, n_iter_max=2)
+        cp = parafac_sigma(W, 3, sigma, n_iter_max=2)
+        tucker.factors[1][0, 0] = bad
+        cp.factors[2][1, 0] = bad
+        with pytest.raises(ValueError, match="`init` contains NaN or Inf"):
+            tucker2_sigma(W, (3, 2), sigma, init=(tucker.core, tucker.factors))
+        with pytest.raises(ValueError, match="`init` contains NaN or Inf"):
+            parafac_sigma(W, 3, sigma, init=cp)
+
     @pytest.mark.parametrize("rank", [0, -2, (11, 2), (2, 9), (0, 1), 2.5, 0.0])
     def test_tucker_rank_out_of_range(self, rng, rank):
         with pytest.raises(ValueError):
@@ -383,6 +397,19 @@ class TestNorms:
         X = rng.standard_normal((500, 6))
         W = rng.standard_normal((4, 6))
         assert sigma_norm(W, X.T @ X / 500) ** 2 == pytest.approx(np.mean(np.sum((X @ W.T) ** 2, axis=1)))
+
+    def test_relative_error_of_plain_decomposition_tuples(self, rng):
+        """``(weights, factors)`` and ``(core, factors)`` pairs, as the solvers' ``init``
+        takes them, mean the same as ``CPTensor`` / ``TuckerTensor`` (they were refused as
+        "not a tensor"); a dense tensor written as nested tuples is still a dense tensor."""
+        W, sigma = rng.standard_normal(SHAPE), correlated_sigma(rng, N)
+        cp = parafac_sigma(W, 3, sigma, n_iter_max=3)
+        tucker = tucker2_sigma(W, (3, 2), sigma, n_iter_max=3)
+        assert relative_sigma_error(W, (cp.weights, cp.factors), sigma) == relative_sigma_error(W, cp, sigma)
+        assert relative_sigma_error(W, (tucker.core, tucker.factors), sigma) == relative_sigma_error(W, tucker, sigma)
+        M = rng.standard_normal((2, 3))
+        dense = tuple(tuple(row) for row in M)
+        assert relative_sigma_error(M, dense, np.eye(3)) == 0.0
 
     def test_relative_error_shape_mismatch(self, rng):
         with pytest.raises(ValueError, match="approximation"):

@@ -33,7 +33,7 @@ import tensorly as tl
 from tensorly.cp_tensor import CPTensor
 
 from .._backend_ops import weighted_sum
-from .._validation import validate_cp_rank
+from .._validation import check_finite, validate_cp_rank
 from ..norms import psd_solve
 from ._als import finish, run_als
 from ._base import SigmaDecomposition
@@ -178,7 +178,11 @@ def _initial_inputs(tensor, prob: SigmaProblem, rank: int, init, random_state):
             raise ValueError(
                 f"`init` CP decomposition must have factors of shapes {[(d, rank) for d in prob.shape]}."
             )
-        return [tl.tensor(f, **context) for f in factors[1:]]
+        inputs = [tl.tensor(f, **context) for f in factors[1:]]
+        for factor in inputs:
+            # A NaN would surface as "Eigenvalues did not converge" in the first solve.
+            check_finite(factor, "init")
+        return inputs
     if init not in ("svd", "random", "frobenius"):
         raise ValueError(f"Unknown init {init!r}: use 'svd', 'frobenius', 'random' or a CPTensor.")
     with warnings.catch_warnings():

@@ -44,7 +44,7 @@ import tensorly as tl
 from tensorly.tucker_tensor import TuckerTensor
 
 from .._backend_ops import contract
-from .._validation import validate_tucker2_rank
+from .._validation import check_finite, validate_tucker2_rank
 from ..norms import psd_solve, top_eigvecs
 from ._als import finish, run_als
 from ._base import SigmaDecomposition
@@ -121,7 +121,10 @@ def _initial_input_factor(tensor, prob: SigmaProblem, ranks, init, random_state)
             raise ValueError(
                 f"`init` decomposition must have an input factor (factors[1]) of shape ({S}, {r_in})."
             )
-        return _orthonormalize(tl.tensor(factors[1], **tl.context(tensor)))
+        factor = tl.tensor(factors[1], **tl.context(tensor))
+        # A NaN would surface as "Eigenvalues did not converge" deep inside the first sweep.
+        check_finite(factor, "init")
+        return _orthonormalize(factor)
     if init == "svd":
         # Plain HOSVD of the input mode: leading left singular vectors of unfold(W, 1).
         unfolded = tl.unfold(tensor, 1)
