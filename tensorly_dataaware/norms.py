@@ -131,7 +131,7 @@ def relative_sigma_error(tensor, approximation, sigma, *, check_psd: bool = Fals
     ----------
     tensor : tensor of shape ``(T, S, ...)``
         The reference tensor ``W``.
-    approximation : tensor, CPTensor or TuckerTensor
+    approximation : tensor, CPTensor, TuckerTensor, or a ``(weights, factors)`` / ``(core, factors)`` pair
         ``W~``; decompositions are reconstructed first.
     sigma : tensor of shape ``(n, n)``
         Symmetric positive semi-definite weight.
