@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import gzip
+import os
+import stat
 
 import numpy as np
 import pytest
@@ -37,6 +39,43 @@ def test_read_idx_round_trip(tmp_path, rng, suffix, dtype):
     out = read_idx(path)
     assert out.dtype == np.dtype(dtype) and out.dtype.isnative
     np.testing.assert_array_equal(out, array)
+
+
+@pytest.mark.parametrize("suffix", ["", ".gz"])
+def test_write_idx_failure_keeps_the_old_file(tmp_path, rng, suffix):
+    resource = pytest.importorskip("resource")
+    signal = pytest.importorskip("signal")
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    if hard != resource.RLIM_INFINITY and hard < 4096:
+        pytest.skip("file size limit too low")
+    store = tmp_path / "store"
+    store.mkdir()
+    target = store / f"images-idx3{suffix}"
+    old = np.arange(6, dtype=np.uint8).reshape(2, 3)
+    write_idx(target, old)
+    os.chmod(target, 0o600)
+    link = tmp_path / target.name  # written through, as open() would
+    link.symlink_to(target)
+    before = target.read_bytes()
+    # Random bytes: gzip cannot shrink them under the limit below.
+    new = rng.integers(0, 256, (4, 28, 28), dtype=np.uint8)
+    # A real "disk full" from the kernel: no file may grow past 1000 bytes (EFBIG; SIGXFSZ
+    # ignored so that the write fails instead of the process being killed).
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1000, hard))
+    try:
+        with pytest.raises(OSError):
+            write_idx(link, new)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
+    # The old file is intact and no temporary file is left in either folder.
+    assert target.read_bytes() == before and link.is_symlink()
+    assert sorted(os.listdir(tmp_path)) == [target.name, "store"] and os.listdir(store) == [target.name]
+    write_idx(link, new)
+    np.testing.assert_array_equal(read_idx(target), new)
+    assert link.is_symlink() and stat.S_IMODE(os.stat(target).st_mode) == 0o600
+    assert os.listdir(store) == [target.name]
 
 
 def test_read_idx_hand_written_header(tmp_path):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import stat
+import tempfile
 
 import pytest
 
@@ -91,6 +93,51 @@ def test_export_is_atomic_and_checked(tmp_path, monkeypatch):
     other = SmallFactorized(seed=5)
     with pytest.raises(ValueError, match="relative difference"):
         export.check_onnx(path, other, x)
+
+
+def test_export_writes_like_the_packages_atomic_writer(tmp_path, monkeypatch):
+    """A symlink is written through, an existing file keeps its mode, the umask is never
+    flipped, and neither a failed nor a successful export leaves a temporary file."""
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    scratch = tmp_path / "tmp"  # where the exporter's scratch folder goes
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+
+    def no_umask(mask):
+        raise AssertionError("os.umask called: flipping it races with other threads")
+
+    monkeypatch.setattr(os, "umask", no_umask)
+    model, x = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()).eval(), torch.randn(2, 3, 8, 8)
+    store = tmp_path / "store"
+    store.mkdir()
+    target = store / "net.onnx"
+    target.write_bytes(b"old")
+    os.chmod(target, 0o600)
+    link = tmp_path / "net.onnx"
+    link.symlink_to(target)
+
+    def leftovers():
+        return sorted(os.listdir(tmp_path)), os.listdir(store), os.listdir(scratch)
+
+    real_check = export.check_onnx
+
+    def check_then_fail(*args, **kwargs):
+        real_check(*args, **kwargs)  # the exported file is complete and correct, but ...
+        raise ValueError("ONNX Runtime output differs")  # ... a failed check writes nothing
+
+    monkeypatch.setattr(export, "check_onnx", check_then_fail)
+    with pytest.raises(ValueError, match="differs"):
+        export_onnx(model, link, x)
+    assert link.is_symlink() and target.read_bytes() == b"old"
+    assert leftovers() == (["net.onnx", "store", "tmp"], ["net.onnx"], [])
+
+    monkeypatch.setattr(export, "check_onnx", real_check)
+    assert export_onnx(model, link, x) == str(link)
+    assert link.is_symlink() and target.read_bytes() != b"old"
+    assert stat.S_IMODE(os.stat(target).st_mode) == 0o600
+    assert export.check_onnx(link, model, x) <= ONNX_RTOL
+    assert leftovers() == (["net.onnx", "store", "tmp"], ["net.onnx"], [])
 
 
 def test_bad_arguments(tmp_path):

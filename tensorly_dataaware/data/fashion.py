@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Union
 
 import numpy as np
 
+from .._atomic import atomic_write
+
 if TYPE_CHECKING:  # pragma: no cover - only for type checkers
     from torch.utils.data import DataLoader, TensorDataset
 
@@ -155,10 +157,14 @@ def read_idx(path: PathLike) -> np.ndarray:
 def write_idx(path: PathLike, array: np.ndarray, compress: bool | None = None) -> None:
     """Write ``array`` as an IDX file, the inverse of :func:`read_idx`.
 
+    The file is written atomically (:func:`tensorly_dataaware._atomic.atomic_write`): a
+    reader sees the old file or the complete new one, and if writing fails (e.g. the disk
+    fills up) an existing file is left as it was and no temporary file remains.
+
     Parameters
     ----------
     path : str or os.PathLike
-        Destination file.
+        Destination file. A symbolic link is written through; an existing file keeps its mode.
     array : numpy.ndarray
         At least one-dimensional; dtype one of uint8, int8, int16, int32, float32, float64.
     compress : bool, optional
@@ -177,9 +183,17 @@ def write_idx(path: PathLike, array: np.ndarray, compress: bool | None = None) -
     path = Path(path)
     if compress is None:
         compress = path.suffix == ".gz"
-    opener = gzip.open if compress else open
-    with opener(path, "wb") as handle:
-        handle.write(header + payload)
+
+    def write(handle) -> None:
+        if not compress:
+            handle.write(header + payload)
+            return
+        # The gzip header records the file name, as gzip.open(path) would; the temporary
+        # file's handle has none of its own.
+        with gzip.GzipFile(filename=path.name, mode="wb", fileobj=handle) as zipped:
+            zipped.write(header + payload)
+
+    atomic_write(path, write)
 
 
 # --------------------------------------------------------------------------------------

@@ -21,12 +21,15 @@ structure (see ``output_names``).
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import warnings
 from typing import Any, Sequence
 
 import torch
 from torch import nn
+
+from .._atomic import atomic_write
 
 __all__ = ["script", "trace", "export_onnx", "check_onnx", "ONNX_RTOL"]
 
@@ -173,8 +176,11 @@ def export_onnx(
     model : nn.Module
         Not modified (a copy in eval mode is exported).
     path : str or os.PathLike
-        Destination. The file is written to a temporary name in the same folder and renamed
-        over ``path`` only once complete (and checked, when ``check``).
+        Destination. The model is exported to a private scratch folder and checked there
+        (when ``check``); only then is the file written to ``path``, through the package's
+        atomic writer (:func:`tensorly_dataaware._atomic.atomic_write`): a symbolic link is
+        written through, an existing file keeps its mode, and on any failure ``path`` is left
+        as it was and no temporary file remains.
     example_input : torch.Tensor
         Input used to trace the model.
     opset_version : int, default 17
@@ -207,8 +213,9 @@ def export_onnx(
         If the model's output is not a tensor or tuples, lists and dicts of tensors (checked
         on one forward pass before exporting).
     ValueError
-        If ``output_names`` does not fit the outputs, or the check fails (the destination is
-        then left untouched).
+        If ``output_names`` does not fit the outputs, the exporter needs weights stored
+        outside the ONNX file (models over 2 GB), or the check fails (the destination is then
+        left untouched).
     """
     _check_model_input(model, example_input)
     if isinstance(opset_version, bool) or not isinstance(opset_version, int) or opset_version < 7:
@@ -228,9 +235,12 @@ def export_onnx(
         dynamic_axes = {name: {0: "batch"} for name in input_names}
         # A 0-d output (e.g. a sum over the batch) has no batch dimension to make symbolic.
         dynamic_axes.update({name: {0: "batch"} for name, (_, t) in zip(output_names, leaves) if t.dim()})
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".onnx", dir=folder)
-    os.close(fd)
-    try:
+    # The exporters want a path (and may write weights next to it), so they write into a
+    # scratch folder that is removed in any case; the destination itself is written only by
+    # atomic_write, which follows symbolic links, keeps an existing file's mode and never
+    # flips the process-wide umask (see tensorly_dataaware._atomic).
+    with tempfile.TemporaryDirectory(prefix="tensorly-dataaware-onnx-") as scratch:
+        scratch_path = os.path.join(scratch, "model.onnx")
         with torch.no_grad(), warnings.catch_warnings():
             # The TorchScript exporter's deprecation notice is expected: see the module docstring.
             warnings.filterwarnings("ignore", category=DeprecationWarning)
@@ -238,22 +248,27 @@ def export_onnx(
             kwargs: dict[str, Any] = {"dynamo": dynamo}
             if dynamo:
                 kwargs["dynamic_shapes"] = ({0: torch.export.Dim("batch")},) if dynamic_batch else None
+                # The dynamo exporter stores weights in a side file by default; one
+                # self-contained file is what can be moved into place atomically.
+                kwargs["external_data"] = False
             else:
                 kwargs["dynamic_axes"] = dynamic_axes
             torch.onnx.export(
-                exported, (example_input,), tmp, opset_version=opset_version,
+                exported, (example_input,), scratch_path, opset_version=opset_version,
                 input_names=list(input_names), output_names=output_names, **kwargs,
             )
+        extra = sorted(set(os.listdir(scratch)) - {"model.onnx"})
+        if extra:
+            # Both exporters fall back to external weight files above protobuf's 2 GB limit;
+            # copying model.onnx alone would write a file that references missing weights.
+            raise ValueError(
+                f"The exporter stored weights outside the ONNX file ({len(extra)} extra file(s)), "
+                "which export_onnx cannot write atomically; the model is probably over 2 GB."
+            )
         if check:
-            check_onnx(tmp, exported, example_input, rtol=rtol)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+            check_onnx(scratch_path, exported, example_input, rtol=rtol)
+        with open(scratch_path, "rb") as source:
+            atomic_write(path, lambda handle: shutil.copyfileobj(source, handle))
     return path
 
 
