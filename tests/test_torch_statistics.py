@@ -681,6 +681,20 @@ def test_shift_moments_equal_patch_moments(kernel, full_frame_route):
         _assert_moments_match_patches(conv, x, p, config)
 
 
+@pytest.mark.parametrize("layout", ["channels_last", "sliced"])
+def test_shift_moments_of_strided_inputs(layout, full_frame_route):
+    """The DFT route reads each image row's slice of the input where it lies: channels-last
+    and sliced (non-contiguous) inputs give the same moments as contiguous ones."""
+    gen = torch.Generator().manual_seed(12)
+    if layout == "channels_last":
+        x = torch.randn(3, 5, 7, 9, dtype=F64, generator=gen).contiguous(memory_format=torch.channels_last)
+    else:
+        x = torch.randn(3, 8, 9, 12, dtype=F64, generator=gen)[:, 2:7, 1:8, 2:11]
+    for padding, dilation in ((1, 1), (0, 2), ("same", 1)):
+        conv = nn.Conv2d(5, 3, 3, padding=padding, dilation=dilation, dtype=F64)
+        _assert_moments_match_patches(conv, x, patches_for(conv, x.contiguous()), f"{layout} {padding} {dilation}")
+
+
 def test_shift_moments_random_geometries(full_frame_route):
     """Random small geometries, including 1-pixel-high or -wide inputs, even and
     rectangular kernels, asymmetric padding and mixed dilations: the stride-1 route (border
