@@ -762,6 +762,56 @@ def test_refit_true_refits_the_layers_left_dense_after_the_first_compressed_one(
         compress_sequential(net, batches, ratio=0.5, refit=True, progress=False)
 
 
+@pytest.mark.parametrize("kind", ["weight_norm", "orthogonal"])
+def test_refit_of_parametrized_layers(kind):
+    """A parametrized layer's weight is a property: the refit assigned a Parameter to it and
+    failed after every earlier layer was fitted. Now the refitted copy is a plain layer of the
+    original class with the fitted (effective) weight; the user's model keeps its
+    parametrization, and the refit is the same as for the unparametrized layer."""
+    from torch.nn.utils import parametrizations, parametrize
+
+    net = _conv_net()
+    plain = copy.deepcopy(net)
+    if kind == "weight_norm":
+        parametrizations.weight_norm(net[5])
+    else:
+        net[7] = parametrizations.orthogonal(net[7])
+        plain[7].weight.data.copy_(net[7].weight.detach())
+    batches = _batches()
+    kwargs = dict(ranks={"3": (4, 3)}, layers=["3"], refit=True, progress=False, n_iter_max=5)
+    small = compress_sequential(net, batches, **kwargs)
+    reference = compress_sequential(plain, batches, **kwargs)
+    for name in ("5", "7"):
+        layer = small.get_submodule(name)
+        assert not parametrize.is_parametrized(layer) and type(layer) in (nn.Conv2d, nn.Linear)
+        torch.testing.assert_close(layer.weight, reference.get_submodule(name).weight, rtol=1e-6, atol=1e-8)
+    assert parametrize.is_parametrized(net[5] if kind == "weight_norm" else net[7])  # the user's model
+    x = batches[0][0]
+    torch.testing.assert_close(net(x), plain(x))  # unchanged by the refit of its copy
+
+
+def test_bias_correction_none_and_flags():
+    """``bias_correction=None`` means what it means in compress (it was falsy here, and
+    turned the correction off); yes/no options refuse non-bool values (``inplace='no'`` is
+    truthy and modified the user's model)."""
+    net = _conv_net()
+    batches = _batches()
+    kwargs = dict(ranks={"3": (4, 3)}, layers=["3"], progress=False, n_iter_max=5)
+    auto = compress_sequential(net, batches, bias_correction=None, **kwargs)
+    on = compress_sequential(net, batches, bias_correction=True, **kwargs)
+    torch.testing.assert_close(auto[3].last.bias, on[3].last.bias, rtol=0, atol=0)
+    off = compress_sequential(net, batches, bias_correction=False, **kwargs)
+    assert not torch.allclose(off[3].last.bias, on[3].last.bias)
+    for flag in ("inplace", "centered", "bias_correction", "return_report", "progress"):
+        with pytest.raises(TypeError, match=f"`{flag}` must be True or False"):
+            compress_sequential(net, batches, **{**kwargs, flag: "no"})
+    assert type(net[3]) is nn.Conv2d
+    stats = collect_covariances(net, [b[0] for b in batches], progress=False)
+    with pytest.raises(TypeError, match="`inplace` must be True or False"):
+        compress(net, stats, "tucker2", ranks={"3": (4, 3)}, layers=["3"], inplace="no", progress=False)
+    assert type(net[3]) is nn.Conv2d
+
+
 def _refit_brute_force(w, b0, x, y, folds, grid, centered, bias_correction):
     """Held-out squared error of the ridge refit for every relative ridge, by explicit fits."""
     n = y.shape[1]

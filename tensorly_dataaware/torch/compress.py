@@ -248,6 +248,17 @@ def _resolve_rank(name, module, method, ranks, ratio, energy, weight, sigma):
     raise ValueError(f"No rank for layer {name!r}: give `ranks` for it, `ratio`, `energy` or `budget`.")
 
 
+def check_flags(**flags: Any) -> None:
+    """Refuse a value other than True / False for a yes/no option (pass an option that may
+    also be ``None`` only when it is not ``None``).
+
+    Why: ``inplace="no"`` is truthy, and modified the user's model.
+    """
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise TypeError(f"`{name}` must be True or False; got {value!r}.")
+
+
 def check_rank_options(ranks, ratio, energy, budget) -> None:
     """Validate the rank arguments shared by :func:`compress` and :func:`compress_sequential`.
 
@@ -756,6 +767,9 @@ def compress(
     _check_choice(norm, "norm", NORMS)
     _check_choice(method, "method", METHODS)
     check_solver_options(method, norm, solver_options)
+    check_flags(centered=centered, inplace=inplace, return_report=return_report, progress=progress)
+    if bias_correction is not None:
+        check_flags(bias_correction=bias_correction)
     if bias_correction is None:
         bias_correction = norm == "sigma" and centered
     target = model if inplace else copy.deepcopy(model)

@@ -65,6 +65,7 @@ from typing import Any
 import tensorly as tl
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 
 from ..norms import psd_solve
@@ -80,6 +81,7 @@ from .compress import (
     _set_module,
     _unsupported_reason,
     check_device,
+    check_flags,
     check_rank_options,
     check_solver_options,
     check_unknown_ranks,
@@ -628,6 +630,8 @@ def compress_sequential(
         Covariances (True) or uncentred second moments (False).
     bias_correction : bool, default is True
         Set the bias to ``b + W E[x] - W~ E[x~]``, the best constant for the fitted ``W~``.
+        ``None`` means what it means in :func:`~tensorly_dataaware.torch.compress`: True for
+        ``norm='sigma'`` with ``centered=True``, False otherwise.
     inplace : bool, default is False
         Modify ``model`` itself.
     return_report : bool, default is False
@@ -796,6 +800,12 @@ def _run_sequential(
     check_eager_model(model)
     _check_choice(method, "method", METHODS)
     _check_choice(norm, "norm", NORMS)
+    check_flags(centered=centered, inplace=inplace, return_report=return_report, progress=progress)
+    if bias_correction is None:
+        # As in compress: None was falsy here, and turned the correction off silently (a 5x
+        # larger output error in the audit's case).
+        bias_correction = norm == "sigma" and centered
+    check_flags(bias_correction=bias_correction)
     check_rank_options(ranks, ratio, energy, budget)
     check_solver_options(method, norm, solver_options)
     device = check_device(device)
@@ -1227,13 +1237,27 @@ def _refit_layer(
     weight, goal, _ = _targets(module, moments, first_layer, centered, damping, dev)
     new = copy.deepcopy(module)
     dtype, out_dev = module.weight.dtype, module.weight.device
-    new.weight = nn.Parameter(goal.to(dtype=dtype, device=out_dev), requires_grad=module.weight.requires_grad)
+    trainable = module.weight.requires_grad
+    if parametrize.is_parametrized(module):
+        # A parametrized weight is a property: assigning a Parameter to it fails. The
+        # refitted value is the effective weight itself, so the copy becomes a plain layer
+        # of the original class, as a compressed layer does (a weight-norm or orthogonal
+        # constraint would otherwise rescale or project it). Not remove_parametrizations:
+        # it edits the parametrized class, which the copy shares with the user's module.
+        new.__class__ = type(module).__bases__[0]
+        del new._modules["parametrizations"]
+        if parametrize.is_parametrized(module, "bias"):
+            new.bias = nn.Parameter(module.bias.detach().clone(), requires_grad=module.bias.requires_grad)
+        notes.append("parametrization removed")
+    new.weight = nn.Parameter(goal.to(dtype=dtype, device=out_dev), requires_grad=trainable)
     if bias_correction:
         mat, goal_mat = weight.reshape(weight.shape[0], -1), goal.reshape(weight.shape[0], -1)
         bias = mat @ moments.mean_x[0].to(dev) - goal_mat @ moments.mean_y[0].to(dev)
         if module.bias is not None:
             bias = bias + module.bias.detach().to(bias)
-        new.bias = nn.Parameter(bias.to(dtype=dtype, device=out_dev))
+        # Frozen layers stay frozen: a new Parameter would be trainable by default.
+        new.bias = nn.Parameter(bias.to(dtype=dtype, device=out_dev),
+                                requires_grad=module.bias.requires_grad if module.bias is not None else trainable)
         notes.insert(1, "bias corrected")
     params = rk.dense_params(weight.shape)
     row = LayerReport(
