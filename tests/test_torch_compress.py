@@ -1,5 +1,6 @@
 """The PyTorch adapter end to end: statistics -> decomposition -> factorized modules."""
 
+import copy
 import warnings
 
 import numpy as np
@@ -377,6 +378,19 @@ def test_statistics_of_a_layer_with_other_settings_are_refused():
         with pytest.raises(ValueError, match="collected on a layer with other settings"):
             compress(model, stats, "tucker2", ranks={"0": (4, 2)}, progress=False)
     compress(base, stats, "tucker2", ranks={"0": (4, 2)}, progress=False, n_iter_max=2)  # its own: fine
+
+
+def test_compress_leaves_the_rng_and_frozen_layers_as_they_were(zoo):
+    """compress draws nothing from the global RNG (the factorized modules' constructors did),
+    and a frozen layer gives frozen factors (new Parameters are trainable by default)."""
+    model, stats = zoo
+    frozen = copy.deepcopy(model).requires_grad_(False)
+    state = torch.get_rng_state()
+    small = compress(frozen, stats, "tucker2", ratio=0.5, layers=["a", "fc"], progress=False, n_iter_max=2)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert not any(p.requires_grad for p in small.parameters())
+    trainable = compress(model, stats, "svd", ratio=0.5, layers=["fc"], progress=False)
+    assert all(p.requires_grad for p in trainable.fc.parameters())
 
 
 def test_decomposition_error_matches_report(zoo):

@@ -146,6 +146,19 @@ def test_weight_and_bias_read_like_the_dense_layer(kind):
     torch.jit.script(module)
 
 
+@pytest.mark.parametrize("kind", ["tucker2", "cp", "lowrank", "linear"])
+def test_construction_leaves_the_global_rng_alone(kind):
+    """The factors are copied in at construction: the submodules are built without their
+    random initialization, which advanced the global RNG (code seeded before compressing
+    then shuffled or dropped out differently)."""
+    gen = torch.Generator().manual_seed(4)
+    args = (_randn(3, 7, gen=gen), _randn(4, 3, gen=gen)) if kind == "linear" else None
+    state = torch.get_rng_state()
+    module = LowRankLinear(*args) if kind == "linear" else _make(kind, (3, 3), 1, 1, "zeros", 1, None, gen)[0]
+    assert torch.equal(torch.get_rng_state(), state)
+    assert all(bool(torch.isfinite(p).all()) for p in module.parameters())
+
+
 def test_compressed_transformer_encoder_layer_runs_and_matches():
     """``nn.TransformerEncoderLayer.forward`` reads ``linear1.weight`` (and its fused path
     computes with it): compressed at full rank, the layer gives the original output, with and

@@ -667,6 +667,8 @@ def decompose_layer(
         job.method, module, _cast_tensors(tensors, dtype, dev), None if bias is None else bias.to(dtype=dtype, device=dev)
     )
     new.train(module.training)
+    if not module.weight.requires_grad:
+        new.requires_grad_(False)  # a frozen layer gives frozen factors (new Parameters are trainable)
     row = LayerReport(
         name=job.name,
         kind=type(module).__name__,

@@ -51,6 +51,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+# The factors are copied in right after construction: skip_init builds the submodules
+# without their random initialization, which advanced the global RNG (and cost time).
+from torch.nn.utils import skip_init
 from torch import nn
 
 __all__ = ["Tucker2Conv2d", "CPConv2d", "LowRankConv2d", "LowRankLinear", "build_from_spec"]
@@ -385,12 +388,13 @@ class Tucker2Conv2d(_FactorizedConv2d):
         self._init_conv(in_channels, out_channels, (kh, kw), stride, padding, dilation, padding_mode, groups)
         self.ranks = (int(rank_out), int(rank_in))
         kwargs = {"dtype": core.dtype, "device": core.device}
-        self.first = nn.Conv2d(in_channels, rank_in, 1, bias=False, **kwargs)
-        self.core = nn.Conv2d(
+        self.first = skip_init(nn.Conv2d, in_channels, rank_in, 1, bias=False, **kwargs)
+        self.core = skip_init(
+            nn.Conv2d,
             rank_in, rank_out, (kh, kw), stride=self.stride, padding=self.padding, dilation=self.dilation,
             padding_mode=self.padding_mode, bias=False, **kwargs,
         )
-        self.last = nn.Conv2d(rank_out, out_channels, 1, bias=bias is not None, **kwargs)
+        self.last = skip_init(nn.Conv2d, rank_out, out_channels, 1, bias=bias is not None, **kwargs)
         _set(self.first.weight, first.T)
         _set(self.core.weight, core)
         _set(self.last.weight, last)
@@ -532,16 +536,18 @@ class CPConv2d(_FactorizedConv2d):
         # The depthwise pair pads natively (symmetric zeros) or the input is padded once first.
         top, left = self._native_pad
         vertical_pad, horizontal_pad = (top, 0), (0, left)
-        self.first = nn.Conv2d(in_channels, rank, 1, bias=False, **kwargs)
-        self.vertical = nn.Conv2d(
+        self.first = skip_init(nn.Conv2d, in_channels, rank, 1, bias=False, **kwargs)
+        self.vertical = skip_init(
+            nn.Conv2d,
             rank, rank, (kh, 1), stride=(self.stride[0], 1), padding=vertical_pad,
             dilation=(self.dilation[0], 1), groups=rank, bias=False, **kwargs,
         )
-        self.horizontal = nn.Conv2d(
+        self.horizontal = skip_init(
+            nn.Conv2d,
             rank, rank, (1, kw), stride=(1, self.stride[1]), padding=horizontal_pad,
             dilation=(1, self.dilation[1]), groups=rank, bias=False, **kwargs,
         )
-        self.last = nn.Conv2d(rank, out_channels, 1, bias=bias is not None, **kwargs)
+        self.last = skip_init(nn.Conv2d, rank, out_channels, 1, bias=bias is not None, **kwargs)
         _set(self.first.weight, b.T)
         _set(self.vertical.weight, c.T)
         _set(self.horizontal.weight, d.T)
@@ -678,11 +684,12 @@ class LowRankConv2d(_FactorizedConv2d):
         self._init_conv(in_channels, out_channels, (kh, kw), stride, padding, dilation, padding_mode, groups)
         self.rank = int(rank)
         kwargs = {"dtype": first.dtype, "device": first.device}
-        self.first = nn.Conv2d(
+        self.first = skip_init(
+            nn.Conv2d,
             in_channels, rank, (kh, kw), stride=self.stride, padding=self.padding, dilation=self.dilation,
             padding_mode=self.padding_mode, bias=False, **kwargs,
         )
-        self.last = nn.Conv2d(rank, out_channels, 1, bias=bias is not None, **kwargs)
+        self.last = skip_init(nn.Conv2d, rank, out_channels, 1, bias=bias is not None, **kwargs)
         _set(self.first.weight, first)
         _set(self.last.weight, last)
         if bias is not None:
@@ -760,8 +767,8 @@ class LowRankLinear(_FormMixin):
         bias = _bias(bias, out_features, first)
         self.in_features, self.out_features, self.rank = int(in_features), int(out_features), int(rank)
         kwargs = {"dtype": first.dtype, "device": first.device}
-        self.first = nn.Linear(in_features, rank, bias=False, **kwargs)
-        self.last = nn.Linear(rank, out_features, bias=bias is not None, **kwargs)
+        self.first = skip_init(nn.Linear, in_features, rank, bias=False, **kwargs)
+        self.last = skip_init(nn.Linear, rank, out_features, bias=bias is not None, **kwargs)
         _set(self.first.weight, first)
         _set(self.last.weight, last)
         if bias is not None:
