@@ -18,6 +18,7 @@ from tensorly_dataaware.torch import (
     Tucker2Conv2d,
     collect_covariances,
     compress,
+    compress_sequential,
     format_report,
     load_compressed,
     ranks_for_ratio,
@@ -447,6 +448,11 @@ def test_cuda_device_without_cuda(zoo):
     model, stats = zoo
     with pytest.raises(ValueError, match="CUDA is not available"):
         compress(model, stats, ratio=0.5, layers=["c"], device="cuda", progress=False)
+    with pytest.raises(ValueError, match="'meta' holds no values"):  # was an error from deep inside
+        compress(model, stats, ratio=0.5, layers=["c"], device="meta", progress=False)
+    with pytest.raises(ValueError, match="'meta' holds no values"):
+        compress_sequential(model, [torch.zeros(2, 3, 10, 10, dtype=torch.float64)], ratio=0.5, layers=["c"],
+                            device="meta", progress=False)
 
 
 def _singular_sigma(n, negative, seed=0):

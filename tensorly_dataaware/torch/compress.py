@@ -309,6 +309,10 @@ def check_device(device):
         raise ValueError(f"`device` {device!r} is not a valid torch device: {exc}") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"`device` {device!r}: CUDA is not available in this torch build/machine (torch {torch.__version__}).")
+    if dev.type == "meta":
+        # Meta tensors hold no values: the decompositions failed deep inside with
+        # "Tensor.item() cannot be called on meta tensors".
+        raise ValueError("`device` 'meta' holds no values to decompose: give a device with memory ('cpu', 'cuda').")
     return dev
 
 
