@@ -137,6 +137,115 @@ def test_output_fisher_refuses_non_logits_and_empty_batches():
         output_fisher(_net(), _batches(), ["1"])
 
 
+class _NoBatches:
+    """Batches that fail the test if iterated: argument errors come before any forward pass."""
+
+    def __iter__(self):
+        raise AssertionError("output_fisher iterated the batches before checking its arguments")
+
+
+def test_output_fisher_layers_and_max_batches_arguments():
+    net = _net().eval()
+    batches = _batches(n_batches=2, size=3)
+    single = output_fisher(net, batches, ["3"])
+    # A string is one name (as in collect_covariances), not the names of its characters.
+    by_string = output_fisher(net, batches, "3")
+    assert list(by_string) == ["3"] and torch.equal(by_string["3"], single["3"])
+    with pytest.raises(ValueError, match="no module named '37'"):
+        output_fisher(net, batches, "37")
+    # A repeated name is measured once: the layer is hooked once and its Fisher not doubled.
+    repeated = output_fisher(net, batches, ["3", "7", "3"])
+    assert list(repeated) == ["3", "7"]
+    torch.testing.assert_close(repeated["3"], single["3"], rtol=1e-12, atol=0)
+    for layers, error in [([], ValueError), ((), ValueError), ([3], TypeError)]:
+        with pytest.raises(error, match="`layers`"):
+            output_fisher(net, _NoBatches(), layers)
+    for max_batches, error in [(0, ValueError), (-1, ValueError), (1.5, TypeError), (True, TypeError), ("2", TypeError)]:
+        with pytest.raises(error, match="`max_batches`"):
+            output_fisher(net, _NoBatches(), ["3"], max_batches=max_batches)
+
+
+class _Branches(nn.Module):
+    """``c1`` feeds both the returned logits and ``aux``, whose output is dropped; with
+    ``frozen``, ``c1`` runs under ``torch.no_grad()`` (a frozen backbone)."""
+
+    def __init__(self, frozen=False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.frozen = frozen
+        self.c1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.aux = nn.Conv2d(4, 2, 1)
+        self.c2 = nn.Conv2d(4, 5, 3, padding=1)
+        self.fc = nn.Linear(5, 3)
+
+    def forward(self, x):
+        with torch.set_grad_enabled(not self.frozen):
+            h = torch.relu(self.c1(x))
+        self.aux(h)  # an auxiliary head: computed, not returned
+        return self.fc(torch.relu(self.c2(h)).mean((2, 3)))
+
+
+class _NoGrad(nn.Module):
+    """The whole forward under ``torch.no_grad()``: the logits do not require grad."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        with torch.no_grad():
+            return self.inner(x)
+
+
+def test_output_fisher_of_layers_the_loss_does_not_depend_on():
+    net = _Branches().double().eval()
+    batches = _batches(n_batches=2, size=4)
+    # Such a layer has a zero Fisher (not an autograd error), with a warning naming it.
+    with pytest.warns(UserWarning, match=r"\['aux'\]"):
+        got = output_fisher(net, batches, ["c1", "aux", "c2"])
+    assert torch.equal(got["aux"], torch.zeros(2, dtype=torch.float64))
+    reached = output_fisher(net, batches, ["c1", "c2"])
+    for name in ("c1", "c2"):
+        assert float(got[name].sum()) > 0
+        torch.testing.assert_close(got[name], reached[name], rtol=1e-12, atol=0)
+    # The weightings fall back to no weighting there.
+    assert torch.equal(fisher_row_weights(got)["aux"], torch.ones(2, dtype=torch.float64))
+    with pytest.warns(UserWarning, match="aux"):
+        full = output_fisher(net, batches, ["aux", "c2"], full=True)
+    root, inverse = fisher_matrix_roots(full["aux"])
+    assert torch.equal(root, torch.eye(2, dtype=torch.float64)) and torch.equal(inverse, root)
+    # A frozen backbone: its layer has a zero Fisher, the trainable head does not.
+    frozen = _Branches(frozen=True).double().eval()
+    with pytest.warns(UserWarning, match=r"\['c1'\]"):
+        got = output_fisher(frozen, batches, ["c1", "c2"])
+    assert float(got["c1"].abs().sum()) == 0 and float(got["c2"].sum()) > 0
+    # No layer reaches the loss: nothing to measure.
+    with pytest.raises(ValueError, match="does not depend on the output of any"):
+        output_fisher(frozen, batches, ["c1", "aux"])
+    with pytest.raises(ValueError, match="does not depend on the output of any"):
+        output_fisher(_NoGrad(_net()), batches, ["inner.3"])
+    # And so compress_sequential's Fisher options run, rather than fail in autograd.
+    for fit_weighting in ("fisher", "kfac"):
+        with pytest.warns(UserWarning, match=r"\['aux'\]"):
+            compress_sequential(
+                net, batches, "tucker2", ratio=0.5, layers=["c1", "aux", "c2"], fit_weighting=fit_weighting,
+                progress=False, n_iter_max=5, random_state=0,
+            )
+
+
+@pytest.mark.parametrize("head", ["linear", "conv"])
+def test_output_fisher_refuses_a_single_output(head):
+    # The cross-entropy of a single class is identically 0: the Fisher would be silently zero.
+    torch.manual_seed(0)
+    body = [nn.Conv2d(3, 4, 3, padding=1), nn.ReLU()]
+    if head == "linear":
+        net = nn.Sequential(*body, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 1))
+    else:
+        net = nn.Sequential(*body, nn.Conv2d(4, 1, 1))
+    with pytest.raises(ValueError, match="at least 2 classes"):
+        output_fisher(net.double().eval(), _batches(n_batches=1, size=2), ["0"])
+
+
 def test_fisher_row_weights_floor():
     w = fisher_row_weights({"a": torch.tensor([0.0, 2.0, 2.0], dtype=torch.float64), "b": torch.zeros(2)})
     assert float(w["a"][0]) == pytest.approx(1e-3 * 4 / 3)

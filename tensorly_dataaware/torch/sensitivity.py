@@ -23,6 +23,8 @@ transformed by :math:`F^{1/2}` (:func:`fisher_matrix_roots`).
 
 from __future__ import annotations
 
+import numbers
+import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -42,7 +44,7 @@ def _channel_axis(module: nn.Module, output: torch.Tensor) -> int:
 def output_fisher(
     model: nn.Module,
     batches: Iterable[Any],
-    layers: Iterable[str],
+    layers: Iterable[str] | str,
     *,
     max_batches: int | None = None,
     reduce=None,
@@ -65,13 +67,19 @@ def output_fisher(
         A classifier: ``model(x)`` returns logits with the classes on axis 1.
     batches : iterable of batches
         Tensors, or tuples/lists whose first item is the input (labels are ignored).
-    layers : iterable of str
-        Names of ``nn.Conv2d`` / ``nn.Linear`` modules, each called once per forward pass.
+    layers : iterable of str, or str
+        Names of ``nn.Conv2d`` / ``nn.Linear`` modules, each called once per forward pass; a
+        single string is one name. Repeated names are measured once (as in
+        :func:`~tensorly_dataaware.torch.statistics.collect_covariances`).
+        A layer whose output the loss does not depend on (run under ``torch.no_grad()``
+        inside the forward, or feeding an output the model does not return) gets a Fisher of
+        zero, with a warning: the weighting cannot tell its channels apart.
     max_batches : int, optional
-        Use only the first ``max_batches`` batches.
+        Use only the first ``max_batches`` batches (a positive int).
     reduce : callable, optional
         ``reduce(tensor)`` sums a float64 tensor over processes in place (distributed runs);
-        it is called once with the concatenated sums and image count.
+        it is called once with the concatenated sums, the per-layer counts of batches whose
+        loss depended on the layer, and the image count.
     full : bool, default is False
         Return the ``out_channels x out_channels`` matrix
         :math:`\frac1N \sum_{\text{images}} \sum_p g_p g_p^\top` instead of its diagonal
@@ -86,16 +94,41 @@ def output_fisher(
     Raises
     ------
     ValueError
-        If ``batches`` is empty, a layer is not called, or the output is not logits.
+        If ``layers`` is empty or names a missing module, ``max_batches`` is below 1,
+        ``batches`` is empty, a layer is not called, the output is not logits of at least 2
+        classes, or no layer's output reaches the loss.
+    TypeError
+        If ``layers`` holds a non-string or ``max_batches`` is not an int.
     """
-    names = list(layers)
-    modules = {name: model.get_submodule(name) for name in names}
+    # A string is one name, not an iterable of one-character names; repeats are measured
+    # once (a repeated name would otherwise hook the layer twice and add its Fisher twice).
+    requested = [layers] if isinstance(layers, str) else list(layers)
+    bad_names = [name for name in requested if not isinstance(name, str)]
+    if bad_names:
+        raise TypeError(f"`layers` must hold module names (str); got {bad_names!r}.")
+    names = list(dict.fromkeys(requested))
+    if not names:
+        raise ValueError("`layers` is empty.")
+    if max_batches is not None:
+        # Integral, not int: compress_sequential passes on whatever integer it accepted.
+        if isinstance(max_batches, bool) or not isinstance(max_batches, numbers.Integral):
+            raise TypeError(f"`max_batches` must be a positive int or None; got {max_batches!r}.")
+        if max_batches < 1:
+            raise ValueError(f"`max_batches` must be >= 1; got {max_batches}.")
+    modules = {}
+    for name in names:
+        try:
+            modules[name] = model.get_submodule(name)
+        except AttributeError as exc:
+            raise ValueError(f"`layers`: the model has no module named {name!r}.") from exc
     for name, module in modules.items():
         if not isinstance(module, (nn.Conv2d, nn.Linear)):
             raise ValueError(f"`layers`: {name!r} is a {type(module).__name__}, not an nn.Conv2d or nn.Linear.")
     sums = {
         name: torch.zeros((m.weight.shape[0],) * (2 if full else 1), dtype=torch.float64) for name, m in modules.items()
     }
+    # Batches on which the loss depended on each layer's output (its probe was in the graph).
+    reached = torch.zeros(len(names), dtype=torch.float64)
     images = 0
     device = _model_device(model)
     flags = {name: m.training for name, m in model.named_modules()}
@@ -128,16 +161,32 @@ def output_fisher(
                 missing = [name for name in names if name not in probes]
                 if missing:
                     raise ValueError(f"Layers {missing} were not called by the forward pass.")
-                if not isinstance(logits, torch.Tensor) or logits.dim() < 2 or not logits.is_floating_point():
+                # One class (C == 1) is refused too: the cross-entropy of a single class is
+                # identically 0, so the Fisher would be silently all zero (unit weights).
+                if (
+                    not isinstance(logits, torch.Tensor)
+                    or logits.dim() < 2
+                    or not logits.is_floating_point()
+                    or logits.shape[1] < 2
+                ):
                     raise ValueError(
                         "The label-free Fisher needs a classifier: `model(x)` must return floating logits of shape "
-                        f"(N, C, ...); got {type(logits).__name__}"
+                        f"(N, C, ...) with at least 2 classes (C >= 2) on axis 1; got {type(logits).__name__}"
                         + (f" of shape {tuple(logits.shape)}." if isinstance(logits, torch.Tensor) else ".")
                     )
                 predicted = logits.detach().argmax(1)
                 loss = nn.functional.cross_entropy(logits, predicted, reduction="sum")
-                grads = torch.autograd.grad(loss, [probes[name] for name in names])
-                for name, grad in zip(names, grads):
+                inputs = [probes[name] for name in names]
+                if loss.requires_grad:
+                    # allow_unused: a layer outside the loss's graph (a frozen backbone under
+                    # no_grad, an auxiliary head not returned) gets None, i.e. a zero gradient.
+                    grads = torch.autograd.grad(loss, inputs, allow_unused=True)
+                else:  # no layer reached the logits at all (e.g. the whole forward under no_grad)
+                    grads = (None,) * len(inputs)
+                for i, (name, grad) in enumerate(zip(names, grads)):
+                    if grad is None:
+                        continue  # adds zero to the sums
+                    reached[i] += 1
                     axis = _channel_axis(modules[name], grad)
                     g = grad.detach().to(torch.float64)
                     if full:
@@ -152,8 +201,9 @@ def output_fisher(
             if name in flags:
                 module.train(flags[name])
     if reduce is not None:
+        # `reached` travels with the sums, so that every process warns or raises alike.
         flat = torch.cat(
-            [sums[name].reshape(-1) for name in names] + [torch.tensor([float(images)], dtype=torch.float64)]
+            [sums[name].reshape(-1) for name in names] + [reached, torch.tensor([float(images)], dtype=torch.float64)]
         )
         reduce(flat)
         images = int(round(float(flat[-1])))
@@ -162,8 +212,21 @@ def output_fisher(
             size = sums[name].numel()
             sums[name] = flat[offset : offset + size].reshape(sums[name].shape).clone()
             offset += size
+        reached = flat[offset : offset + len(names)].clone()
     if images == 0:
         raise ValueError("`batches` yielded no batch: nothing to measure the Fisher on.")
+    unreached = [name for name, count in zip(names, reached.tolist()) if count == 0]
+    if len(unreached) == len(names):
+        raise ValueError(
+            f"The loss does not depend on the output of any of the layers {names}: no Fisher to measure. Is the "
+            "forward run under torch.no_grad() / inference_mode, or are the layers outside the returned output?"
+        )
+    if unreached:
+        warnings.warn(
+            f"The loss does not depend on the output of layers {unreached} (run under torch.no_grad(), or not "
+            "reaching the model's output): their Fisher is zero and a Fisher weighting is uninformative there.",
+            stacklevel=2,
+        )
     return {name: value / images for name, value in sums.items()}
 
 
