@@ -13,6 +13,7 @@ import os
 import socket
 import sys
 import time
+import warnings
 
 import pytest
 
@@ -372,3 +373,142 @@ def test_sequential_distributed_failure_reaches_every_rank(tmp_path):
     for res in results:
         assert "state" not in res
         assert "rank 1" in res["error"] and "NaN" in res["error"]
+
+
+# ------------------------------------------------------------------------------------------
+# Argument checks, reports and devices (a world of one process, in this process)
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def world_of_one(monkeypatch):
+    """A gloo process group of this process alone, destroyed afterwards."""
+    if dist.is_initialized():  # pragma: no cover
+        pytest.skip("a process group is already initialized")
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo" if sys.platform.startswith("linux") else "lo0")
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1,
+        timeout=datetime.timedelta(seconds=60),
+    )
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize(
+    "method, norm, options",
+    [("svd", "sigma", {"n_iter_maxx": 3}), ("tucker2", "frobenius", {"n_iter_maxx": 3}), ("cp", "frobenius", {"init": "svd"})],
+)
+def test_distributed_refuses_solver_options_like_compress(world_of_one, method, norm, options):
+    # compress_distributed used to drop them silently: a typo or an option the Frobenius
+    # solvers ignore must fail, before any work, as in compress and compress_sequential.
+    from tensorly_dataaware.torch import compress_sequential
+
+    model = make_model()
+    with _one_thread():
+        stats = collect_covariances(model, make_batches()[:2], progress=False)
+    kw = dict(ratio=0.5, norm=norm, progress=False, **options)
+    with pytest.raises(TypeError, match="Unknown solver option") as expected:
+        compress(model, stats, method, **kw)
+    with pytest.raises(TypeError, match="Unknown solver option") as got:
+        tdd.compress_distributed(model, stats, method, **kw)
+    assert str(got.value) == str(expected.value)
+    batches = make_batches()[:2]
+    with pytest.raises(TypeError, match="Unknown solver option") as expected:
+        compress_sequential(model, batches, method, **kw)
+    with pytest.raises(TypeError, match="Unknown solver option") as got:
+        tdd.compress_sequential_distributed(model, batches, method, **kw)
+    assert str(got.value) == str(expected.value)
+
+
+def test_distributed_refuses_torchscript_like_compress(world_of_one):
+    # A script module's layers are script modules: every layer was "skipped" and the model
+    # came back uncompressed, with an empty report and only per-layer warnings.
+    model = make_model().eval()
+    with _one_thread():
+        stats = collect_covariances(model, make_batches()[:2], progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit.script is deprecated
+        scripted = torch.jit.script(model)
+    with pytest.raises(TypeError, match="TorchScript") as expected:
+        compress(scripted, stats, "tucker2", ratio=0.5, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the old path warned about every layer instead
+        with pytest.raises(TypeError, match="TorchScript") as got:
+            tdd.compress_distributed(scripted, stats, "tucker2", ratio=0.5, progress=False)
+        with pytest.raises(TypeError, match="torch.nn.Module"):
+            tdd.compress_distributed(model.state_dict(), stats, "tucker2", ratio=0.5, progress=False)
+    assert str(got.value) == str(expected.value)
+
+
+class GroupedNet(nn.Module):
+    """A grouped convolution (kept dense, with a report row) between two compressed layers."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.grouped = nn.Conv2d(8, 8, 3, padding=1, groups=2)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv2(torch.relu(self.grouped(torch.relu(self.conv1(x)))))
+
+
+def test_distributed_report_lists_dense_layers_like_compress(world_of_one):
+    torch.manual_seed(0)
+    model = GroupedNet()
+    with _one_thread():
+        stats = collect_covariances(model, make_batches()[:2], progress=False)
+        with pytest.warns(UserWarning, match="grouped"):
+            _, expected = compress(model, stats, "tucker2", return_report=True, **COMPRESS_KW["tucker2"])
+        with pytest.warns(UserWarning, match="grouped"):
+            _, report = tdd.compress_distributed(model, stats, "tucker2", **COMPRESS_KW["tucker2"])
+
+    def rows(rep):
+        return [(r.name, r.method, r.rank, r.params_after, r.sigma_error, r.notes) for r in rep]
+
+    assert [r.name for r in report] == ["conv1", "grouped", "conv2"]  # module order
+    assert report[1].method == "dense" and "kept dense" in report[1].notes[0]
+    assert rows(report) == rows(expected)
+
+
+class _Row:
+    """A picklable stand-in for a report row."""
+
+
+def test_sequential_decide_does_not_move_the_module_of_rank_0(world_of_one):
+    # decide used to send new.to("cpu"): nn.Module.to moves in place, so rank 0 installed
+    # its layer on the CPU in a CUDA model (and the next layer's pass failed). The meta
+    # device stands in for CUDA on a CPU-only machine.
+    model = nn.Sequential(nn.Linear(4, 3)).to("meta")
+    new = nn.Linear(4, 3, device="meta")
+    comm = tdd._Collectives(None, tdd.DEFAULT_CHUNK_BYTES, model)
+    got, row = comm.decide(lambda: (new, _Row()), "0")
+    assert got is new
+    assert got.weight.device.type == "meta" and got.bias.device.type == "meta"
+    assert isinstance(row, _Row)
+
+
+def _decide_worker(rank, world, port, outdir):
+    _join_gloo(rank, world, port)
+    result = {}
+    try:
+        # Rank 0's layer on the CPU, rank 1's on 'meta': as cuda:0 and cuda:1, each rank must
+        # get the broadcast module on its own layer's device (it used to stay on the CPU).
+        model = nn.Sequential(nn.Linear(4, 3)).to("cpu" if rank == 0 else "meta")
+        torch.manual_seed(0)
+        new = nn.Linear(4, 3)
+        comm = tdd._Collectives(None, tdd.DEFAULT_CHUNK_BYTES, model)
+        got, _ = comm.decide(lambda: (new, _Row()), "0")
+        result["device"] = str(got.weight.device)
+        result["same_object"] = got is new
+    finally:
+        torch.save(result, os.path.join(outdir, f"rank{rank}.pt"))
+        dist.destroy_process_group()
+
+
+def test_sequential_decide_returns_modules_on_each_ranks_device(tmp_path):
+    results = _spawn(_decide_worker, 2, tmp_path)
+    assert results[0]["device"] == "cpu" and results[0]["same_object"]
+    assert results[1]["device"] == "meta"

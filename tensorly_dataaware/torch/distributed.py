@@ -113,10 +113,22 @@ import torch.distributed as dist
 from torch import nn
 
 from ..decomposition import DIRECT_SOLVE_MAX_UNKNOWNS
-from .compress import NORMS, LayerJob, LayerReport, _check_choice, _set_module, decompose_layer, plan_compression
+from .compress import (
+    METHODS,
+    NORMS,
+    LayerJob,
+    LayerReport,
+    _check_choice,
+    _set_module,
+    check_flags,
+    check_solver_options,
+    decompose_layer,
+    dense_report_row,
+    plan_compression,
+)
 from .sequential import _Local, _run_sequential
 from .serialization import save_compressed
-from .statistics import LayerStatistics, collect_covariances
+from .statistics import LayerStatistics, check_eager_model, collect_covariances
 
 __all__ = [
     "DistributedCompressionError",
@@ -771,11 +783,17 @@ def compress_distributed(
     Returns
     -------
     (nn.Module, list of LayerReport)
-        Like ``compress(..., return_report=True)``. The report rows hold each layer's own
-        decomposition time (measured on the rank that ran it).
+        Like ``compress(..., return_report=True)``: one row per compressed layer and per
+        layer kept dense (unsupported, e.g. a grouped convolution), in the model's module
+        order. The rows hold each layer's own decomposition time (measured on the rank that
+        ran it).
 
     Raises
     ------
+    TypeError
+        On every rank, before any work, for a model that is not an eager ``nn.Module``
+        (e.g. TorchScript) or solver options the method and norm do not accept (the
+        checks of :func:`~tensorly_dataaware.torch.compress`).
     DistributedCompressionError
         On every rank, if planning or a decomposition failed on any rank; the message names
         the ranks, layers and errors. Nothing is installed in ``model`` then.
@@ -785,17 +803,29 @@ def compress_distributed(
     rank, world = _rank_world(group)
     if progress is None:
         progress = rank == 0
+    # The argument checks of compress, before any collective: the arguments are the same on
+    # every rank, so every rank raises the same error (no peer is left waiting). Without
+    # them a TorchScript model came back uncompressed (its layers are script modules, all
+    # "skipped"), and a misspelt or ignored solver option was silently dropped.
+    check_eager_model(model)
     _check_choice(norm, "norm", NORMS)
+    _check_choice(method, "method", METHODS)
+    check_solver_options(method, norm, solver_options)
+    check_flags(centered=centered, inplace=inplace, root_only=root_only)
+    for name, value in (("bias_correction", bias_correction), ("progress", progress)):
+        if value is not None:
+            check_flags(**{name: value})
     if bias_correction is None:
         bias_correction = norm == "sigma" and centered
 
     # 1. Plan (the same on every rank); agree that it worked and that it is the same.
     jobs: list[LayerJob] = []
+    skipped: list = []  # (name, reason) of the layers kept dense: report rows, as in compress
     error = None
     try:
         jobs = plan_compression(
             model, stats, method, ranks=ranks, ratio=ratio, energy=energy, budget=budget,
-            centered=centered, layers=layers, device=device,
+            centered=centered, layers=layers, device=device, skipped=skipped,
         )
     except Exception as exc:  # noqa: BLE001 - reported to every rank
         error = f"planning: {_format_exception(exc)}"
@@ -863,12 +893,15 @@ def compress_distributed(
 
     # 5. Install in plan order, on the layers' own devices (as compress does).
     target = model if inplace else copy.deepcopy(model)
-    report = []
+    modules = dict(target.named_modules())  # before installing: the original names and order
+    report = [dense_report_row(name, modules[name], reason) for name, reason in skipped]
     for index, job in enumerate(jobs):
         new, row = by_index[index]
         dev = job.module.weight.device
         _set_module(target, job.name, new.to(dev))
         report.append(row)
+    position = {name: i for i, name in enumerate(modules)}
+    report.sort(key=lambda row: position[row.name])
     return target, report
 
 
@@ -908,13 +941,31 @@ def default_timeout() -> datetime.timedelta:
 # --------------------------------------------------------------------------------------------
 
 
-class _Collectives(_Local):
-    """The collective steps of :func:`compress_sequential_distributed` (see ``_Local``)."""
+def _portable(module: nn.Module) -> nn.Module:
+    """``module`` itself if it holds no accelerator tensor, else a CPU copy of it.
 
-    def __init__(self, group, chunk_bytes: int):
+    What a broadcast pickles: a CUDA tensor would be unpickled on the sender's device index.
+    A copy, because ``nn.Module.to`` moves in place and the sender keeps using its module.
+    Meta tensors carry no data and pickle without a device index: they travel as they are.
+    """
+    tensors = itertools.chain(module.parameters(), module.buffers())
+    if all(t.device.type in ("cpu", "meta") for t in tensors):
+        return module
+    return copy.deepcopy(module).to("cpu")
+
+
+class _Collectives(_Local):
+    """The collective steps of :func:`compress_sequential_distributed` (see ``_Local``).
+
+    ``model`` is this rank's model: :meth:`decide` returns each new module on the device
+    of this rank's layer (e.g. ``cuda:LOCAL_RANK``), as the single-process run installs it.
+    """
+
+    def __init__(self, group, chunk_bytes: int, model: nn.Module):
         self.group = group
         self.rank, self.world = _rank_world(group)
         self.chunk = max(1, int(chunk_bytes) // 8)
+        self.model = model
 
     def agree(self, error, what):
         message = None if error is None else f"{what}: {_format_exception(error)}"
@@ -943,21 +994,35 @@ class _Collectives(_Local):
         if self.world > 1:
             tensor.copy_(_reduce_tensor_(tensor, _comm_device(self.group), self.group, self.chunk))
 
+    def _layer_device(self, name) -> torch.device:
+        # The layer is not replaced yet when decide runs (in the model itself with inplace).
+        try:
+            return _compress_device(self.model.get_submodule(name))
+        except AttributeError:  # pragma: no cover - the plan only holds the model's layers
+            return _compress_device(self.model)
+
     def decide(self, compute, name):
         # Rank 0 factorizes and every rank installs its module: bit-identical models on all
-        # ranks, whatever the ranks' devices and thread counts.
+        # ranks, whatever the ranks' devices and thread counts. The module travels on the CPU
+        # and comes back on this rank's layer device: the caller installs it as it is, so a
+        # CPU module in a CUDA model would break the next layer's pass. Rank 0 returns its own
+        # module, which the broadcast must not move (nn.Module.to works in place).
+        device = self._layer_device(name)
         payload = [None]
+        new = None
         if self.rank == 0:
             try:
                 new, row = compute()
-                payload = [("ok", new.to("cpu"), row)]
+                payload = [("ok", _portable(new), row)]
             except Exception as exc:  # noqa: BLE001 - reported to every rank
                 payload = [("error", f"rank 0, layer {name!r}: {_format_exception(exc)}", None)]
         dist.broadcast_object_list(payload, src=_global_rank(self.group, 0), group=self.group)
-        status, new, row = payload[0]
+        status, received, row = payload[0]
         if status != "ok":
-            raise DistributedCompressionError(f"compress_sequential_distributed failed: {new}")
-        return new, row
+            raise DistributedCompressionError(f"compress_sequential_distributed failed: {received}")
+        if self.rank == 0:
+            return new.to(device), row
+        return received.to(device), row
 
     def collect(self, model, batches, layers, max_batches):
         return collect_covariances_distributed(model, batches, layers, max_batches=max_batches, progress=False, group=self.group)
@@ -1029,7 +1094,7 @@ def compress_sequential_distributed(
         layer and the error).
     """
     _require_initialized()
-    comm = _Collectives(group, chunk_bytes)
+    comm = _Collectives(group, chunk_bytes, model)
     return _run_sequential(
         model, batches, method, ranks=ranks, ratio=ratio, energy=energy, budget=budget, norm=norm,
         layers=layers, centered=centered, bias_correction=bias_correction, inplace=inplace,
