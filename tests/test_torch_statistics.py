@@ -790,6 +790,56 @@ def test_dft_route_float32_meets_its_bound(monkeypatch):
     torch.testing.assert_close(total[0], p[0].sum(0), rtol=1e-5, atol=0)
 
 
+@pytest.mark.parametrize("scale", [1e-25, 1e-21, 1e17, 1e20])
+def test_float32_activations_of_extreme_magnitude_are_collected_exactly(scale):
+    """Finite float32 activations whose products leave float32's range (squares below its
+    smallest normal number, or block sums beyond its largest) were 100% wrong, or refused as
+    "NaN or Inf", with the default precision; such batches are now formed with float64
+    products, on every route: stride-1 (DFT and direct), strided, Linear, the LayerStatistics
+    and CrossStatistics updates."""
+    from tensorly_dataaware.torch.statistics import CrossStatistics, collect_covariances
+
+    gen = torch.Generator().manual_seed(13)
+    model = nn.Sequential(nn.Conv2d(6, 8, 3, padding=1), nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.Flatten(),
+                          nn.Linear(8 * 5 * 5, 4))
+    for layer in model:
+        if hasattr(layer, "weight"):
+            with torch.no_grad():  # keep the activations at the input's scale
+                layer.weight.mul_(1.0 / layer.weight.abs().max())
+                layer.bias.zero_()
+    x = (torch.rand(20, 6, 9, 9, generator=gen) + 0.5) * scale
+    auto = collect_covariances(model, [x], progress=False)
+    exact = collect_covariances(model, [x], progress=False, precision="float64")
+    for name in exact:
+        for a, b in ((auto[name].sum_outer, exact[name].sum_outer), (auto[name].sum, exact[name].sum)):
+            assert float((a - b).abs().max() / b.abs().max()) < 1e-5, name
+    p = torch.rand(300, 7, generator=gen) * scale
+    stats = LayerStatistics("linear", (2, 7))
+    stats.update(p)
+    torch.testing.assert_close(stats.sum_outer[0], p.double().T @ p.double(), rtol=1e-5, atol=0)
+    cross = CrossStatistics(7)
+    cross.update(p, p.flip(0))
+    torch.testing.assert_close(cross.sum_xy[0], p.double().T @ p.flip(0).double(), rtol=1e-5, atol=0)
+    conv = model[0]
+    cross_conv = CrossStatistics(6 * 9)
+    cross_conv.update_from_inputs(conv, x, x.flip(0))
+    patches = patches_for(conv, x.double())
+    reference = torch.bmm(patches.transpose(1, 2), patches_for(conv, x.flip(0).double()))[0]
+    assert float((cross_conv.sum_xy[0] - reference).abs().max() / reference.abs().max()) < 1e-5
+
+
+def test_ordinary_float32_activations_keep_float32_products(monkeypatch):
+    """The float64 repeat is for extreme magnitudes only: ordinary activations keep the
+    (cheaper) float32 products, whose rounding shows as a small non-zero difference."""
+    from tensorly_dataaware.torch.statistics import collect_covariances
+
+    model = nn.Sequential(nn.Conv2d(6, 8, 3, padding=1))
+    x = torch.rand(20, 6, 9, 9, generator=torch.Generator().manual_seed(14)) * 3
+    auto = collect_covariances(model, [x], progress=False)["0"].sum_outer
+    exact = collect_covariances(model, [x], progress=False, precision="float64")["0"].sum_outer
+    assert 0 < float((auto - exact).abs().max() / exact.abs().max()) < 2e-5
+
+
 def test_reduced_float32_matmul_precision_is_not_used_for_the_statistics():
     """A process that allows reduced-precision float32 products
     (``torch.set_float32_matmul_precision('medium')``: bfloat16 on CPUs with oneDNN support,

@@ -96,6 +96,40 @@ def _product_dtype(dtype: torch.dtype, precision: str) -> torch.dtype:
     return torch.float32
 
 
+#: Mean squares (sum of squares / count) of a patch entry outside this range leave float32
+#: products too little room: below it they come near float32's smallest normal number
+#: (2^-126) and lose their relative accuracy or become zero; above it block sums of
+#: thousands of products (times the row length, on the DFT route) come near its overflow
+#: (2^128). float64 products cover both (:func:`_float32_range_ok`).
+FLOAT32_SAFE_MEAN_SQUARE = (2.0**-90, 2.0**90)
+
+
+def _float32_range_ok(count: int, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> bool:
+    """Whether moments formed with float32 products can be kept, or must be formed again in float64.
+
+    ``pairs`` holds ``(sums, sums_of_products)``: the float64 column sums of a batch and the
+    matching diagonal of its product sums (the sums of squares, or of ``x_i y_i``). False
+    when any is non-finite, when a non-zero mean product lies outside
+    :data:`FLOAT32_SAFE_MEAN_SQUARE`, or when a column with a non-zero sum has a zero sum of
+    squares (its squares underflowed to zero). Why: ``precision='auto'`` forms the products
+    in float32, and finite float32 activations of magnitude 1e-20 or 1e18 gave statistics
+    that were 100% wrong, or an error blaming NaN in the data (collected in float64 they
+    are exact). A dead (all-zero) column passes: its zeros are exact.
+    """
+    if count == 0:
+        return True
+    low, high = FLOAT32_SAFE_MEAN_SQUARE
+    for sums, products in pairs:
+        if not (bool(torch.isfinite(sums).all()) and bool(torch.isfinite(products).all())):
+            return False
+        mean = products.abs() / count
+        if bool(((mean > 0) & (mean < low)).any()) or bool((mean > high).any()):
+            return False
+        if bool(((products == 0) & (sums != 0)).any()):
+            return False
+    return True
+
+
 def float32_error_bound(rows: int = FLOAT32_BLOCK_ROWS) -> float:
     """Worst-case relative error ``gamma(rows) = rows * u / (1 - rows * u)`` of float32 products.
 
@@ -1163,6 +1197,33 @@ def _batch_moments(
     generator: torch.Generator | None,
     precision: str,
 ) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """Float64 ``(count, sum, sum_outer)`` of the patches of one batch (see :func:`_batch_moments_at`).
+
+    With ``precision='auto'``, a batch whose float32 products left their safe range
+    (:func:`_float32_range_ok`: activations of extreme magnitude) is formed again with
+    float64 products, from the same sampled positions.
+    """
+    state = generator.get_state() if generator is not None else None
+    result = _batch_moments_at(module, inputs, max_positions_per_image=max_positions_per_image,
+                               generator=generator, precision=precision)
+    count, total, outer = result
+    if (precision == "auto" and _product_dtype(inputs.dtype, precision) != torch.float64
+            and not _float32_range_ok(count, [(total, outer.diagonal(dim1=1, dim2=2))])):
+        if state is not None:
+            generator.set_state(state)
+        result = _batch_moments_at(module, inputs, max_positions_per_image=max_positions_per_image,
+                                   generator=generator, precision="float64")
+    return result
+
+
+def _batch_moments_at(
+    module: nn.Module,
+    inputs: torch.Tensor,
+    *,
+    max_positions_per_image: int | None,
+    generator: torch.Generator | None,
+    precision: str,
+) -> tuple[int, torch.Tensor, torch.Tensor]:
     """Float64 ``(count, sum, sum_outer)`` of the patches of one batch, by the cheapest exact route.
 
     Stride-1 convolutions with a kernel larger than 1x1, when every position is kept, go
@@ -1428,7 +1489,8 @@ class LayerStatistics:
             (or lower precision) patches in float32, in blocks of at most
             :data:`FLOAT32_BLOCK_ROWS` rows whose products are added in float64, with the
             relative error bound of :func:`float32_error_bound`; float64 patches always get
-            float64 products.
+            float64 products.  With ``'auto'``, a batch whose float32 products would leave
+            float32's range (:data:`FLOAT32_SAFE_MEAN_SQUARE`) is multiplied in float64.
 
         Raises
         ------
@@ -1446,6 +1508,12 @@ class LayerStatistics:
         batch_sum = torch.zeros_like(self.sum)
         batch_outer = torch.zeros_like(self.sum_outer)
         _accumulate_products(batch_outer, patches, patches, precision, sums=(batch_sum,))
+        if (precision == "auto" and _product_dtype(patches.dtype, precision) != torch.float64
+                and not _float32_range_ok(patches.shape[1], [(batch_sum, batch_outer.diagonal(dim1=1, dim2=2))])):
+            # Patches of extreme magnitude: float32 products would under- or overflow.
+            batch_sum.zero_()
+            batch_outer.zero_()
+            _accumulate_products(batch_outer, patches, patches, "float64", sums=(batch_sum,))
         _check_finite_batch(batch_sum, batch_outer, f"{self.kind} layer with weight shape {self.weight_shape}")
         self._add_batch(batch_sum, batch_outer, int(patches.shape[1]))
 
@@ -1802,9 +1870,16 @@ class CrossStatistics:
             x, y = x.to(common), y.to(common)
         sum_x, sum_y = torch.zeros_like(self.sum_x), torch.zeros_like(self.sum_y)
         yy, xy = torch.zeros_like(self.sum_yy), torch.zeros_like(self.sum_xy)
-        _accumulate_products(yy, y, y, precision, sums=(sum_y,))
-        # out += a^T b with a = x, b = y gives sum_k x_k y_k^T: rows x, columns y.
-        _accumulate_products(xy, x, y, precision, sums=(sum_x,))
+        for attempt in (precision, "float64"):
+            _accumulate_products(yy, y, y, attempt, sums=(sum_y,))
+            # out += a^T b with a = x, b = y gives sum_k x_k y_k^T: rows x, columns y.
+            _accumulate_products(xy, x, y, attempt, sums=(sum_x,))
+            if (attempt != "auto" or _product_dtype(x.dtype, attempt) == torch.float64 or _float32_range_ok(
+                    x.shape[1], [(sum_y, yy.diagonal(dim1=1, dim2=2)), (sum_x, xy.diagonal(dim1=1, dim2=2))])):
+                break
+            # Patches of extreme magnitude: float32 products would under- or overflow.
+            for t in (sum_x, sum_y, yy, xy):
+                t.zero_()
         if order is not None:
             sum_x, sum_y = sum_x[:, order], sum_y[:, order]
             yy, xy = yy[:, order][:, :, order], xy[:, order][:, :, order]
@@ -1883,7 +1958,12 @@ class CrossStatistics:
             b, c, h, w = x.shape
             stacked = torch.cat([x.reshape(b, groups, c // groups, h, w), y.to(x.dtype).reshape(b, groups, c // groups, h, w)],
                                 dim=2).reshape(b, 2 * c, h, w)
-        total, outer = _shift_moments(stacked, {**geometry, "in_channels": stacked.shape[1]}, precision)
+        stacked_geometry = {**geometry, "in_channels": stacked.shape[1]}
+        total, outer = _shift_moments(stacked, stacked_geometry, precision)
+        if (precision == "auto" and _product_dtype(stacked.dtype, precision) != torch.float64
+                and not _float32_range_ok(x.shape[0] * positions, [(total, outer.diagonal(dim1=1, dim2=2))])):
+            # Inputs of extreme magnitude: float32 products would under- or overflow.
+            total, outer = _shift_moments(stacked, stacked_geometry, "float64")
         n = self.n
         sum_x, sum_y = total[:, :n], total[:, n:] if not same else total[:, :n]
         yy = outer[:, n:, n:] if not same else outer
@@ -2239,7 +2319,10 @@ def collect_covariances(
         ``sqrt(s_i s_j)`` where ``s_i`` is the sum of squares of the entry's channel over the
         padded input; the products are IEEE float32 whatever
         ``torch.set_float32_matmul_precision`` says (the caller's setting is restored
-        afterwards).  A model (input) in float64 always gets float64 products.  The default
+        afterwards).  A model (input) in float64 always gets float64 products, and with
+        ``'auto'`` so does a batch whose float32 products would leave float32's range
+        (root-mean-square activations below about 3e-14 or above about 1e13, see
+        :data:`FLOAT32_SAFE_MEAN_SQUARE`; they gave wrong statistics).  The default
         took the collection on the embedded ResNet-20 / VGG from 24x / 16x a forward pass to
         the figures in ``benchmarks/RESULTS.md`` without changing the compressed models'
         accuracy (``benchmarks/collect_accuracy.py``); pass ``'float64'`` to force exact
