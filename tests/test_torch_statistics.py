@@ -828,6 +828,21 @@ def test_float32_activations_of_extreme_magnitude_are_collected_exactly(scale):
     assert float((cross_conv.sum_xy[0] - reference).abs().max() / reference.abs().max()) < 1e-5
 
 
+def test_collect_covariances_checks_its_device_like_compress():
+    """An unavailable device failed inside the first batch with torch's own error, and
+    'meta' (no values) with "Tensor.item() cannot be called on meta tensors"."""
+    from tensorly_dataaware.torch.statistics import collect_covariances
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3))
+    with pytest.raises(ValueError, match="'meta' holds no values"):
+        collect_covariances(model, [torch.rand(2, 3, 6, 6)], device="meta", progress=False)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            collect_covariances(model, [torch.rand(2, 3, 6, 6)], device="cuda", progress=False)
+    with pytest.raises(ValueError, match="not a valid torch device"):
+        collect_covariances(model, [torch.rand(2, 3, 6, 6)], device="banana", progress=False)
+
+
 def test_ordinary_float32_activations_keep_float32_products(monkeypatch):
     """The float64 repeat is for extreme magnitudes only: ordinary activations keep the
     (cheaper) float32 products, whose rounding shows as a small non-zero difference."""

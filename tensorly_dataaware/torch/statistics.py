@@ -2375,7 +2375,13 @@ def collect_covariances(
         wanted = set(requested)
         selected = [name for name in supported if name in wanted]  # model order, no duplicates
 
-    target = torch.device(device) if device is not None else _model_device(model)
+    if device is not None:
+        # The same check as compress: an unavailable device failed deep inside the first
+        # batch ("Torch not compiled with CUDA enabled"), and 'meta' holds no values.
+        from .compress import check_device
+
+        device = check_device(device)
+    target = device if device is not None else _model_device(model)
     generator = torch.Generator(device="cpu")
     generator.manual_seed(seed)
     statistics: dict[str, LayerStatistics] = {}
