@@ -843,6 +843,25 @@ def test_collect_covariances_checks_its_device_like_compress():
         collect_covariances(model, [torch.rand(2, 3, 6, 6)], device="banana", progress=False)
 
 
+def test_collect_covariances_seed_types_and_range():
+    """NumPy integer seeds are ints; seeds torch's generator cannot take are refused by name
+    (they failed with "Overflow when unpacking long long")."""
+    import numpy as np
+
+    from tensorly_dataaware.torch.statistics import collect_covariances
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3))
+    x = torch.rand(2, 3, 6, 6, generator=torch.Generator().manual_seed(1))
+    kwargs = dict(progress=False, max_positions_per_image=3)
+    a = collect_covariances(model, [x], seed=np.int64(5), **kwargs)["0"].sum_outer
+    torch.testing.assert_close(a, collect_covariances(model, [x], seed=5, **kwargs)["0"].sum_outer, rtol=0, atol=0)
+    for bad in (2**70, -(2**64)):
+        with pytest.raises(ValueError, match="`seed` must be in"):
+            collect_covariances(model, [x], seed=bad, **kwargs)
+    with pytest.raises(TypeError, match="`seed` must be an int"):
+        collect_covariances(model, [x], seed=1.5, **kwargs)
+
+
 def test_ordinary_float32_activations_keep_float32_products(monkeypatch):
     """The float64 repeat is for extreme magnitudes only: ordinary activations keep the
     (cheaper) float32 products, whose rounding shows as a small non-zero difference."""

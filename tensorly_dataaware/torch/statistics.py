@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import numbers
 import os
 import warnings
 from collections.abc import Iterable, Mapping
@@ -2349,8 +2350,11 @@ def collect_covariances(
         _check_positive_int(max_samples, "max_samples")
     if max_positions_per_image is not None:
         _check_positive_int(max_positions_per_image, "max_positions_per_image")
-    if isinstance(seed, bool) or not isinstance(seed, int):
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise TypeError(f"`seed` must be an int; got {seed!r}.")
+    seed = int(seed)  # NumPy integers too
+    if not -(2**63) <= seed < 2**64:  # the range torch.Generator.manual_seed takes
+        raise ValueError(f"`seed` must be in [-2**63, 2**64); got {seed}.")
     _check_precision(precision)
 
     named = dict(model.named_modules())
