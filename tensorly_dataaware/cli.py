@@ -166,17 +166,42 @@ def _torch_session(threads: int, seed: int | None, device: str) -> Iterator[Any]
     try:
         if seed is not None:
             torch.manual_seed(seed)
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise CLIError(f"--device {device}: CUDA is not available (torch {torch.__version__}); use --device cpu.")
-        try:
-            dev = torch.device(device)
-        except RuntimeError as exc:
-            raise CLIError(f"--device {device!r} is not a valid torch device: {_one_line(exc)}") from None
-        yield dev
+        yield _check_device(device)
     finally:
         if limiter is not None:
             limiter.restore_original_limits()
         torch.set_num_threads(previous)
+
+
+def _check_device(device: str):
+    """``torch.device(device)``, refused (as a CLIError) unless tensors can live there.
+
+    Checked before any work: a device whose backend this torch lacks (``xpu``, ``mps``, a
+    ``cuda`` without CUDA or past the last GPU) used to end in a traceback, after the
+    statistics had been collected and the layers decomposed. ``meta`` holds no data: the
+    statistics and the accuracy cannot be computed there.
+    """
+    import torch
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise CLIError(f"--device {device}: CUDA is not available (torch {torch.__version__}); use --device cpu.")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise CLIError(f"--device {device!r} is not a valid torch device: {_one_line(exc)}") from None
+    if dev.type == "meta":
+        raise CLIError(f"--device {device}: meta tensors hold no data, so nothing can be computed there; use --device cpu.")
+    try:
+        # Whether the backend is usable, for any device type: torch raises RuntimeError,
+        # AssertionError ("not compiled with ..."), NotImplementedError or ImportError.
+        torch.empty(1, device=dev)
+    except Exception as exc:  # noqa: BLE001 - any failure means the device cannot be used
+        reason = _one_line(exc)
+        reason = reason if len(reason) <= 160 else reason[:157] + "..."
+        raise CLIError(
+            f"--device {device}: not available in this torch ({torch.__version__}): {reason}; use --device cpu."
+        ) from None
+    return dev
 
 
 def _fmt_seconds(seconds: float) -> str:
@@ -259,17 +284,11 @@ def _drop_repeated_layers(model, sample, layers: list[str], device) -> list[str]
     several times (shared weights) or never is refused when named; the default selection
     keeps such layers dense instead, as ``compress_sequential(layers=None)`` does, and says so.
     """
-    import torch
-
     from .torch import layer_call_order
 
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            _, counts = layer_call_order(model, sample.to(device), layers)
-    finally:
-        model.train(was_training)
+    # layer_call_order runs the model in eval mode under no_grad and restores every
+    # module's training flag itself.
+    _, counts = layer_call_order(model, sample.to(device), layers)
     repeated = [name for name in layers if counts.get(name, 0) != 1]
     if repeated:
         shown = "; ".join(
@@ -584,7 +603,19 @@ def _prepare_model_and_data(args):
     return args.torch_device, layers_arg, data, model
 
 
+# The options of `collect` and `compress` that only shape the collection of statistics.
+COLLECTION_OPTIONS = (("--calib-samples", "calib_samples", DEFAULT_CALIB), ("--positions-per-image", "positions_per_image", 0))
+
+
+def _collection_defaults(args) -> None:
+    """Fill in the collection options the user did not give (their parser default is None)."""
+    for _flag, attr, default in COLLECTION_OPTIONS:
+        if getattr(args, attr) is None:
+            setattr(args, attr, default)
+
+
 def cmd_collect(args) -> int:
+    _collection_defaults(args)
     (output,) = check_outputs([("--output", args.output)], _input_paths(args))
     device, layers_arg, data, model = _prepare_model_and_data(args)
     if args.all_layers:
@@ -632,6 +663,13 @@ def cmd_compress(args) -> int:
         raise CLIError("--distributed collects its own statistics: drop --stats-in.")
     if args.sequential and (args.stats_in is not None or args.stats_out is not None):
         raise CLIError("--sequential streams its own statistics layer by layer: drop --stats-in/--stats-out.")
+    if args.stats_in is not None:
+        # Statistics read from a file were collected before: these options would be ignored.
+        given = [flag for flag, attr, _default in COLLECTION_OPTIONS if getattr(args, attr) is not None]
+        if given:
+            raise CLIError(f"--stats-in reads statistics collected before, so {' and '.join(given)} would be "
+                           "ignored: give them to `collect`, or drop --stats-in.")
+    _collection_defaults(args)
     if args.refit and not args.sequential:
         raise CLIError("--refit refits layers during sequential calibration: add --sequential.")
     if args.fisher and not args.sequential:
@@ -956,10 +994,14 @@ def _add_model_and_data(p: argparse.ArgumentParser) -> None:
         "--normalize", choices=("auto", "fashion", "unit", "none"), default="auto",
         help="auto: uint8 -> fashion, float -> none; fashion: (x/255 - 0.286)/0.353; unit: x/255; none: as stored",
     )
-    d.add_argument("--calib-samples", type=_positive_int, default=DEFAULT_CALIB, help="calibration images used for the statistics")
+    # Default None, resolved by _collection_defaults: `compress --stats-in` refuses these
+    # options only when the user gave them, which a real default would hide.
+    d.add_argument("--calib-samples", type=_positive_int, default=None,
+                   help=f"calibration images used for the statistics (default: {DEFAULT_CALIB})")
     d.add_argument("--batch-size", type=_positive_int, default=250, help="images per forward pass")
-    d.add_argument("--positions-per-image", type=_nonnegative_int, default=0, metavar="N",
-                   help="patches per image and layer entering the statistics, drawn at random (unbiased); 0: all")
+    d.add_argument("--positions-per-image", type=_nonnegative_int, default=None, metavar="N",
+                   help="patches per image and layer entering the statistics, drawn at random (unbiased); 0: all "
+                        "(default: 0)")
 
 
 def build_parser() -> argparse.ArgumentParser:

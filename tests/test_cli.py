@@ -648,6 +648,45 @@ def test_collect_prints_the_sample_count(tiny_files, tmp_path, capsys):
     assert row[2:] == ["108", "13824"]
 
 
+def _no_work(monkeypatch):
+    """Make loading a model or collecting statistics fail the test (errors must come first)."""
+    import tensorly_dataaware.cli as cli_module
+
+    monkeypatch.setattr(cli_module, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(cli_module, "_collect", lambda *a, **k: pytest.fail("statistics were collected"))
+
+
+UNUSABLE_DEVICES = ["meta", pytest.param("xpu", marks=pytest.mark.skipif(
+    hasattr(torch, "xpu") and torch.xpu.is_available(), reason="this torch has a usable XPU"))]
+
+
+@pytest.mark.parametrize("device", UNUSABLE_DEVICES)
+def test_unusable_device_is_refused_before_any_work(tiny_files, tmp_path, capsys, monkeypatch, device):
+    """Only a missing CUDA was checked: --device xpu / meta ended in a traceback (exit 1),
+    `compress --device meta` only after collecting and decomposing."""
+    _no_work(monkeypatch)
+    model, data = _state_args(tiny_files), ["--data-dir", str(tiny_files["data"])]
+    for argv in (["compress", *model, *data], ["collect", *model, *data, "--output", str(tmp_path / "s.pt")],
+                 ["demo", "--calib-samples", "8"]):
+        err = _error(capsys, [*argv, "--device", device])
+        assert f"--device {device}:" in err, err
+
+
+def test_stats_in_refuses_collection_options(tiny_files, tmp_path, capsys, monkeypatch):
+    """--calib-samples / --positions-per-image were silently ignored with --stats-in; they are
+    refused when given, even at their default values (and only when given)."""
+    stats = tmp_path / "stats.pt"
+    stats.write_bytes(b"")  # never read: the refusal comes first
+    _no_work(monkeypatch)
+    base = ["compress", *_state_args(tiny_files), "--data-dir", str(tiny_files["data"]), "--stats-in", str(stats)]
+    for extra in (["--calib-samples", "1000"], ["--positions-per-image", "0"],
+                  ["--calib-samples", "8", "--positions-per-image", "5"]):
+        err = _error(capsys, [*base, *extra])
+        assert "--stats-in" in err and all(flag in err for flag in extra if flag.startswith("--")), err
+    # Without them the command goes on (here to loading the model).
+    with pytest.raises(pytest.fail.Exception, match="the model was loaded"):
+        main([*base, "--no-progress"])
+
 def test_info_hint_only_when_the_data_is_missing(tmp_path, capsys, monkeypatch):
     found = tmp_path / "fashion"
     found.mkdir()

@@ -206,6 +206,35 @@ def test_layers_compressed_in_call_order():
     assert [r.name for r in report] == ["early", "late"]
 
 
+def test_layer_call_order_changes_nothing():
+    """The probe runs like collect_covariances: eval mode, no_grad, every module's training
+    flag restored (also on error), no BatchNorm statistics updated, no random numbers drawn."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Dropout(0.5), nn.Conv2d(4, 4, 3))
+    net.train()
+    net[1].eval()  # a mixed model (frozen BatchNorm): each module keeps its own flag
+    flags = {name: m.training for name, m in net.named_modules()}
+    seen = []
+    net[4].register_forward_hook(lambda m, a, out: seen.append((torch.is_grad_enabled(), m.training)))
+    x = torch.randn(2, 3, 8, 8)
+    state = copy.deepcopy(net.state_dict())
+    rng = torch.get_rng_state()
+    order, counts = layer_call_order(net, x, ["4", "0"])
+    assert order == ["0", "4"] and counts == {"4": 1, "0": 1}
+    assert seen == [(False, False)]
+    assert torch.equal(rng, torch.get_rng_state())
+    assert all(torch.equal(state[k], v) for k, v in net.state_dict().items())
+    assert {name: m.training for name, m in net.named_modules()} == flags
+    # A string is one name (not the names "0", "." and "4"); an unknown name is a clear error.
+    assert layer_call_order(nn.Sequential(net), x, "0.4") == (["0.4"], {"0.4": 1})
+    with pytest.raises(ValueError, match="'nope'"):
+        layer_call_order(net, x, ["0", "nope"])
+    # On error too: flags restored, hooks removed.
+    with pytest.raises(RuntimeError):
+        layer_call_order(net, torch.zeros(2, 5, 8, 8), ["0", "4"])
+    assert {name: m.training for name, m in net.named_modules()} == flags
+    assert not net[0]._forward_pre_hooks and not net[4]._forward_pre_hooks
+
 def test_layer_called_twice():
     class Shared(nn.Module):
         def __init__(self):

@@ -313,6 +313,14 @@ def check_device(device):
         # Meta tensors hold no values: the decompositions failed deep inside with
         # "Tensor.item() cannot be called on meta tensors".
         raise ValueError("`device` 'meta' holds no values to decompose: give a device with memory ('cpu', 'cuda').")
+    try:
+        # Any other backend this build or machine lacks (xpu, mps, a cuda:N beyond the last
+        # GPU) fails here, with its reason, instead of inside the first batch.
+        torch.empty(1, device=dev)
+    except (RuntimeError, AssertionError, ValueError) as exc:
+        reason = (str(exc).splitlines() or [repr(exc)])[0]
+        reason = reason if len(reason) <= 160 else reason[:157] + "..."
+        raise ValueError(f"`device` {device!r} is not usable here: {reason}") from None
     return dev
 
 

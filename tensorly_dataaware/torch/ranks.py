@@ -6,6 +6,7 @@ All functions work on shapes and spectra only; they never touch a model.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Mapping, Sequence
 
 import torch
@@ -78,6 +79,15 @@ def _max_rank(method: str, shape: Sequence[int]):
     return min(T, S * P)
 
 
+def _check_fraction(value, label: str) -> None:
+    # bool is an int subclass: `ratio=True` would silently mean "keep everything" (compress
+    # refuses it too, see check_rank_options).
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"`{label}` must be a number in (0, 1], got {value!r}.")
+    if not (0.0 < float(value) <= 1.0):
+        raise ValueError(f"`{label}` must be in (0, 1], got {value}.")
+
+
 def ranks_for_ratio(method: str, shape: Sequence[int], ratio: float):
     """Largest rank whose factorized form keeps at most ``ratio`` of the layer's weights.
 
@@ -94,9 +104,15 @@ def ranks_for_ratio(method: str, shape: Sequence[int], ratio: float):
     Returns
     -------
     int or (int, int)
+
+    Raises
+    ------
+    TypeError
+        If ``ratio`` is not a real number (a bool included).
+    ValueError
+        If ``ratio`` is outside ``(0, 1]``.
     """
-    if not (0.0 < ratio <= 1.0):
-        raise ValueError(f"`ratio` must be in (0, 1], got {ratio}.")
+    _check_fraction(ratio, "ratio")
     T, S = shape[0], shape[1]
     P = math.prod(shape[2:]) if len(shape) > 2 else 1
     budget = ratio * dense_params(shape)
@@ -133,7 +149,14 @@ def ranks_for_energy(method: str, weight: torch.Tensor, sigma: torch.Tensor, ene
     weight ``W Sigma^{1/2}``: keeping the top ``r`` of them is exactly what the whitened SVD
     does, with relative sigma-error ``sqrt(1 - energy)``. For Tucker-2 this gives ``R_out``,
     and ``R_in`` takes the same fraction of the input channels; for CP the rank is the
-    whitened SVD rank times the number of kernel positions, capped by the ratio-1 rank.
+    whitened SVD rank times the number of kernel positions.
+
+    Every method is capped by its rank at ratio 1.0 (:func:`ranks_for_ratio`; for Tucker-2
+    each of ``R_out``, ``R_in`` by the ratio-1 pair), so that the factorized layer never
+    holds more weights than the dense one (apart from the rank-1 floor of a tiny layer).
+    Below the cap the rank is the energy rank above; at the cap less than ``energy`` may
+    be kept (an SVD of a ``T x n`` matrix, for instance, reaches at most rank
+    ``floor(T n / (T + n))``, below full rank).
 
     Parameters
     ----------
@@ -146,21 +169,26 @@ def ranks_for_energy(method: str, weight: torch.Tensor, sigma: torch.Tensor, ene
     -------
     int or (int, int)
     """
-    if not (0.0 < energy <= 1.0):
-        raise ValueError(f"`energy` must be in (0, 1], got {energy}.")
+    _check_fraction(energy, "energy")
     shape = tuple(weight.shape)
     mat = weight.reshape(shape[0], -1).to(torch.float64)
     gram = mat @ sigma.to(mat) @ mat.T
     r = min(_energy_rank(torch.linalg.eigvalsh((gram + gram.T) / 2), energy), shape[0])
+    if method not in METHODS:
+        raise ValueError(f"Unknown method {method!r}; use one of {METHODS}.")
+    # The cap: a rank above the ratio-1 rank stores more weights than the dense layer, which
+    # no energy target justifies (it used to inflate Tucker-2 and SVD layers silently).
+    cap = ranks_for_ratio(method, shape, 1.0)
     if method == "svd":
-        return min(r, _max_rank("svd", shape))
+        return min(r, cap)
     if method == "tucker2":
         frac = r / shape[0]
-        return (r, max(1, min(shape[1], math.ceil(frac * shape[1]))))
-    if method == "cp":
-        P = math.prod(shape[2:]) if len(shape) > 2 else 1
-        return max(1, min(r * P, ranks_for_ratio("cp", shape, 1.0)))
-    raise ValueError(f"Unknown method {method!r}; use one of {METHODS}.")
+        r_in = max(1, min(shape[1], math.ceil(frac * shape[1])))
+        # Each rank capped on its own: the weights grow with each of R_out and R_in, so the
+        # pair costs at most the ratio-1 pair, and an R_out below the cap keeps its energy.
+        return (min(r, cap[0]), min(r_in, cap[1]))
+    P = math.prod(shape[2:]) if len(shape) > 2 else 1
+    return max(1, min(r * P, cap))
 
 
 def allocate_budget(
@@ -187,8 +215,12 @@ def allocate_budget(
         decrease per parameter, so that a plateau (a larger candidate with the same
         estimated error, e.g. a Tucker-2 rank pair whose input rank alone grew) does not
         stop the layer from ever growing. Raises ``ValueError`` if even the smallest
-        candidates do not fit.
+        candidates do not fit, or if a layer has no candidate.
     """
+    # Without a candidate a layer has no rank to return (it used to fail with an IndexError).
+    empty = [name for name, curve in curves.items() if len(curve) == 0]
+    if empty:
+        raise ValueError(f"Layer(s) {empty} have no candidate rank in `curves`.")
     choice = {name: 0 for name in curves}
     used = sum(c[0][0] for c in curves.values())
     if used > budget:

@@ -465,23 +465,47 @@ class _PrefixCache:
         return captured
 
 
-def layer_call_order(model: nn.Module, x: torch.Tensor, names: Iterable[str]) -> tuple[list[str], dict[str, int]]:
+def layer_call_order(
+    model: nn.Module, x: torch.Tensor, names: Iterable[str] | str
+) -> tuple[list[str], dict[str, int]]:
     """Run ``model`` once on ``x`` and return the named layers in the order they are called.
+
+    The model runs as :func:`~tensorly_dataaware.torch.collect_covariances` runs it: in eval
+    mode under ``torch.no_grad()``, so that the probe changes nothing (no BatchNorm running
+    statistics, no dropout drawing from the global random generator, no autograd graph).
+    The training flag of every submodule is restored afterwards and the hooks are removed,
+    even on error.
 
     Parameters
     ----------
     model : nn.Module
     x : torch.Tensor
         One input batch.
-    names : iterable of str
-        Candidate module names.
+    names : iterable of str, or str
+        Candidate module names (as in ``model.named_modules()``); a single string is one name.
 
     Returns
     -------
     (list of str, dict of str to int)
         The names in order of their first call, and how many times each was called
         (names never called are absent from the list and have count 0).
+
+    Raises
+    ------
+    ValueError
+        If a name is not a module of ``model`` (the message lists the unknown ones).
     """
+    # A string is one name, not an iterable of one-character names.
+    names = [names] if isinstance(names, str) else list(names)
+    # get_submodule, not named_modules(): it also finds a module registered under two names.
+    modules, unknown = {}, []
+    for name in names:
+        try:
+            modules[name] = model.get_submodule(name)
+        except (AttributeError, TypeError):  # TypeError: not a string
+            unknown.append(name)
+    if unknown:
+        raise ValueError(f"`names`: {unknown} are not modules of the model.")
     counts = {name: 0 for name in names}
     order: list[str] = []
     handles = []
@@ -494,13 +518,20 @@ def layer_call_order(model: nn.Module, x: torch.Tensor, names: Iterable[str]) ->
 
         return hook
 
+    # Every module's own flag: model.train(flag) afterwards would overwrite submodules that
+    # were deliberately in another mode (e.g. frozen BatchNorm in a training model).
+    training_flags = [(module, module.training) for module in model.modules()]
     try:
         for name in counts:
-            handles.append(model.get_submodule(name).register_forward_pre_hook(make_hook(name)))
-        model(x)
+            handles.append(modules[name].register_forward_pre_hook(make_hook(name)))
+        model.eval()
+        with torch.no_grad():
+            model(x)
     finally:
         for handle in handles:
             handle.remove()
+        for module, flag in training_flags:
+            module.training = flag
     return order, counts
 
 
