@@ -759,7 +759,7 @@ def dft_error_bound(width: int, rows: int = DFT_BLOCK_ROWS) -> float:
 
 def _dft_pays(shifts: list[tuple[int, int]], channels: int, rows: int, images: int, width: int, dw: int,
               dtype: torch.dtype) -> bool:
-    """Whether :func:`_dft_products` should replace the direct full-frame products.
+    """Whether :func:`_dft_products` should replace the direct route (:func:`_frame_products`).
 
     Only where its float32 error bound is within the direct products' (see
     :func:`dft_error_bound`), its products have more rows than columns, and a flop count
