@@ -138,3 +138,13 @@ def reference_tucker2(tensor, ranks, sigma, *, n_iter_max=100, tol=1e-6, target_
             reason = "time budget"
             break
     return {"errors": errors, "times": times, "matvecs": matvecs, "reason": reason}
+
+
+if __name__ == "__main__":
+    import argparse
+
+    argparse.ArgumentParser(
+        description="A module, not a command: benchmarks/speed.py times this reference approach "
+                    "(see its --reference-budget and --no-reference options)."
+    ).parse_args()
+    print(__doc__)

@@ -251,4 +251,7 @@ def main():
 
 
 if __name__ == "__main__":
+    import argparse
+
+    argparse.ArgumentParser(description=(__doc__ or "").strip().split("\n\n")[0]).parse_args()  # --help
     main()

@@ -6,15 +6,22 @@ and PyTorch CPU float32 and float64; Tucker-2 at ranks (C/2, C/2) and CP at 25% 
 Usage: python benchmarks/threads_bench.py CHANNELS SWEEPS REPS OUT.json
 e.g.   python benchmarks/threads_bench.py 64,128,256 5 3 benchmarks/results/threads.json
 """
-import sys, time, json
+import argparse, sys, time, json
 import numpy as np, tensorly as tl
 from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's package
 from speed import image_like_covariance
 from tensorly_dataaware import tucker2_sigma, parafac_sigma
-shapes = [int(c) for c in sys.argv[1].split(",")]
-sweeps = int(sys.argv[2]); reps = int(sys.argv[3])
+parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="e.g. python benchmarks/threads_bench.py 64,128,256 5 3 benchmarks/results/threads.json")
+parser.add_argument("channels", help="comma-separated channel counts C (layers C x C x 3 x 3)")
+parser.add_argument("sweeps", type=int, help="ALS sweeps per run (tol=0)")
+parser.add_argument("reps", type=int, help="interleaved repeats")
+parser.add_argument("out", help="JSON output path")
+args = parser.parse_args()
+shapes = [int(c) for c in args.channels.split(",")]
+sweeps, reps = args.sweeps, args.reps
 res = []
 for C in shapes:
     sigma = image_like_covariance(C, 3, 3)
@@ -33,4 +40,4 @@ for C in shapes:
                 m1, m2 = np.median(times[1]), np.median(times[2])
                 print(f"C={C} {backend} {dtype} {method}: 1 thread {m1:.3f}s [{min(times[1]):.3f}-{max(times[1]):.3f}], 2 threads {m2:.3f}s [{min(times[2]):.3f}-{max(times[2]):.3f}], 2/1 = {m2/m1:.2f}", flush=True)
                 res.append(dict(C=C, backend=backend, dtype=dtype, method=method, t1=times[1], t2=times[2]))
-json.dump(res, open(sys.argv[4], "w"))
+json.dump(res, open(args.out, "w"))
