@@ -194,6 +194,16 @@ def _check_int(value, name: str) -> int:
     return int(value)
 
 
+def check_positive_int(value, name: str) -> int:
+    """``value`` as an ``int`` >= 1 (NumPy integers too); bools and integral floats are refused,
+    not converted (``True`` would silently mean 1)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"`{name}` must be an int >= 1, got {value!r}.")
+    if value < 1:
+        raise ValueError(f"`{name}` must be an int >= 1, got {value!r}.")
+    return int(value)
+
+
 def validate_tucker2_rank(shape: Sequence[int], rank) -> tuple[int, int]:
     """Resolve a Tucker-2 rank into ``(R_out, R_in)``.
 

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Union
 import numpy as np
 
 from .._atomic import atomic_write
+from .._validation import check_positive_int
 
 if TYPE_CHECKING:  # pragma: no cover - only for type checkers
     from torch.utils.data import DataLoader, TensorDataset
@@ -91,16 +92,6 @@ _GZIP_MAGIC = b"\x1f\x8b"
 # --------------------------------------------------------------------------------------
 # Argument checks
 # --------------------------------------------------------------------------------------
-def _check_positive_int(value, name: str) -> int:
-    """``value`` as an ``int`` >= 1; bools and integral floats are refused, not converted."""
-    # bool is an int subclass: True would silently mean 1.
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"`{name}` must be a positive int, got {value!r}")
-    if value < 1:
-        raise ValueError(f"`{name}` must be a positive int, got {value!r}")
-    return int(value)
-
-
 def _check_bool(value, name: str) -> bool:
     """``value`` as a ``bool``; only ``bool`` and ``numpy.bool_`` are accepted."""
     # Truthiness would turn e.g. the string "false" into True.
@@ -466,7 +457,7 @@ def make_loader(
     import torch
     from torch.utils.data import DataLoader
 
-    batch_size = _check_positive_int(batch_size, "batch_size")
+    batch_size = check_positive_int(batch_size, "batch_size")
     shuffle = _check_bool(shuffle, "shuffle")
     if seed is not None:
         # Checked even without shuffling, so that a bad seed does not lurk until shuffle=True.
@@ -558,7 +549,7 @@ def load_sklearn_digits_upscaled(size: int = 28) -> tuple[np.ndarray, np.ndarray
     """
     # Checked before the import and the resize: a float size would be rounded up by
     # np.arange and a negative one would give empty images.
-    size = _check_positive_int(size, "size")
+    size = check_positive_int(size, "size")
     try:
         from sklearn.datasets import load_digits
     except ImportError as err:  # pragma: no cover - depends on the environment

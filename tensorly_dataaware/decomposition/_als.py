@@ -15,6 +15,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from .._backend_ops import full_precision_products
+from .._validation import check_positive_int
 from ._monitor import ALSMonitor
 from ._problem import SigmaProblem
 from ._structured_solve import InputFactorSystem, SolveInfo
@@ -61,14 +62,6 @@ class ALSModel(Protocol):
         """The TensorLy decomposition of an iterate, in the caller's dtype and scale."""
 
 
-def _check_positive_int(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"`{name}` must be an int >= 1, got {value!r}.")
-    if value < 1:
-        raise ValueError(f"`{name}` must be an int >= 1, got {value!r}.")
-    return int(value)
-
-
 def _check_tolerance(value, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"`{name}` must be a real number >= 0, got {value!r}.")
@@ -93,11 +86,11 @@ def validate_als_options(*, n_iter_max, tol, solver, cg_tol, cg_maxiter, check_p
     if not isinstance(check_psd, (bool, np.bool_)):
         raise TypeError(f"`check_psd` must be a bool, got {check_psd!r}.")
     return {
-        "n_iter_max": _check_positive_int(n_iter_max, "n_iter_max"),
+        "n_iter_max": check_positive_int(n_iter_max, "n_iter_max"),
         "tol": _check_tolerance(tol, "tol"),
         "solver": solver,
         "cg_tol": _check_tolerance(cg_tol, "cg_tol"),
-        "cg_maxiter": _check_positive_int(cg_maxiter, "cg_maxiter"),
+        "cg_maxiter": check_positive_int(cg_maxiter, "cg_maxiter"),
         "check_psd": bool(check_psd),
         "verbose": verbose,
         "callback": callback,

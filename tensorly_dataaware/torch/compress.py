@@ -273,13 +273,8 @@ def check_rank_options(ranks, ratio, energy, budget) -> None:
     if ranks is None and not any(given):
         raise ValueError("Give `ranks`, `ratio`, `energy` or `budget` to choose the ranks.")
     for value, label in ((ratio, "ratio"), (energy, "energy"), (budget, "budget")):
-        if value is None:
-            continue
-        # bool is an int subclass: `ratio=True` would silently mean "keep everything".
-        if isinstance(value, bool) or not isinstance(value, numbers.Real):
-            raise TypeError(f"`{label}` must be a number in (0, 1], got {value!r}.")
-        if not (0.0 < float(value) <= 1.0):
-            raise ValueError(f"`{label}` must be in (0, 1], got {value}.")
+        if value is not None:
+            rk.check_fraction(value, label)
     if ranks is not None:
         if not isinstance(ranks, Mapping):
             raise TypeError(f"`ranks` must be a mapping layer name -> rank, got {type(ranks).__name__}.")

@@ -79,7 +79,8 @@ def _max_rank(method: str, shape: Sequence[int]):
     return min(T, S * P)
 
 
-def _check_fraction(value, label: str) -> None:
+def check_fraction(value, label: str) -> None:
+    """Refuse a size fraction (``ratio``, ``energy``, ``budget``) outside ``(0, 1]`` or not a number."""
     # bool is an int subclass: `ratio=True` would silently mean "keep everything" (compress
     # refuses it too, see check_rank_options).
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
@@ -112,7 +113,7 @@ def ranks_for_ratio(method: str, shape: Sequence[int], ratio: float):
     ValueError
         If ``ratio`` is outside ``(0, 1]``.
     """
-    _check_fraction(ratio, "ratio")
+    check_fraction(ratio, "ratio")
     T, S = shape[0], shape[1]
     P = math.prod(shape[2:]) if len(shape) > 2 else 1
     budget = ratio * dense_params(shape)
@@ -169,7 +170,7 @@ def ranks_for_energy(method: str, weight: torch.Tensor, sigma: torch.Tensor, ene
     -------
     int or (int, int)
     """
-    _check_fraction(energy, "energy")
+    check_fraction(energy, "energy")
     shape = tuple(weight.shape)
     mat = weight.reshape(shape[0], -1).to(torch.float64)
     gram = mat @ sigma.to(mat) @ mat.T

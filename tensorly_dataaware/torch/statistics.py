@@ -131,6 +131,15 @@ def _float32_range_ok(count: int, pairs: list[tuple[torch.Tensor, torch.Tensor]]
     return True
 
 
+def _redo_in_float64(precision: str, dtype: torch.dtype, count: int,
+                     pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> bool:
+    """Whether moments just formed with ``precision`` from data of ``dtype`` must be formed
+    again with float64 products: only for ``'auto'`` with float32 products, when
+    :func:`_float32_range_ok` says their range was left."""
+    return (precision == "auto" and _product_dtype(dtype, precision) != torch.float64
+            and not _float32_range_ok(count, pairs))
+
+
 def float32_error_bound(rows: int = FLOAT32_BLOCK_ROWS) -> float:
     """Worst-case relative error ``gamma(rows) = rows * u / (1 - rows * u)`` of float32 products.
 
@@ -1208,8 +1217,7 @@ def _batch_moments(
     result = _batch_moments_at(module, inputs, max_positions_per_image=max_positions_per_image,
                                generator=generator, precision=precision)
     count, total, outer = result
-    if (precision == "auto" and _product_dtype(inputs.dtype, precision) != torch.float64
-            and not _float32_range_ok(count, [(total, outer.diagonal(dim1=1, dim2=2))])):
+    if _redo_in_float64(precision, inputs.dtype, count, [(total, outer.diagonal(dim1=1, dim2=2))]):
         if state is not None:
             generator.set_state(state)
         result = _batch_moments_at(module, inputs, max_positions_per_image=max_positions_per_image,
@@ -1509,8 +1517,8 @@ class LayerStatistics:
         batch_sum = torch.zeros_like(self.sum)
         batch_outer = torch.zeros_like(self.sum_outer)
         _accumulate_products(batch_outer, patches, patches, precision, sums=(batch_sum,))
-        if (precision == "auto" and _product_dtype(patches.dtype, precision) != torch.float64
-                and not _float32_range_ok(patches.shape[1], [(batch_sum, batch_outer.diagonal(dim1=1, dim2=2))])):
+        if _redo_in_float64(precision, patches.dtype, patches.shape[1],
+                            [(batch_sum, batch_outer.diagonal(dim1=1, dim2=2))]):
             # Patches of extreme magnitude: float32 products would under- or overflow.
             batch_sum.zero_()
             batch_outer.zero_()
@@ -1875,8 +1883,8 @@ class CrossStatistics:
             _accumulate_products(yy, y, y, attempt, sums=(sum_y,))
             # out += a^T b with a = x, b = y gives sum_k x_k y_k^T: rows x, columns y.
             _accumulate_products(xy, x, y, attempt, sums=(sum_x,))
-            if (attempt != "auto" or _product_dtype(x.dtype, attempt) == torch.float64 or _float32_range_ok(
-                    x.shape[1], [(sum_y, yy.diagonal(dim1=1, dim2=2)), (sum_x, xy.diagonal(dim1=1, dim2=2))])):
+            if not _redo_in_float64(attempt, x.dtype, x.shape[1],
+                                    [(sum_y, yy.diagonal(dim1=1, dim2=2)), (sum_x, xy.diagonal(dim1=1, dim2=2))]):
                 break
             # Patches of extreme magnitude: float32 products would under- or overflow.
             for t in (sum_x, sum_y, yy, xy):
@@ -1961,8 +1969,7 @@ class CrossStatistics:
                                 dim=2).reshape(b, 2 * c, h, w)
         stacked_geometry = {**geometry, "in_channels": stacked.shape[1]}
         total, outer = _shift_moments(stacked, stacked_geometry, precision)
-        if (precision == "auto" and _product_dtype(stacked.dtype, precision) != torch.float64
-                and not _float32_range_ok(x.shape[0] * positions, [(total, outer.diagonal(dim1=1, dim2=2))])):
+        if _redo_in_float64(precision, stacked.dtype, x.shape[0] * positions, [(total, outer.diagonal(dim1=1, dim2=2))]):
             # Inputs of extreme magnitude: float32 products would under- or overflow.
             total, outer = _shift_moments(stacked, stacked_geometry, "float64")
         n = self.n
