@@ -50,6 +50,7 @@ PROG = "tensorly-dataaware"
 DEFAULT_RATIOS = (0.5, 0.2, 0.1)
 DEMO_NORMS = ("sigma", "frobenius", "sequential")
 DEFAULT_CALIB = 1000
+DEFAULT_BATCH = 250
 DEFAULT_EVAL = 2000
 # 10 sweeps, not 30: on the embedded ResNet-20 the demo's accuracies at 5, 10 and 30 sweeps
 # agree within 0.1 %, and 30 sweeps triple the time of the sigma rows (over 3 minutes on 2 cores).
@@ -604,7 +605,11 @@ def _prepare_model_and_data(args):
 
 
 # The options of `collect` and `compress` that only shape the collection of statistics.
-COLLECTION_OPTIONS = (("--calib-samples", "calib_samples", DEFAULT_CALIB), ("--positions-per-image", "positions_per_image", 0))
+COLLECTION_OPTIONS = (
+    ("--calib-samples", "calib_samples", DEFAULT_CALIB),
+    ("--batch-size", "batch_size", DEFAULT_BATCH),
+    ("--positions-per-image", "positions_per_image", 0),
+)
 
 
 def _collection_defaults(args) -> None:
@@ -663,6 +668,10 @@ def cmd_compress(args) -> int:
         raise CLIError("--distributed collects its own statistics: drop --stats-in.")
     if args.sequential and (args.stats_in is not None or args.stats_out is not None):
         raise CLIError("--sequential streams its own statistics layer by layer: drop --stats-in/--stats-out.")
+    if args.positions_per_image and args.sequential:
+        # The sequential passes stream every patch of every calibration image.
+        raise CLIError("--positions-per-image sub-samples one-shot statistics; --sequential streams every "
+                       "patch: drop one of them.")
     if args.stats_in is not None:
         # Statistics read from a file were collected before: these options would be ignored.
         given = [flag for flag, attr, _default in COLLECTION_OPTIONS if getattr(args, attr) is not None]
@@ -720,6 +729,7 @@ def cmd_compress(args) -> int:
             backend=args.backend or "auto", timeout_s=args.timeout or 1800.0, sequential=args.sequential,
             refit=args.refit, fisher=args.fisher,
             target_damping="auto" if args.target_damping is None else args.target_damping,
+            positions_per_image=args.positions_per_image,
         )
 
     if args.sequential:
@@ -998,7 +1008,8 @@ def _add_model_and_data(p: argparse.ArgumentParser) -> None:
     # options only when the user gave them, which a real default would hide.
     d.add_argument("--calib-samples", type=_positive_int, default=None,
                    help=f"calibration images used for the statistics (default: {DEFAULT_CALIB})")
-    d.add_argument("--batch-size", type=_positive_int, default=250, help="images per forward pass")
+    d.add_argument("--batch-size", type=_positive_int, default=None,
+                   help=f"images per forward pass (default: {DEFAULT_BATCH})")
     d.add_argument("--positions-per-image", type=_nonnegative_int, default=None, metavar="N",
                    help="patches per image and layer entering the statistics, drawn at random (unbiased); 0: all "
                         "(default: 0)")

@@ -679,13 +679,25 @@ def test_stats_in_refuses_collection_options(tiny_files, tmp_path, capsys, monke
     stats.write_bytes(b"")  # never read: the refusal comes first
     _no_work(monkeypatch)
     base = ["compress", *_state_args(tiny_files), "--data-dir", str(tiny_files["data"]), "--stats-in", str(stats)]
-    for extra in (["--calib-samples", "1000"], ["--positions-per-image", "0"],
+    for extra in (["--calib-samples", "1000"], ["--positions-per-image", "0"], ["--batch-size", "250"],
                   ["--calib-samples", "8", "--positions-per-image", "5"]):
         err = _error(capsys, [*base, *extra])
         assert "--stats-in" in err and all(flag in err for flag in extra if flag.startswith("--")), err
     # Without them the command goes on (here to loading the model).
     with pytest.raises(pytest.fail.Exception, match="the model was loaded"):
         main([*base, "--no-progress"])
+
+def test_sequential_refuses_positions_per_image(tiny_files, capsys, monkeypatch):
+    """--positions-per-image was silently ignored by --sequential (it streams every patch)."""
+    _no_work(monkeypatch)
+    base = ["compress", *_state_args(tiny_files), "--data-dir", str(tiny_files["data"]), "--sequential"]
+    for extra in ([], ["--distributed"]):
+        err = _error(capsys, [*base, *extra, "--positions-per-image", "5"])
+        assert "--positions-per-image" in err and "--sequential" in err, err
+    # 0 (every patch) is what --sequential does anyway.
+    with pytest.raises(pytest.fail.Exception, match="the model was loaded"):
+        main([*base, "--positions-per-image", "0", "--no-progress"])
+
 
 def test_info_hint_only_when_the_data_is_missing(tmp_path, capsys, monkeypatch):
     found = tmp_path / "fashion"

@@ -19,7 +19,7 @@ if not (dist.is_available() and dist.is_gloo_available()):  # pragma: no cover
 
 from tensorly_dataaware.cli import main  # noqa: E402
 from tensorly_dataaware.torch import distributed as tdd  # noqa: E402
-from tensorly_dataaware.torch import load_compressed  # noqa: E402
+from tensorly_dataaware.torch import load_compressed, load_statistics  # noqa: E402
 
 from .test_cli import TinyNet  # noqa: E402
 
@@ -69,6 +69,12 @@ def test_compress_distributed_in_one_process(files, tmp_path, capsys):
     assert "on 1 rank(s)" in capsys.readouterr().out
     loaded = load_compressed(TinyNet(width=12), out)
     assert type(loaded.conv2).__name__ == "Tucker2Conv2d" and stats.is_file()
+    # --positions-per-image reaches the distributed collection (it was dropped): 48 images
+    # of TinyNet's conv2, 5 positions each.
+    code = main(["compress", *files, "--distributed", "--backend", "gloo", "--ratio", "0.5", "--n-iter-max", "3",
+                 "--no-progress", "--positions-per-image", "5", "--stats-out", str(tmp_path / "sub.pt")])
+    assert code == 0, capsys.readouterr().err
+    assert {st.count for st in load_statistics(tmp_path / "sub.pt").values()} == {48 * 5}
     # the same validation as without --distributed, before any process group exists
     code = main(["compress", *files, "--distributed", "--layers", "conv9", "--no-progress"])
     assert code == 2 and "conv9" in capsys.readouterr().err

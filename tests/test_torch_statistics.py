@@ -410,6 +410,11 @@ def test_collect_limits_and_generator_input():
     assert res["conv1"].count == 16 * 10
     res2 = collect_covariances(model, (x for x, _ in data), ["conv1"], progress=False, max_positions_per_image=10)
     torch.testing.assert_close(res["conv1"].sum_outer, res2["conv1"].sum_outer)  # seeded
+    # NumPy integers (e.g. from a config array) are ordinary ints to the limits.
+    import numpy as np
+
+    res = collect_covariances(model, data, ["fc"], max_batches=np.int64(2), max_samples=np.int32(6), progress=False)
+    assert res["fc"].count == 6 and type(res["fc"].count) is int
 
 
 def test_collect_bad_inputs_raise_and_clean_up():

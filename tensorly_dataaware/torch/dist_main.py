@@ -96,6 +96,7 @@ def run_distributed(
     refit: bool = False,
     fisher: bool | str = False,
     target_damping: float | str | None = "auto",
+    positions_per_image: int | None = None,
 ) -> int:
     """Join the process group, compress ``model`` on ``images`` across all ranks, clean up.
 
@@ -109,7 +110,8 @@ def run_distributed(
     (``compress_sequential(..., refit=True)``) and ``fisher=True`` (or ``'fisher'``) sets
     ``budget_weighting='fisher'`` and ``fit_weighting='fisher'`` (``fisher='kfac'``:
     ``fit_weighting='kfac'``); ``target_damping`` is
-    passed on as it is.
+    passed on as it is. ``positions_per_image`` sub-samples the one-shot statistics
+    (``max_positions_per_image`` of the collection; not with ``sequential=True``).
     """
     import torch.distributed as dist
 
@@ -141,6 +143,9 @@ def run_distributed(
         n = images.shape[0] if calib_samples is None else min(calib_samples, images.shape[0])
         batches = [images[s : min(s + batch_size, n)] for s in range(0, n, batch_size)]
         if sequential:
+            if positions_per_image:
+                raise ValueError("positions_per_image sub-samples one-shot statistics; sequential calibration "
+                                 "streams every patch.")
             start = time.perf_counter()
             compressed, report = compress_sequential_distributed(
                 model, shard(batches, rank, world), method, ranks=ranks, ratio=ratio, energy=energy, budget=budget,
@@ -159,7 +164,8 @@ def run_distributed(
             return 0
         start = time.perf_counter()
         stats = collect_covariances_distributed(
-            model, shard(batches, rank, world), layers, seed=seed, progress=progress and rank == 0
+            model, shard(batches, rank, world), layers, seed=seed, progress=progress and rank == 0,
+            max_positions_per_image=positions_per_image or None,
         )
         say(f"statistics of {len(stats)} layers from {n} images on {world} rank(s) "
             f"({dist.get_backend()}) in {time.perf_counter() - start:.1f}s")

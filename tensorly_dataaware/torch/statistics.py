@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._atomic import atomic_write
+from .._validation import check_positive_int
 
 try:  # tqdm is a hard dependency of the package, but keep the adapter importable without it
     from tqdm.auto import tqdm
@@ -543,7 +544,7 @@ def patches_for(
     if not inputs.is_floating_point():
         raise TypeError(f"`inputs` must be a floating-point tensor; got dtype {inputs.dtype}.")
     if max_positions_per_image is not None:
-        _check_positive_int(max_positions_per_image, "max_positions_per_image")
+        max_positions_per_image = check_positive_int(max_positions_per_image, "max_positions_per_image")
 
     if kind == "linear":
         n = int(module.in_features)
@@ -1278,14 +1279,6 @@ def _moments_of(patches: torch.Tensor, precision: str) -> tuple[int, torch.Tenso
 # --------------------------------------------------------------------------------------------
 
 
-def _check_positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"`{name}` must be a positive int or None; got {value!r}.")
-    if value < 1:
-        raise ValueError(f"`{name}` must be >= 1; got {value}.")
-    return value
-
-
 def _plain(value: Any) -> Any:
     """Convert tuples (recursively) to lists so that metadata compares and saves uniformly."""
     if isinstance(value, (tuple, list)):
@@ -1435,7 +1428,7 @@ class LayerStatistics:
             raise ValueError(
                 f"`weight_shape` of a {kind} layer must be {expected_ndim} positive ints; got {weight_shape}."
             )
-        _check_positive_int(groups, "groups")
+        groups = check_positive_int(groups, "groups")
         if kind == "linear" and groups != 1:
             raise ValueError("A linear layer has groups=1.")
         self.kind: str = kind
@@ -1805,8 +1798,8 @@ class CrossStatistics:
     """
 
     def __init__(self, n: int, *, groups: int = 1, device: torch.device | str | None = None) -> None:
-        _check_positive_int(n, "n")
-        _check_positive_int(groups, "groups")
+        n = check_positive_int(n, "n")
+        groups = check_positive_int(groups, "groups")
         device = torch.device("cpu") if device is None else torch.device(device)
         self.count: int = 0
         self.sum_x: torch.Tensor = torch.zeros(groups, n, dtype=torch.float64, device=device)
@@ -2352,11 +2345,11 @@ def collect_covariances(
     """
     check_eager_model(model)
     if max_batches is not None:
-        _check_positive_int(max_batches, "max_batches")
+        max_batches = check_positive_int(max_batches, "max_batches")
     if max_samples is not None:
-        _check_positive_int(max_samples, "max_samples")
+        max_samples = check_positive_int(max_samples, "max_samples")
     if max_positions_per_image is not None:
-        _check_positive_int(max_positions_per_image, "max_positions_per_image")
+        max_positions_per_image = check_positive_int(max_positions_per_image, "max_positions_per_image")
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise TypeError(f"`seed` must be an int; got {seed!r}.")
     seed = int(seed)  # NumPy integers too
