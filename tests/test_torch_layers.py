@@ -144,6 +144,12 @@ def test_weight_and_bias_read_like_the_dense_layer(kind):
     assert module.bias is module.last.bias and bias is not None
     assert "weight" not in dict(module.named_parameters())
     torch.jit.script(module)
+    # Assigning them would do nothing (or fail obscurely for a Parameter): a clear error.
+    for name, value in (("weight", torch.nn.Parameter(weight.clone())), ("weight", weight.clone()),
+                        ("bias", torch.nn.Parameter(torch.zeros_like(bias)))):
+        with pytest.raises(AttributeError, match=f"{name} .*(factors|last factor)"):
+            setattr(module, name, value)
+    torch.testing.assert_close(module.weight, weight, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("kind", ["tucker2", "cp", "lowrank", "linear"])

@@ -195,6 +195,20 @@ class _FormMixin(nn.Module):
         """The layer's bias (that of its last factor), or ``None``; as ``nn.Conv2d.bias``."""
         return self.last.bias  # type: ignore[union-attr]
 
+    def __setattr__(self, name: str, value) -> None:
+        # nn.Module would report "property has no setter" for a tensor and "attribute
+        # 'weight' already exists" for a Parameter: say what to do instead.
+        if name == "weight":
+            raise AttributeError(
+                f"{type(self).__name__}.weight is computed from the factors and cannot be assigned: change the "
+                "factors' parameters, or replace the layer with a dense one."
+            )
+        if name == "bias":
+            raise AttributeError(
+                f"{type(self).__name__}.bias is the bias of its last factor: assign `layer.last.bias` instead."
+            )
+        super().__setattr__(name, value)
+
     def _init_form(self) -> None:
         self.form = "chain"
         # Empty until a non-chain form is chosen; a tensor (never None) keeps TorchScript simple.
