@@ -69,3 +69,42 @@ def test_collect_and_compress_on_cuda():
     # The ALS is not unique to round-off, so compare what matters: how far each compressed
     # model's logits move from the original's.
     assert abs(float(dev_gpu) - float(dev_cpu)) < 0.1 * float(dev_cpu) + 1e-3
+
+
+def _jax_gpus():
+    """JAX's GPU devices, or ``[]`` when JAX or its CUDA plugin is missing."""
+    try:
+        import jax
+
+        return jax.devices("gpu")
+    except Exception:  # no jax, or a jax without a GPU backend (RuntimeError)
+        return []
+
+
+@pytest.mark.skipif(not _jax_gpus(), reason="needs JAX with a GPU device")
+@pytest.mark.parametrize("method", ["tucker", "cp"])
+def test_jax_gpu_matches_numpy(method):
+    """The solvers on JAX's GPU device: results stay on the GPU and equal the NumPy ones."""
+    import jax
+
+    rng = np.random.default_rng(0)
+    W = rng.standard_normal((12, 10, 3, 3))
+    sigma = correlated_sigma(rng, 90)
+    gpu = _jax_gpus()[0]
+    x64 = jax.config.jax_enable_x64
+    jax.config.update("jax_enable_x64", True)
+    try:
+        def solve(W, sigma):
+            if method == "tucker":
+                return tl.tucker_to_tensor(tucker2_sigma(W, (5, 4), sigma, n_iter_max=15))
+            return tl.cp_to_tensor(parafac_sigma(W, 6, sigma, n_iter_max=15, init="random", random_state=0))
+
+        with tl.backend_context("numpy"):
+            ref = solve(W, sigma)
+        with tl.backend_context("jax"):
+            approx = solve(jax.device_put(W, gpu), jax.device_put(sigma, gpu))
+            assert approx.devices() == {gpu} and str(approx.dtype) == "float64"
+        approx = np.asarray(approx)
+    finally:
+        jax.config.update("jax_enable_x64", x64)
+    assert np.linalg.norm(approx - ref) / np.linalg.norm(ref) < 1e-6
