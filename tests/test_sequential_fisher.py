@@ -137,6 +137,25 @@ def test_output_fisher_refuses_non_logits_and_empty_batches():
         output_fisher(_net(), _batches(), ["1"])
 
 
+def test_output_fisher_refuses_a_layer_called_twice():
+    """A shared layer's second call replaced its first call's probe: the Fisher silently
+    counted the last call only. It is refused, and the model keeps no hook and its mode."""
+
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block, self.head = nn.Linear(4, 4), nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.head(torch.relu(self.block(torch.relu(self.block(x)))))
+
+    net = Shared().train()
+    with pytest.raises(ValueError, match="'block' is called more than once"):
+        output_fisher(net, [torch.randn(5, 4)], ["block"])
+    assert net.training and not net.block._forward_hooks
+    assert output_fisher(net, [torch.randn(5, 4)], ["head"])["head"].shape == (3,)
+
+
 class _NoBatches:
     """Batches that fail the test if iterated: argument errors come before any forward pass."""
 

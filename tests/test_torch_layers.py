@@ -181,6 +181,12 @@ def test_compressed_transformer_encoder_layer_runs_and_matches():
     torch.testing.assert_close(small(x), model(x), rtol=1e-9, atol=1e-9)
     with torch.no_grad():
         torch.testing.assert_close(small(x), model(x), rtol=1e-9, atol=1e-9)
+        # Scripted too (its forward reads linear1.weight and .bias as tensors); one linear
+        # layer without bias types its `bias` as None.
+        torch.testing.assert_close(torch.jit.script(small)(x), model(x), rtol=1e-9, atol=1e-9)
+        nobias = LowRankLinear(small.linear2.first.weight, small.linear2.last.weight)
+        y = torch.randn(5, 32, dtype=F64)
+        torch.testing.assert_close(torch.jit.script(nobias)(y), nobias(y), rtol=1e-12, atol=1e-12)
 
 
 def test_low_rank_conv_accepts_4d_first_and_dtype_follows_input():

@@ -174,9 +174,8 @@ class _FormMixin(nn.Module):
     """Selectable inference form (see the module docstring): validation, cache, spec key."""
 
     forms = ("chain", "dense")
-    # TorchScript compiles a module's properties unless they are listed here; these two are
-    # for eager code that reads the parameters (see below), not for the layer's own forward.
-    __jit_unused_properties__ = ["weight", "bias"]
+    # TorchScript compiles the properties below too: scripted code that reads a layer's
+    # weight or bias (nn.TransformerEncoderLayer.forward does) must find them.
 
     @property
     def weight(self) -> torch.Tensor:
@@ -191,8 +190,13 @@ class _FormMixin(nn.Module):
         return self.weight_approx()  # type: ignore[attr-defined]
 
     @property
-    def bias(self) -> torch.Tensor | None:
-        """The layer's bias (that of its last factor), or ``None``; as ``nn.Conv2d.bias``."""
+    def bias(self):
+        """The layer's bias (that of its last factor), or ``None``; as ``nn.Conv2d.bias``.
+
+        Not annotated on purpose: TorchScript then types it per layer as ``Tensor`` or
+        ``None``, as it does ``nn.Linear.bias``; ``Optional[Tensor]`` failed in scripted code
+        that uses it as a tensor (``nn.TransformerEncoderLayer.forward``).
+        """
         return self.last.bias  # type: ignore[union-attr]
 
     def __setattr__(self, name: str, value) -> None:

@@ -144,6 +144,13 @@ def output_fisher(
 
                 def make_hook(name):
                     def hook(_module, _args, output):
+                        if name in probes:
+                            # A second probe would replace the first: the Fisher would count
+                            # the last call only. The fit weights one output per layer anyway.
+                            raise ValueError(
+                                f"Layer {name!r} is called more than once per forward pass (a shared "
+                                "layer): output_fisher needs each layer called exactly once."
+                            )
                         # d(loss)/d(probe) = d(loss)/d(output): a leaf to differentiate
                         # against, whether or not the parameters require grad.
                         probe = torch.zeros_like(output, requires_grad=True)

@@ -195,10 +195,18 @@ def _check_state(state: Any, model: nn.Module, new_modules: dict[str, nn.Module]
     """The saved state_dict must have exactly the keys, shapes and castable dtypes of the result."""
     if not isinstance(state, dict):
         raise _Invalid(f"its state_dict is a {type(state).__name__}, not a dict")
-    prefixes = tuple(f"{name}." for name in new_modules)
+    # A layer registered under several names (``self.stem = conv; self.blocks =
+    # nn.ModuleList([conv, ...])``) is replaced under all of them, and the state_dict lists
+    # its weights under each.
+    registered = list(model.named_modules(remove_duplicate=False))
+    names = {
+        name: [alias for alias, m in registered if m is model.get_submodule(name)] or [name] for name in new_modules
+    }
+    prefixes = tuple(f"{alias}." for aliases in names.values() for alias in aliases)
     expected = {k: v for k, v in model.state_dict(keep_vars=True).items() if not k.startswith(prefixes)}
     for name, module in new_modules.items():
-        expected.update({f"{name}.{k}": v for k, v in module.state_dict(keep_vars=True).items()})
+        for alias in names[name]:
+            expected.update({f"{alias}.{k}": v for k, v in module.state_dict(keep_vars=True).items()})
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(k for k in state if k not in expected)
     if missing or unexpected:
