@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The one-shot GPU check, run through the device tool on an H100/H200 machine:
-#   CUDA correctness tests, solver speed on GPU (and on that machine's 16-core CPU), and the
+#   CUDA correctness tests (PyTorch and JAX), solver speed on GPU with PyTorch and JAX (and on
+#   that machine's 16-core CPU), and the
 #   end-to-end compression of a ResNet-50-shaped model. Results land in $OUT.
 # The GPU image has PyTorch but not TensorLy: its wheel travels in .whl/ (see README).
 set -uo pipefail
@@ -16,6 +17,11 @@ timeout 200 python3 benchmarks/speed.py --backend pytorch --device cuda \
     --out "$OUT/speed_cuda.json" 2>&1 | grep -v -i warn | tee "$OUT/speed_cuda.txt"
 timeout 100 python3 benchmarks/resnet50_e2e.py --device cuda --images 32 --out "$OUT/resnet50_cuda.json" 2>&1 \
     | tee "$OUT/resnet50_cuda.txt" | grep -E "^==|^total|collect"
-timeout 90 python3 benchmarks/speed.py --backend numpy --shapes 64x64x3x3 128x128x3x3 256x256x3x3 \
+# JAX on the GPU (issue 10; never run so far): the image's jax with its CUDA plugin puts the
+# arrays on the GPU by default (speed.py records jax_default_device); TensorLy's JAX solvers
+# are the baseline.
+timeout 150 python3 benchmarks/speed.py --backend jax --shapes 64x64x3x3 128x128x3x3 256x256x3x3 \
+    --dtypes float64 --no-reference --repeats 3 --out "$OUT/speed_jax_gpu.json" 2>&1 | grep -v -i warn | tee "$OUT/speed_jax_gpu.txt"
+timeout 60 python3 benchmarks/speed.py --backend numpy --shapes 64x64x3x3 128x128x3x3 256x256x3x3 \
     --dtypes float64 --reference-budget 15 --out "$OUT/speed_host_cpu.json" 2>&1 | grep -v -i warn | tee "$OUT/speed_host_cpu.txt"
 exit 0

@@ -72,12 +72,24 @@ def image_like_covariance(S: int, kh: int, kw: int, *, n_images: int = 48, size:
     return sigma / len(patches)
 
 
-def _sync():
+def _sync(out=None):
+    """Wait for the device: CUDA streams on PyTorch, ``out``'s arrays on JAX (asynchronous dispatch)."""
     if tl.get_backend() == "pytorch":
         import torch
 
         if torch.cuda.is_available():
             torch.cuda.synchronize()
+    elif tl.get_backend() == "jax" and out is not None:
+        import jax
+
+        # CPTensor / TuckerTensor are sequences of arrays (and lists of arrays), not pytrees.
+        stack = [out]
+        while stack:
+            item = stack.pop()
+            if isinstance(item, (tuple, list)) or hasattr(item, "factors"):
+                stack.extend(list(item))
+            elif hasattr(item, "block_until_ready"):
+                jax.block_until_ready(item)
 
 
 MEASURE_HOST_MEMORY = False
@@ -98,7 +110,7 @@ def timed(fn, *, device: str):
     _sync()
     start = time.perf_counter()
     out = fn()
-    _sync()
+    _sync(out)
     seconds = time.perf_counter() - start
     if device == "cuda":
         import torch
@@ -301,6 +313,12 @@ def main(argv=None):
         "solver_threads": args.solver_threads,
         "process_threads": _process_threads(),
     }
+    if args.backend == "jax":
+        import jax
+
+        # JAX puts the arrays on its default device: a GPU where its CUDA plugin finds one.
+        info["jax"] = jax.__version__
+        info["jax_default_device"] = str(jax.devices()[0])
     if args.backend == "pytorch":
         import torch
 
