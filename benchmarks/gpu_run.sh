@@ -3,7 +3,9 @@
 #   CUDA correctness tests (PyTorch and JAX), solver speed on GPU with PyTorch and JAX (and on
 #   that machine's 16-core CPU), and the
 #   end-to-end compression of a ResNet-50-shaped model. Results land in $OUT.
-# The GPU image has PyTorch but not TensorLy: its wheel travels in .whl/ (see README).
+# The GPU image has PyTorch (and JAX) but not TensorLy: fetch the wheels here first,
+#   pip download tensorly opt_einsum --no-deps --only-binary=:all: -d .whl
+# and run this script with the device tool's carry=[".whl"] (.whl/ is git-ignored).
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_out}
 mkdir -p "$OUT"
