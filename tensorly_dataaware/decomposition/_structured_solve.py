@@ -32,9 +32,9 @@ Two solvers:
     Kronecker product :math:`\bar\Sigma \otimes \bar K` with
     :math:`\bar\Sigma = \frac1P\sum_p \Sigma_{pp}` and :math:`\bar K = \sum_p K_{pp}`,
     applied exactly: its inverse is :math:`R \mapsto \bar\Sigma^{-1} R \bar K^{-1}`, with
-    :math:`\bar\Sigma^{-1}` formed once from an eigendecomposition (eigenvalues floored)
-    and :math:`\bar K` factored by Cholesky in each sweep (an eigendecomposition, floored
-    likewise, only when that fails). It captures the channel-channel
+    :math:`\bar\Sigma^{-1}` formed once from an eigendecomposition (a pseudo-inverse:
+    eigenvalues below ``10 eps`` of the largest count as zero) and :math:`\bar K` factored
+    by Cholesky in each sweep (the same pseudo-inverse only when that fails). It captures the channel-channel
     correlation that makes real covariances ill-conditioned (``cond ~ 1e10``), which is why
     plain Krylov methods need thousands of iterations on them. CG is started from the
     current ``V``: every CG iterate decreases the quadratic, so even an inexact solve never
@@ -67,6 +67,23 @@ class SolveInfo:
 
 def _eps(tensor) -> float:
     return float(np.finfo(host_dtype(tensor)).eps)
+
+
+def _pseudo_inverse(eigenvalues, vectors, like):
+    """``V diag(1 / lambda) V^T`` over the eigenvalues above round-off, zero on the others.
+
+    For a singular ``sigma`` (or core) the residuals of the normal equations lie in the
+    range of the preconditioner's factors (the range of a PSD matrix's off-diagonal block is
+    inside that of its diagonal blocks), up to round-off. Inverting the numerically zero
+    eigenvalues, even floored at ``10 eps`` of the largest, multiplied that round-off by
+    ``1e14`` and sent CG far along the null space: an ALS sweep could *increase* the
+    objective. Zero there keeps every iterate in the range, where CG decreases the quadratic.
+    """
+    floor = _eps(like) * 10 * max(float(tl.max(eigenvalues)), 1e-300)
+    keep = eigenvalues > floor
+    inverse = tl.where(keep, 1 / tl.where(keep, eigenvalues, tl.ones(tl.shape(eigenvalues), **tl.context(eigenvalues))),
+                       tl.zeros(tl.shape(eigenvalues), **tl.context(eigenvalues)))
+    return tl.dot(vectors * inverse[None, :], tl.transpose(vectors))
 
 
 class NormalOperator:
@@ -125,10 +142,9 @@ class InputFactorSystem:
         # The channel part of the preconditioner depends on sigma only: factor it once.
         diag_blocks = contract("spup->su", self.sigma4) / n_pos
         eig_a, vecs_a = tl.eigh((diag_blocks + tl.transpose(diag_blocks)) / 2)
-        floor = _eps(sigma) * 10 * float(tl.max(eig_a))
         # The preconditioner is a product of its two Kronecker factors' inverses, so the
         # channel one is kept as a matrix: one S x S GEMM per application.
-        self.channel_inverse = tl.dot(vecs_a / tl.clip(eig_a, floor, None)[None, :], tl.transpose(vecs_a))
+        self.channel_inverse = _pseudo_inverse(eig_a, vecs_a, sigma)
 
     def operator(self, G) -> "NormalOperator":
         """The normal-equation operator for a fixed ``G``, ready for repeated application."""
@@ -151,14 +167,13 @@ class InputFactorSystem:
         Kbar = (Kbar + tl.transpose(Kbar)) / 2
         channel_inverse = self.channel_inverse
         # Cholesky (about ten times cheaper than eigh at these sizes, and this runs every
-        # sweep); the eigendecomposition with floored eigenvalues only when K_bar is
-        # singular or too ill-conditioned for it.
+        # sweep); the eigendecomposition's pseudo-inverse only when K_bar is singular or too
+        # ill-conditioned for it.
         solve = cholesky_factor(Kbar)
         if solve is not None:
             return lambda R: tl.transpose(solve(tl.transpose(tl.dot(channel_inverse, R))))
         eig_b, vecs_b = tl.eigh(Kbar)
-        floor = _eps(G) * 10 * max(float(tl.max(eig_b)), 1e-300)
-        k_inverse = tl.dot(vecs_b / tl.clip(eig_b, floor, None)[None, :], tl.transpose(vecs_b))
+        k_inverse = _pseudo_inverse(eig_b, vecs_b, G)
         return lambda R: tl.dot(tl.dot(channel_inverse, R), k_inverse)
 
     def solve(
