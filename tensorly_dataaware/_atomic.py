@@ -33,6 +33,10 @@ def _destination(path: Any) -> str:
     text = os.fsdecode(os.fspath(path))
     if not text:
         raise ValueError("`path` is empty.")
+    if text.endswith(("/", os.sep)):
+        # open("name/", "w") refuses a name with a trailing separator; realpath would drop it
+        # and write a file where the caller meant a folder.
+        raise IsADirectoryError(21, f"cannot write {text!r}: a file name cannot end with a path separator")
     # A plain open() writes through a symbolic link; replacing the link itself by a regular
     # file would silently detach it from its target.
     return os.path.realpath(text)
@@ -79,6 +83,9 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb", *, encoding: str | No
     ------
     TypeError
         If ``path`` is not a str or path-like.
+    ValueError
+        If ``path`` exists and is not a regular file (a device such as ``/dev/null``, a FIFO
+        or a socket: renaming over it would replace the node itself).
     FileNotFoundError, IsADirectoryError, PermissionError, OSError
         With a message that names ``path`` as given.
     """
@@ -92,11 +99,17 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb", *, encoding: str | No
     if not os.path.isdir(folder):
         raise FileNotFoundError(2, f"cannot write {user_path!r}: folder {folder!r} does not exist")
     try:
-        existing_mode = stat.S_IMODE(os.stat(target).st_mode)
+        existing = os.stat(target)
     except FileNotFoundError:
-        existing_mode = None
+        existing = None
     except OSError as exc:
         raise _renamed(exc, user_path) from exc
+    if existing is not None and not stat.S_ISREG(existing.st_mode):
+        # A device (/dev/null), FIFO or socket: the rename would replace the node itself by
+        # a regular file (as root, /dev/null). Such a file cannot be written atomically.
+        raise ValueError(f"cannot write {user_path!r}: it exists and is not a regular file (a device, pipe or "
+                         "socket); give the path of a regular file.")
+    existing_mode = None if existing is None else stat.S_IMODE(existing.st_mode)
     tmp = os.path.join(folder, f".{os.path.basename(target)}.{secrets.token_hex(6)}.tmp")
     try:
         # O_EXCL: never clobber anything; 0o666: the kernel subtracts the umask, as for open().

@@ -30,6 +30,7 @@ __all__ = [
     "data_input_paths",
     "load_model",
     "model_input_paths",
+    "check_model_options",
     "parse_ranks",
     "check_outputs",
     "write_table",
@@ -310,6 +311,18 @@ def _torch_load(path: Path, option: str, *, allow_pickle: bool):
         raise InputError(f"cannot read {option} {str(path)!r} with torch.load: {_one_line(exc)}") from None
 
 
+def check_model_options(name: str | None, model_class: str | None, model_kwargs: str | None,
+                        allow_pickle: bool) -> None:
+    """Refuse the options of ``--model-file`` next to an embedded ``--model`` (they were ignored)."""
+    if name is None:
+        return
+    given = [flag for flag, value in (("--model-class", model_class), ("--model-kwargs", model_kwargs),
+                                      ("--allow-pickle", allow_pickle)) if value]
+    if given:
+        raise InputError(f"{' and '.join(given)} describe a --model-file; the embedded --model {name} "
+                         "needs none of them: drop them, or give --model-file instead of --model.")
+
+
 def load_model(
     *,
     name: str | None = None,
@@ -326,6 +339,7 @@ def load_model(
     import torch
     from torch import nn
 
+    check_model_options(name, model_class, model_kwargs, allow_pickle)
     if name is not None:
         from .models import load_pretrained
 
@@ -364,7 +378,12 @@ def load_model(
         try:
             model.load_state_dict(state)
         except Exception as exc:  # noqa: BLE001 - RuntimeError for keys/shapes, TypeError for odd values
-            raise InputError(f"the state_dict in {model_file!r} does not fit {model_class}: {_one_line(exc)}") from None
+            # load_state_dict lists the missing / unexpected keys and the shapes on the lines
+            # after its first: keep them, on one line.
+            details = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+            if len(details) > 1500:
+                details = details[:1500] + " ..."
+            raise InputError(f"the state_dict in {model_file!r} does not fit {model_class}: {details}") from None
         return model.eval()
     obj = _torch_load(path, "--model-file", allow_pickle=allow_pickle)
     if isinstance(obj, nn.Module):
@@ -379,8 +398,33 @@ def load_model(
     raise InputError(f"{model_file!r} holds a {type(obj).__name__}, not a torch.nn.Module.")
 
 
-def model_input_paths(model_file: str | None) -> list[tuple[str, Path]]:
-    return [] if model_file is None else [("--model-file", Path(model_file))]
+def _module_source(module_name: str) -> Path | None:
+    """The source file of ``module_name`` as ``--model-class`` would import it, found without
+    running any of the user's code (``None`` if it cannot be found that way)."""
+    from importlib.machinery import PathFinder
+
+    search: list[str] | None = [os.getcwd()] + [p for p in sys.path if p != os.getcwd()]
+    spec = None
+    for part in module_name.split("."):
+        try:
+            spec = PathFinder.find_spec(part, search)
+        except (ImportError, ValueError):
+            return None
+        if spec is None:
+            return None
+        search = list(spec.submodule_search_locations or [])
+    origin = getattr(spec, "origin", None)
+    return Path(origin) if origin and os.path.isfile(origin) else None
+
+
+def model_input_paths(model_file: str | None, model_class: str | None = None) -> list[tuple[str, Path]]:
+    """The files the model options read: the weights and the source of ``--model-class``."""
+    paths = [] if model_file is None else [("--model-file", Path(model_file))]
+    if model_class and ":" in model_class:
+        source = _module_source(model_class.partition(":")[0])
+        if source is not None:
+            paths.append(("--model-class", source))
+    return paths
 
 
 # ---------------------------------------------------------------------------------------
@@ -466,8 +510,11 @@ def check_outputs(outputs: Sequence[tuple[str, str | None]], inputs: Iterable[tu
         if not text:
             raise InputError(f"{option} is empty; give a file name.")
         out = Path(text)
-        if out.is_dir():
+        if out.is_dir() or text.endswith(("/", os.sep)):
             raise InputError(f"{option} {text!r} is a folder; give a file name.")
+        if out.exists() and not out.is_file():
+            raise InputError(f"{option} {text!r} exists and is not a regular file (a device, pipe or socket); "
+                             "give the path of a regular file.")
         folder = Path(os.path.realpath(out)).parent
         if not folder.is_dir():
             raise InputError(f"{option} {text!r}: folder {str(folder)!r} does not exist.")

@@ -25,7 +25,9 @@ import importlib.util
 import math
 import os
 import platform
+import signal
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -40,6 +42,7 @@ from ._cli_io import (
     load_data,
     load_model,
     model_input_paths,
+    check_model_options,
     parse_ranks,
     ranks_file,
     table_paths,
@@ -51,6 +54,7 @@ DEFAULT_RATIOS = (0.5, 0.2, 0.1)
 DEMO_NORMS = ("sigma", "frobenius", "sequential")
 DEFAULT_CALIB = 1000
 DEFAULT_BATCH = 250
+DEFAULT_DAMPING = 1e-6
 DEFAULT_EVAL = 2000
 # 10 sweeps, not 30: on the embedded ResNet-20 the demo's accuracies at 5, 10 and 30 sweeps
 # agree within 0.1 %, and 30 sweeps triple the time of the sigma rows (over 3 minutes on 2 cores).
@@ -581,7 +585,7 @@ def cmd_demo(args) -> int:
 # ---------------------------------------------------------------------------------------
 def _input_paths(args) -> list[tuple[str, Path]]:
     """Every file the command reads, for the guard against overwriting an input."""
-    paths = model_input_paths(args.model_file) + data_input_paths(args.data_dir)
+    paths = model_input_paths(args.model_file, getattr(args, "model_class", None)) + data_input_paths(args.data_dir)
     if getattr(args, "stats_in", None) is not None:
         paths.append(("--stats-in", Path(args.stats_in)))
     ranks_path = ranks_file(getattr(args, "ranks", None))
@@ -591,6 +595,7 @@ def _input_paths(args) -> list[tuple[str, Path]]:
 
 
 def _prepare_model_and_data(args):
+    check_model_options(args.model, args.model_class, args.model_kwargs, args.allow_pickle)
     layers_arg = _split_layers(args.layers)
     data = load_data(args.data_dir, args.embedded, args.normalize)
     model = load_model(
@@ -636,6 +641,11 @@ def cmd_collect(args) -> int:
     seconds = time.perf_counter() - start
     if not stats:
         raise CLIError("the forward passes never called the selected layers: nothing to save.")
+    missing = [name for name in (layers or []) if name not in stats]
+    if missing:
+        # As `compress` does: a statistics file without a layer that was asked for would
+        # only fail later, in `compress --stats-in`.
+        raise CLIError(f"the forward passes never called {missing}: drop them from --layers.")
     from .torch import save_statistics
 
     save_statistics(stats, output)
@@ -679,6 +689,17 @@ def cmd_compress(args) -> int:
             raise CLIError(f"--stats-in reads statistics collected before, so {' and '.join(given)} would be "
                            "ignored: give them to `collect`, or drop --stats-in.")
     _collection_defaults(args)
+    if args.norm == "frobenius" and not args.sequential:
+        # The one-shot Frobenius fit reads no covariance: a ridge on it changes nothing, and
+        # the centring matters only to --energy / --budget, which rank by the whitened spectra.
+        if args.damping is not None:
+            raise CLIError("--damping regularizes the covariance of a data-aware fit; --norm frobenius "
+                           "uses none: drop it.")
+        if args.uncentered and args.energy is None and args.budget is None:
+            raise CLIError("--uncentered chooses the covariance of a data-aware fit (or of --energy/--budget); "
+                           "--norm frobenius with these ranks uses none: drop it.")
+    if args.damping is None:
+        args.damping = DEFAULT_DAMPING
     if args.refit and not args.sequential:
         raise CLIError("--refit refits layers during sequential calibration: add --sequential.")
     if args.fisher and not args.sequential:
@@ -742,11 +763,11 @@ def cmd_compress(args) -> int:
         stats = _collect(model, data.calib_x, layers, samples=args.calib_samples, batch_size=args.batch_size,
                          device=device, progress=progress, seed=args.seed, positions=args.positions_per_image)
         n = min(args.calib_samples, data.calib_x.shape[0])
-        print(f"statistics of {len(layers)} layers from {n} images ({data.source}) in "
-              f"{_fmt_seconds(time.perf_counter() - start)}")
         missing = [name for name in layers if name not in stats]
         if missing:
             raise CLIError(f"the forward passes never called {missing}; they cannot be compressed.")
+        print(f"statistics of {len(layers)} layers from {n} images ({data.source}) in "
+              f"{_fmt_seconds(time.perf_counter() - start)}")
     if stats_out is not None:
         from .torch import save_statistics
 
@@ -774,6 +795,20 @@ def cmd_compress(args) -> int:
             compressed, report = compress(model, stats, args.method, **options)
     except (ValueError, TypeError) as exc:
         raise CLIError(f"compression failed: {_one_line(exc)}") from None
+    # The files first, the report after: output piped into `head` (a broken pipe) or an
+    # interrupted evaluation must not lose the compressed model.
+    if output is not None:
+        save_compressed(compressed, output)
+    if onnx_out is not None:
+        from .torch.export import export_onnx
+
+        example = data.calib_x[: min(2, data.calib_x.shape[0])].to(device)
+        try:
+            export_onnx(compressed, onnx_out, example)
+        except ImportError as exc:
+            raise CLIError(f"--export-onnx needs onnx and onnxruntime (pip install 'tensorly-dataaware[onnx]'): {exc}") from None
+        except (RuntimeError, TypeError, ValueError) as exc:  # TypeError: an output ONNX cannot hold
+            raise CLIError(f"--export-onnx {str(onnx_out)!r} failed: {_one_line(exc)}") from None
     print()
     print(format_report(report))
     if evaluation is not None:
@@ -786,21 +821,11 @@ def cmd_compress(args) -> int:
     else:
         print("\naccuracy: the data has no labels; skipped.")
     if output is not None:
-        save_compressed(compressed, output)
         print(f"wrote the compressed model to {output} (load it with "
               "tensorly_dataaware.torch.load_compressed(fresh_model, path))")
     else:
         print("no --output given: the compressed model was not saved.")
     if onnx_out is not None:
-        from .torch.export import export_onnx
-
-        example = data.calib_x[: min(2, data.calib_x.shape[0])].to(device)
-        try:
-            export_onnx(compressed, onnx_out, example)
-        except ImportError as exc:
-            raise CLIError(f"--export-onnx needs onnx and onnxruntime (pip install 'tensorly-dataaware[onnx]'): {exc}") from None
-        except (RuntimeError, TypeError, ValueError) as exc:  # TypeError: an output ONNX cannot hold
-            raise CLIError(f"--export-onnx {str(onnx_out)!r} failed: {_one_line(exc)}") from None
         print(f"wrote the ONNX model to {onnx_out} (ONNX Runtime output checked against PyTorch)")
     return 0
 
@@ -1090,7 +1115,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "choose it per layer by cross-validation over the calibration images, or 'auto' (default): "
                         "'cv' for the layers with fewer calibration samples than twice their inputs, --damping elsewhere")
     r.add_argument("--uncentered", action="store_true", help="weight with the uncentred second moment instead of the covariance")
-    r.add_argument("--damping", type=_nonnegative_float, default=1e-6, help="relative ridge added to each covariance")
+    r.add_argument("--damping", type=_nonnegative_float, default=None,
+                   help=f"relative ridge added to each covariance (default: {DEFAULT_DAMPING})")
     r.add_argument("--n-iter-max", type=_positive_int, default=30, help="maximum ALS sweeps of the solvers")
     r.add_argument("--eval-samples", type=_positive_int, default=DEFAULT_EVAL, help="labelled images used for the accuracy")
     io_ = comp.add_argument_group("files")
@@ -1112,7 +1138,8 @@ def build_parser() -> argparse.ArgumentParser:
     dist.add_argument("--timeout", type=_positive_float, default=None, metavar="SECONDS",
                       help="process-group timeout (default 1800)")
     dist.add_argument("--max-memory", metavar="BYTES", default=None,
-                      help="per-process budget of one decomposition (e.g. 20GiB, or auto); checked before any work")
+                      help="per-process budget of one decomposition (e.g. 20GiB, or auto); checked before any decomposition "
+                           "(after the statistics, which the ranks of --energy/--budget need)")
     _add_layers(comp)
     _add_common(comp)
     comp.set_defaults(func=cmd_compress)
@@ -1160,8 +1187,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help, --version, usage errors (argparse prints them)
         return exc.code if isinstance(exc.code, int) else 2
+    # SIGTERM (kill, a batch scheduler, torchrun stopping its workers) unwinds like Ctrl-C, so
+    # that half-written temporary files are removed; the handler is the caller's again after.
+    installed, previous = False, None
+    if threading.current_thread() is threading.main_thread():
+        previous, installed = signal.signal(signal.SIGTERM, _terminated), True
     try:
         return _run(args)
+    except _Terminated:
+        _eprint(f"{PROG}: terminated")
+        return 143
     except CLIError as exc:
         message = " ".join(str(exc).split("\n"))
         _eprint(f"{PROG} {args.command}: error: {message}")
@@ -1172,6 +1207,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:  # e.g. a full disk or a permission problem while writing an output
         _eprint(f"{PROG} {args.command}: error: {_one_line(exc)}")
         return 2
+    finally:
+        if installed:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is: every ``finally`` and clean-up runs."""
+
+
+def _terminated(signum, frame):
+    raise _Terminated()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -93,3 +93,21 @@ def test_symlink_is_written_through_not_replaced(tmp_path):
 def test_bad_path_type(bad):
     with pytest.raises(TypeError, match="path"):
         atomic_write_text(bad, "x")
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_a_device_or_pipe_is_refused_not_replaced(tmp_path):
+    """os.replace swapped a FIFO (or, as root, /dev/null) for a regular file."""
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    with pytest.raises(ValueError, match="not a regular file"):
+        atomic_write_text(fifo, "x")
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pipe"]
+
+
+def test_a_trailing_separator_is_refused(tmp_path):
+    """realpath dropped the slash: `out/` wrote a file named `out`."""
+    with pytest.raises(IsADirectoryError, match="path separator"):
+        atomic_write_text(str(tmp_path / "out") + os.sep, "x")
+    assert list(tmp_path.iterdir()) == []

@@ -6,6 +6,7 @@ import pathlib
 import stat
 import subprocess
 import sys
+import time
 import warnings
 
 import numpy as np
@@ -365,6 +366,131 @@ def test_outputs_never_overwrite_inputs(tiny_files, tmp_path, capsys, case):
     err = _error(capsys, argv)
     assert "same file" in err
     assert _tree(tmp_path) == before  # nothing written, nothing replaced
+
+
+def test_an_output_over_the_model_class_source_is_refused(tmp_path, capsys, monkeypatch):
+    """The module --model-class imports is an input too: --stats-out mynet.py replaced it."""
+    source = tmp_path / "mynet_audit.py"
+    source.write_text("from tests.test_cli import TinyNet as Net\n")
+    monkeypatch.chdir(tmp_path)
+    _no_work(monkeypatch)
+    before = source.read_bytes()
+    err = _error(capsys, ["compress", "--model-file", "w.pt", "--model-class", "mynet_audit:Net",
+                          "--embedded", "--stats-out", "mynet_audit.py"])
+    assert "same file" in err and "--model-class" in err, err
+    assert source.read_bytes() == before
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+@pytest.mark.parametrize("kind", ["fifo", "trailing-slash"])
+def test_outputs_that_are_not_regular_files_are_refused(tiny_files, tmp_path, capsys, monkeypatch, kind):
+    """A FIFO or device (e.g. /dev/null) was replaced by a regular file; `out/` wrote `out`."""
+    _no_work(monkeypatch)
+    if kind == "fifo":
+        target = tmp_path / "pipe"
+        os.mkfifo(target)
+        text, match = str(target), "not a regular file"
+    else:
+        text, match = str(tmp_path / "newdir") + os.sep, "is a folder"
+    err = _error(capsys, ["compress", *_state_args(tiny_files), "--data-dir", str(tiny_files["data"]),
+                          "--output", text])
+    assert match in err, err
+    assert not (tmp_path / "newdir").exists()
+    if kind == "fifo":
+        assert stat.S_ISFIFO(os.stat(tmp_path / "pipe").st_mode)
+
+
+def test_options_that_would_be_ignored_are_refused(tiny_files, capsys, monkeypatch):
+    """--model-class with the embedded --model, and --damping / --uncentered with a one-shot
+    Frobenius fit, changed nothing and said nothing."""
+    _no_work(monkeypatch)
+    data = ["--data-dir", str(tiny_files["data"])]
+    for extra in (["--model-class", "tests.test_cli:TinyNet"], ["--model-kwargs", "{}"], ["--allow-pickle"]):
+        err = _error(capsys, ["compress", "--model", "resnet20", "--embedded", *extra])
+        assert extra[0] in err and "--model resnet20" in err, err
+    base = ["compress", *_state_args(tiny_files), *data, "--norm", "frobenius"]
+    for extra, flag in ((["--damping", "0.1"], "--damping"), (["--uncentered"], "--uncentered")):
+        err = _error(capsys, [*base, *extra])
+        assert flag in err and "frobenius" in err, err
+    # Where they matter they are accepted: --uncentered ranks --energy / --budget by the
+    # whitened spectra, and the sequential targets use both.
+    for extra in (["--uncentered", "--budget", "0.5"], ["--sequential", "--damping", "0.1"]):
+        with pytest.raises(pytest.fail.Exception, match="the model was loaded"):
+            main([*base, *extra, "--no-progress"])
+
+
+def test_state_dict_mismatch_names_the_keys(tiny_files, tmp_path, capsys):
+    """The message stopped at load_state_dict's first line ('Error(s) in loading state_dict
+    for Net:'), without the keys and shapes that differ."""
+    state = TinyNet(width=8).state_dict()
+    state["extra.weight"] = torch.zeros(1)
+    torch.save(state, tmp_path / "wrong.pt")
+    err = _error(capsys, ["compress", "--model-file", str(tmp_path / "wrong.pt"), "--model-class",
+                          "tests.test_cli:TinyNet", "--data-dir", str(tiny_files["data"])])
+    assert "extra.weight" in err and "conv1.weight" in err and "size mismatch" in err, err
+
+
+def test_collect_refuses_a_layer_the_forward_never_calls(tiny_files, tmp_path, capsys):
+    """collect wrote statistics without the layer (only a RuntimeWarning said so); compress
+    announced statistics of every layer before refusing."""
+    class Unused(TinyNet):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.spare = nn.Conv2d(24, 24, 3)
+
+    import tests.test_cli as this
+
+    this.UnusedAudit = Unused  # importable by --model-class
+    torch.save(Unused(width=12).state_dict(), tmp_path / "unused.pt")
+    model = ["--model-file", str(tmp_path / "unused.pt"), "--model-class", "tests.test_cli:UnusedAudit",
+             "--data-dir", str(tiny_files["data"]), "--calib-samples", "8"]
+    try:
+        err = _error(capsys, ["collect", *model, "--layers", "conv2", "spare", "--output", str(tmp_path / "s.pt")])
+        assert "never called ['spare']" in err and not (tmp_path / "s.pt").exists(), err
+        code = main(["compress", *model, "--layers", "conv2", "spare", "--no-progress"])
+        captured = capsys.readouterr()
+        assert code == 2 and "never called ['spare']" in captured.err
+        assert "statistics of 2 layers" not in captured.out
+    finally:
+        del this.UnusedAudit
+
+
+def test_the_model_is_saved_before_the_report_is_printed(tiny_files, tmp_path, capsys, monkeypatch):
+    """Output piped into `head` ended with a broken pipe before --output was written."""
+    import tensorly_dataaware.torch as adapter
+
+    def broken(*_args, **_kwargs):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(adapter, "format_report", broken)
+    out = tmp_path / "small.pt"
+    code = main(["compress", *_state_args(tiny_files), "--data-dir", str(tiny_files["data"]), "--calib-samples",
+                 "16", "--ratio", "0.5", "--n-iter-max", "2", "--output", str(out), "--no-progress"])
+    assert code == 2 and out.is_file()
+    assert type(load_compressed(TinyNet(width=12), out).conv2).__name__ == "Tucker2Conv2d"
+
+
+def test_sigterm_unwinds_like_ctrl_c_and_the_handler_is_restored(monkeypatch, capsys):
+    """SIGTERM killed the process where it stood, leaving an atomic write's temporary file."""
+    import signal
+
+    import tensorly_dataaware.cli as cli_module
+
+    cleaned = []
+
+    def run(_args):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+        finally:
+            cleaned.append(True)
+        return 0
+
+    monkeypatch.setattr(cli_module, "_run", run)
+    before = signal.getsignal(signal.SIGTERM)
+    assert main(["info"]) == 143 and cleaned == [True]
+    assert "terminated" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) == before
 
 
 def test_outputs_into_the_package_are_refused():

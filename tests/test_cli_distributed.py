@@ -75,6 +75,13 @@ def test_compress_distributed_in_one_process(files, tmp_path, capsys):
                  "--no-progress", "--positions-per-image", "5", "--stats-out", str(tmp_path / "sub.pt")])
     assert code == 0, capsys.readouterr().err
     assert {st.count for st in load_statistics(tmp_path / "sub.pt").values()} == {48 * 5}
+    # A plan over --max-memory fails after the statistics: nothing is written then (the
+    # statistics file was, although the help promises outputs only when every step succeeds).
+    code = main(["compress", *files, "--distributed", "--backend", "gloo", "--ratio", "0.5", "--n-iter-max", "3",
+                 "--no-progress", "--max-memory", "1KiB", "--stats-out", str(tmp_path / "fail.pt"),
+                 "--output", str(tmp_path / "fail_model.pt")])
+    assert code == 1 and "memory budget" in capsys.readouterr().err
+    assert not (tmp_path / "fail.pt").exists() and not (tmp_path / "fail_model.pt").exists()
     # the same validation as without --distributed, before any process group exists
     code = main(["compress", *files, "--distributed", "--layers", "conv9", "--no-progress"])
     assert code == 2 and "conv9" in capsys.readouterr().err

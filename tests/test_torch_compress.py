@@ -340,6 +340,10 @@ def test_explicit_ranks_are_kept_under_a_budget(zoo):
     assert {job.name: job.rank for job in alone}["a"] != (2, 1)
     with pytest.raises(ValueError, match="nothing is left"):
         plan_compression(model, stats, "tucker2", ranks={"fc": 5, "e": (9, 12)}, budget=0.05, layers=SUPPORTED)
+    # A budget that rounds to no parameter at all, without explicit ranks, is about the
+    # budget (the message blamed "the explicit `ranks`", which were not given).
+    with pytest.raises(ValueError, match="below the smallest factorization: give a larger `budget`"):
+        plan_compression(model, stats, "tucker2", budget=1e-6, layers=SUPPORTED)
 
 
 def test_a_layer_registered_under_two_names_is_replaced_under_both():

@@ -533,6 +533,11 @@ def plan_compression(
         )
         free = [p[:5] for p in prepared if p[0] not in fixed]
         available = int(budget * total) - spent
+        if free and available <= 0 and not spent:
+            raise ValueError(
+                f"The parameter budget {int(budget * total)} (`budget`={budget} of the selected layers' {total} "
+                "weights) is below the smallest factorization: give a larger `budget`."
+            )
         if free and available <= 0:
             raise ValueError(
                 f"The explicit `ranks` use {spent} parameters, all of the `budget` ({int(budget * total)} of the "

@@ -169,14 +169,16 @@ def run_distributed(
         )
         say(f"statistics of {len(stats)} layers from {n} images on {world} rank(s) "
             f"({dist.get_backend()}) in {time.perf_counter() - start:.1f}s")
-        if stats_out is not None and rank == 0:
-            save_statistics(stats, stats_out)
         start = time.perf_counter()
         compressed, report = compress_distributed(
             model, stats, method, ranks=ranks, ratio=ratio, energy=energy, budget=budget, norm=norm,
             centered=centered, layers=layers, damping=damping, progress=progress and rank == 0,
             root_only=True, max_memory=max_memory, n_iter_max=n_iter_max, random_state=seed,
         )
+        # Only now: the outputs are written only if every step succeeded on every rank (a
+        # plan over --max-memory fails above, after the statistics).
+        if stats_out is not None and rank == 0:
+            save_statistics(stats, stats_out)
         if rank == 0:
             say(f"decomposed {len(report)} layers on {world} rank(s) in {time.perf_counter() - start:.1f}s\n")
             say(format_report(report))
