@@ -53,6 +53,9 @@ def as_backend_tensor(value, name: str):
             raise TypeError(f"`{name}` must be a tensor of the active TensorLy backend ({active!r}), got {type(value).__name__}.")
     if framework == "pytorch" and getattr(value, "requires_grad", False):
         value = value.detach()
+    if framework == "pytorch" and value.device.type == "meta":
+        raise ValueError(f"`{name}` is on PyTorch's 'meta' device, which holds shapes but no values: "
+                         "nothing to decompose. Materialize it first (e.g. `.to_empty(...)` and load weights).")
     kind = dtype_kind(value)[0]
     if kind == "c":
         raise TypeError(f"`{name}` is complex ({dtype_kind(value)[2]}): only real tensors are supported.")
@@ -204,6 +207,24 @@ def check_positive_int(value, name: str) -> int:
     return int(value)
 
 
+def _fraction_as_float(rank):
+    """NumPy floating scalars (``np.float32(0.5)``) as Python floats, the fraction they mean;
+    anything else unchanged (``np.float64`` already is a ``float``)."""
+    if isinstance(rank, np.floating):
+        return float(rank)
+    return rank
+
+
+def check_damping(value) -> float:
+    """``damping`` as a finite ``float >= 0`` (NumPy scalars too), or a clear error."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"`damping` must be a real number >= 0, got {value!r}.")
+    value = float(value)
+    if not np.isfinite(value) or value < 0:
+        raise ValueError(f"`damping` must be a finite number >= 0, got {value!r}.")
+    return value
+
+
 def validate_tucker2_rank(shape: Sequence[int], rank) -> tuple[int, int]:
     """Resolve a Tucker-2 rank into ``(R_out, R_in)``.
 
@@ -214,6 +235,7 @@ def validate_tucker2_rank(shape: Sequence[int], rank) -> tuple[int, int]:
     """
     shape = tuple(int(d) for d in shape)
     n_out, n_in = shape[0], shape[1]
+    rank = _fraction_as_float(rank)
     if isinstance(rank, float):
         if not (0.0 < rank <= 1.0) or not np.isfinite(rank):
             raise ValueError(f"A float `rank` is a fraction of parameters in (0, 1]; got {rank}.")
@@ -241,6 +263,7 @@ def validate_tucker2_rank(shape: Sequence[int], rank) -> tuple[int, int]:
 def validate_cp_rank(shape: Sequence[int], rank) -> int:
     """Resolve a CP rank: a positive int, or a float fraction of parameters in ``(0, 1]``."""
     shape = tuple(int(d) for d in shape)
+    rank = _fraction_as_float(rank)
     if isinstance(rank, float):
         if not (0.0 < rank <= 1.0) or not np.isfinite(rank):
             raise ValueError(f"A float `rank` is a fraction of parameters in (0, 1]; got {rank}.")

@@ -1,6 +1,9 @@
 """Correctness of the sigma-weighted Tucker-2 and CP solvers on every backend."""
 
 import inspect
+import os
+import subprocess
+import sys
 import warnings
 
 import numpy as np
@@ -629,6 +632,48 @@ class TestAcceptedInputs:
             last, first = whitened_svd(W.reshape(10, -1), 3, sigma)
             assert last.dtype == W.dtype
 
+    def test_half_precision_overflow_is_an_error_not_inf(self, rng):
+        """Entries that fit float16 (6e4) can give CP weights that do not (65504): they came
+        back as `inf` while errors[-1] was finite."""
+        W = rng.standard_normal(SHAPE)
+        W = (W / np.abs(W).max() * 6e4).astype(np.float16)
+        with pytest.raises(OverflowError, match="float16: pass the tensor in float32 or float64"):
+            parafac_sigma(W, 3, np.eye(N))
+        core = tucker2_sigma(W.astype(np.float32), (4, 3), np.eye(N)).core  # float32 holds it
+        assert core.dtype == np.float32 and np.isfinite(core).all()
+
+    def test_odd_arguments_get_clear_errors(self, rng):
+        """Audit: NumPy-array `init`s failed with 'truth value of an array is ambiguous', a
+        list of CP factors with 'too many values to unpack', [U, V] for Tucker-2 with a
+        misleading shape message, string/None dampings with a comparison error, and
+        np.float32 fractions were refused as non-integer ranks."""
+        W, sigma = rng.standard_normal(SHAPE), correlated_sigma(rng, N)
+        cp = parafac_sigma(W, 3, sigma, n_iter_max=2)
+        with pytest.raises(TypeError, match="`init` must be 'svd'"):
+            tucker2_sigma(W, (4, 3), sigma, init=rng.standard_normal((SHAPE[1], 3)))
+        with pytest.raises(TypeError, match="`init` must be 'svd'"):
+            parafac_sigma(W, 3, sigma, init=rng.standard_normal((SHAPE[1], 3)))
+        with pytest.raises(ValueError, match="pair \\(weights, factors\\).*list of 4 items"):
+            parafac_sigma(W, 3, sigma, init=list(cp.factors))
+        with pytest.raises(ValueError, match="pair \\(core, factors\\)"):
+            tucker2_sigma(W, (4, 3), sigma, init=[rng.standard_normal((SHAPE[0], 4)), rng.standard_normal((SHAPE[1], 3))])
+        assert parafac_sigma(W, 3, sigma, init=cp, n_iter_max=2).rank == 3  # the right forms still work
+        for damping, error in (("0.1", TypeError), (None, TypeError), (True, TypeError), (-1.0, ValueError),
+                               (float("nan"), ValueError)):
+            with pytest.raises(error, match="`damping`"):
+                tucker2_sigma(W, (4, 3), sigma, damping=damping)
+        assert tucker2_sigma(W, (4, 3), sigma, damping=np.float32(1e-3), n_iter_max=2).rank[:2] == (4, 3)
+        assert tucker2_sigma(W, np.float32(0.5), sigma, n_iter_max=2).rank == tucker2_sigma(W, 0.5, sigma, n_iter_max=2).rank
+        assert parafac_sigma(W, np.float32(0.5), sigma, n_iter_max=2).rank == parafac_sigma(W, 0.5, sigma, n_iter_max=2).rank
+
+    def test_meta_tensors_are_refused(self):
+        import torch
+
+        with tl.backend_context("pytorch"):
+            for fn, rank in ((tucker2_sigma, 2), (parafac_sigma, 2)):
+                with pytest.raises(ValueError, match="'meta' device"):
+                    fn(torch.empty(SHAPE, device="meta", dtype=torch.float64), rank, torch.empty(N, N, device="meta"))
+
     def test_python_lists(self, rng):
         W, sigma = rng.standard_normal(SHAPE), correlated_sigma(rng, N)
         expected = tucker2_sigma(W, (4, 3), sigma, n_iter_max=3)
@@ -788,3 +833,25 @@ class TestNoRegression:
         assert details["stop_reason"] == "converged"
         last = details["solves"][-1]
         assert last.converged or last.iterations > CG_ITERATIONS_START
+
+
+def test_jax_without_x64_solves_in_float32_without_warnings():
+    """JAX without 64-bit mode (its own default) works in float32, as documented, but every
+    call asked for float64 and JAX warned that it truncates (398 warnings per CP call). In a
+    subprocess: x64 is a process-wide switch and the suite runs with it on."""
+    pytest.importorskip("jax")
+    code = (
+        "import warnings, jax, numpy as np, tensorly as tl\n"
+        "import jax.numpy as jnp\n"
+        "from tensorly_dataaware import tucker2_sigma, parafac_sigma\n"
+        "tl.set_backend('jax'); jax.config.update('jax_enable_x64', False)\n"
+        "warnings.simplefilter('error')\n"
+        "W = jnp.asarray(np.random.default_rng(0).standard_normal((6, 5, 3, 3)), dtype=jnp.float32)\n"
+        "t, e = tucker2_sigma(W, (3, 2), jnp.eye(45), n_iter_max=5, return_errors=True)\n"
+        "cp = parafac_sigma(W, 3, jnp.eye(45), n_iter_max=5)\n"
+        "assert t.core.dtype == jnp.float32 and cp.weights.dtype == jnp.float32 and e[-1] < 1\n"
+        "print('ok')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]

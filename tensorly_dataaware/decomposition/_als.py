@@ -15,7 +15,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from .._backend_ops import full_precision_products
-from .._validation import check_positive_int
+from .._validation import check_damping, check_positive_int
 from ._monitor import ALSMonitor
 from ._problem import SigmaProblem
 from ._structured_solve import InputFactorSystem, SolveInfo
@@ -71,7 +71,8 @@ def _check_tolerance(value, name: str) -> float:
     return value
 
 
-def validate_als_options(*, n_iter_max, tol, solver, cg_tol, cg_maxiter, check_psd, verbose, callback) -> dict:
+def validate_als_options(*, n_iter_max, tol, solver, cg_tol, cg_maxiter, check_psd, verbose, callback,
+                         damping=0.0) -> dict:
     """Check the options every solver shares, before any work is done.
 
     Returns
@@ -92,6 +93,7 @@ def validate_als_options(*, n_iter_max, tol, solver, cg_tol, cg_maxiter, check_p
         "cg_tol": _check_tolerance(cg_tol, "cg_tol"),
         "cg_maxiter": check_positive_int(cg_maxiter, "cg_maxiter"),
         "check_psd": bool(check_psd),
+        "damping": check_damping(damping),
         "verbose": verbose,
         "callback": callback,
     }
@@ -129,10 +131,10 @@ def run_als(
     """
     options = validate_als_options(
         n_iter_max=n_iter_max, tol=tol, solver=solver, cg_tol=cg_tol, cg_maxiter=cg_maxiter,
-        check_psd=check_psd, verbose=verbose, callback=callback,
+        check_psd=check_psd, verbose=verbose, callback=callback, damping=damping,
     )
     with solver_threads(threads) as used_threads, full_precision_products():
-        prob = SigmaProblem.build(tensor, sigma, damping=damping, check_psd=options["check_psd"])
+        prob = SigmaProblem.build(tensor, sigma, damping=options["damping"], check_psd=options["check_psd"])
         rank = model.resolve_rank(prob.shape, rank)
         solver = options["solver"]
         if solver == "auto":

@@ -170,7 +170,17 @@ def _initial_inputs(tensor, prob: SigmaProblem, rank: int, init, random_state):
     from tensorly.decomposition._cp import initialize_cp
 
     context = tl.context(tensor)
-    if isinstance(init, (CPTensor, tuple, list)) and not isinstance(init, str):
+    if not isinstance(init, (str, CPTensor, tuple, list)):
+        raise TypeError(
+            f"`init` must be 'svd', 'frobenius', 'random' or a CPTensor / (weights, factors); got a "
+            f"{type(init).__name__}."
+        )
+    if isinstance(init, (CPTensor, tuple, list)):
+        if len(init) != 2 or not isinstance(init[1], (tuple, list)):
+            raise ValueError(
+                "`init` must be a CPTensor or a pair (weights, factors) with `factors` a list of one factor "
+                f"matrix per mode; got a {type(init).__name__} of {len(init)} items."
+            )
         weights, factors = init
         if len(factors) != len(prob.shape) or any(
             tuple(tl.shape(f)) != (d, rank) for f, d in zip(factors, prob.shape)
@@ -311,7 +321,10 @@ def parafac_sigma(
         Verify that ``sigma`` is positive semi-definite.
     random_state : None, int or np.random.RandomState
     return_errors : bool, default is False
-        Also return the relative sigma-errors, one per sweep (non-increasing).
+        Also return the relative sigma-errors (non-increasing): the initial iterate's, then
+        one per sweep that did not raise the error. A sweep whose error rises within
+        round-off is not recorded (the best iterate is kept), so near convergence the list
+        can be shorter than the number of sweeps; ``errors[-1]`` is the returned result's.
     verbose : bool or int, default is False
     callback : callable, optional
         ``callback(cp_tensor, error)`` after each sweep; returning ``True`` stops.
@@ -395,6 +408,7 @@ class ParafacSigma(SigmaDecomposition):
     details_ : dict
         What ``return_details=True`` returns (stop reason, solves, rank, solver, threads).
     stop_reason_ : str
+        Why the run stopped, as in :class:`Tucker2Sigma`.
     solves_ : list of SolveInfo
 
     Examples

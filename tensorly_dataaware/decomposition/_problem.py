@@ -104,7 +104,19 @@ class SigmaProblem:
         """
         if rescale and self.scale != 1.0:
             x = x * self.scale
-        return tl.tensor(x, **self.out_context) if self.out_context is not None else x
+        if self.out_context is None:
+            return x
+        out = tl.tensor(x, **self.out_context)
+        if dtype_kind(out)[1] < dtype_kind(x)[1] and not bool(tl.all(tl.abs(tl.tensor(out, **tl.context(x))) < float("inf"))):
+            # float16 tops out at 65504: a CP weight (the norm of a whole rank-one term) of a
+            # tensor whose entries fit can still overflow it, and an `inf` would come back
+            # silently while the reported error is that of the float64 result.
+            peak = float(tl.max(tl.abs(x)))
+            raise OverflowError(
+                f"A factor of the result (largest magnitude {peak:.3g}) does not fit the input's dtype "
+                f"{dtype_kind(out)[2]}: pass the tensor in float32 or float64."
+            )
+        return out
 
     @property
     def n_out(self) -> int:
@@ -129,7 +141,7 @@ class SigmaProblem:
         kind, itemsize, dtype_name = dtype_kind(tensor)
         if kind != "f":
             raise TypeError(
-                f"`tensor` must have a floating-point dtype (float32 or float64), got {dtype_name}."
+                f"`tensor` must have a floating-point dtype (it is solved in float64 and returned in its own), got {dtype_name}."
             )
         shape = tuple(int(d) for d in tl.shape(tensor))
         out_context = dict(tl.context(tensor))

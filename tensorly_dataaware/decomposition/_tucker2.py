@@ -115,7 +115,17 @@ def _joint_step(prob: SigmaProblem, V, r_out: int) -> _Tucker2State:
 def _initial_input_factor(tensor, prob: SigmaProblem, ranks, init, random_state):
     S = prob.n_in
     r_out, r_in = ranks
-    if isinstance(init, TuckerTensor) or (isinstance(init, (tuple, list)) and len(init) == 2 and not isinstance(init, str)):
+    if not isinstance(init, (str, TuckerTensor, tuple, list)):
+        raise TypeError(
+            f"`init` must be 'svd', 'frobenius', 'random' or a TuckerTensor / (core, [U, V, ...]); got a "
+            f"{type(init).__name__}."
+        )
+    if isinstance(init, (TuckerTensor, tuple, list)):
+        if len(init) != 2 or not isinstance(init[1], (tuple, list)):
+            raise ValueError(
+                "`init` must be a TuckerTensor or a pair (core, factors) with `factors` a list of the factor "
+                f"matrices (output first, input second); got a {type(init).__name__} of {len(init)} items."
+            )
         _, factors = init
         if len(factors) < 2 or tuple(tl.shape(factors[1])) != (S, r_in):
             raise ValueError(
@@ -281,7 +291,10 @@ def tucker2_sigma(
     random_state : None, int or np.random.RandomState
         Used by ``init='random'``.
     return_errors : bool, default is False
-        Also return the list of relative sigma-errors, one per sweep.
+        Also return the relative sigma-errors (non-increasing): the initial iterate's, then
+        one per sweep that did not raise the error. A sweep whose error rises within
+        round-off is not recorded (the best iterate is kept), so near convergence the list
+        can be shorter than the number of sweeps; ``errors[-1]`` is the returned result's.
     verbose : bool or int, default is False
         Print the error (and CG statistics) of each sweep.
     callback : callable, optional
@@ -371,8 +384,9 @@ class Tucker2Sigma(SigmaDecomposition):
     details_ : dict
         What ``return_details=True`` returns (stop reason, solves, rank, solver, threads).
     stop_reason_ : str
-        Why the run stopped: ``'converged'``, ``'n_iter_max'``, ``'callback'`` or
-        ``'objective increased'``.
+        Why the run stopped: ``'converged'``, ``'n_iter_max'``, ``'callback'``,
+        ``'round-off floor'`` (the error stopped moving above round-off, e.g. with
+        ``tol=0``), ``'objective increased'`` or ``'non-finite error'``.
     solves_ : list of SolveInfo
         Method, iterations and final residual of each input-factor solve.
 
