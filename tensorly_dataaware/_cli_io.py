@@ -122,9 +122,23 @@ def _as_float_images(images, labels, normalize: str, what: str):
     return x, y
 
 
+def _check_signature(path: Path, signature: bytes, what: str) -> None:
+    """Refuse a file that does not start like ``what``: np.load would otherwise treat any
+    other file as a pickle and answer that it "contains pickled data", suggesting to load it
+    with ``allow_pickle=True``."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(len(signature))
+    except OSError as exc:
+        raise InputError(f"cannot read {str(path)!r}: {_one_line(exc)}") from None
+    if head != signature:
+        raise InputError(f"{str(path)!r} is not a {what} (it does not start with its signature).")
+
+
 def _load_npz(path: Path, normalize: str) -> Data:
     import numpy as np
 
+    _check_signature(path, b"PK", "NumPy .npz archive (a zip file)")
     try:
         with np.load(path, allow_pickle=False) as archive:
             arrays = {key: archive[key] for key in archive.files}
@@ -142,6 +156,7 @@ def _load_npz(path: Path, normalize: str) -> Data:
 def _np_load(path: Path):
     import numpy as np
 
+    _check_signature(path, b"\x93NUMPY", "NumPy .npy file")
     try:
         return np.load(path, allow_pickle=False)
     except Exception as exc:  # noqa: BLE001 - truncated, foreign or object arrays

@@ -996,7 +996,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="torch device for collection, decompositions and evaluation (cpu, cuda, cuda:1, ...)")
     p.add_argument("--threads", type=_positive_int, default=DEFAULT_THREADS, metavar="N", help=THREADS_HELP)
     p.add_argument("--seed", type=int, default=0, help="seed of torch and of the solvers' random choices")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bars (they are drawn only when stderr is a terminal, never into a log file)")
 
 
 def _add_layers(p: argparse.ArgumentParser) -> None:
@@ -1040,8 +1041,17 @@ def _add_model_and_data(p: argparse.ArgumentParser) -> None:
                         "(default: 0)")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line usage errors (the subcommand parsers inherit the class)."""
+
+    def error(self, message: str):  # noqa: D401 - argparse's hook
+        # argparse prints the whole usage (20-30 lines here) before the message; the other
+        # errors of the command line are one line, and --help has the usage.
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog=PROG,
         description=(
             "Compress trained CNNs with data-aware (covariance-weighted) Tucker-2 and CP "
@@ -1172,9 +1182,18 @@ def _run(args) -> int:
         return int(args.func(args) or 0)
     if importlib.util.find_spec("torch") is None:
         raise CLIError(f"`{args.command}` needs PyTorch: pip install 'tensorly-dataaware[torch]'.")
+    # Bars redrawn with carriage returns belong on a terminal; in a log file they are noise.
+    args.no_progress = args.no_progress or not _stderr_is_terminal()
     with _torch_session(args.threads, args.seed, args.device) as device:
         args.torch_device = device
         return int(args.func(args) or 0)
+
+
+def _stderr_is_terminal() -> bool:
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):  # replaced or closed stream
+        return False
 
 
 def main(argv: Sequence[str] | None = None) -> int:

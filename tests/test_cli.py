@@ -493,6 +493,30 @@ def test_sigterm_unwinds_like_ctrl_c_and_the_handler_is_restored(monkeypatch, ca
     assert signal.getsignal(signal.SIGTERM) == before
 
 
+def test_a_file_that_is_not_numpy_is_not_called_pickled(tiny_files, tmp_path, capsys, monkeypatch):
+    """np.load read any non-NumPy file as a pickle: the message said the file 'contains pickled
+    data' and suggested allow_pickle=True, i.e. loading an untrusted file unsafely."""
+    _no_work(monkeypatch)
+    for name in ("text.npz", "text.npy"):
+        (tmp_path / name).write_text("not numpy")
+        err = _error(capsys, ["compress", *_state_args(tiny_files), "--data-dir", str(tmp_path / name)])
+        assert "is not a NumPy" in err and "pickle" not in err.lower(), err
+
+
+def test_usage_errors_are_one_line_and_bars_need_a_terminal(tiny_files, tmp_path, capsys):
+    """argparse printed its 20-30 lines of usage before a bad option value; progress bars
+    were drawn (with carriage returns) into stderr that is not a terminal, e.g. a log file."""
+    for argv in (["compress", "--ratio", "2"], ["demo", "--methods", "svdx"], ["--frobnicate"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and "usage:" not in err and "--help" in err, err
+    # capsys's stderr is no terminal: the same run draws no bar with or without --no-progress.
+    out = tmp_path / "s.pt"
+    assert main(["collect", *_state_args(tiny_files), "--data-dir", str(tiny_files["data"]), "--calib-samples",
+                 "8", "--output", str(out)]) == 0
+    assert "\r" not in capsys.readouterr().err and out.is_file()
+
+
 def test_outputs_into_the_package_are_refused():
     from tensorly_dataaware._cli_io import InputError, check_outputs
     from tensorly_dataaware.models import weights_path
