@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 
@@ -277,3 +278,57 @@ def test_inference_forms_spec_cache_and_training(kind):
         torch.testing.assert_close(rebuilt.eval()(x), doubled, rtol=1e-10, atol=1e-10)
     with pytest.raises(ValueError, match="form"):
         module.set_form("winograd")
+
+
+def _forms_of(kind):
+    return {"tucker2": Tucker2Conv2d, "cp": CPConv2d, "lowrank": LowRankConv2d}[kind].forms
+
+
+@pytest.mark.parametrize("kind", ["tucker2", "cp", "lowrank", "linear"])
+def test_cached_kernels_follow_every_change_of_the_factors(kind):
+    """The dense / merged kernel was rebuilt only by set_form, a whole-module load_state_dict
+    and eval(): an in-place update (an EMA, an optimizer step in eval mode), a submodule's
+    load_state_dict, functional_call with other tensors, a dtype round trip and a kernel
+    made under inference_mode (later autograd failed) all gave stale or failing outputs."""
+    gen = torch.Generator().manual_seed(5)
+    if kind == "linear":
+        module, forms = LowRankLinear(_randn(3, 7, gen=gen), _randn(4, 3, gen=gen), _randn(4, gen=gen)), ("dense",)
+        x = _randn(2, 7, gen=gen).float()
+    else:
+        module, forms = _make(kind, (3, 3), 1, 1, "zeros", 1, _randn(T, gen=gen), gen)[0], _forms_of(kind)
+        x = _randn(2, S, 6, 6, gen=gen).float()
+    module = module.float().eval()
+
+    def expected(m, inputs=x):
+        ref = m.weight_approx()
+        if kind == "linear":
+            return F.linear(inputs, ref, m.last.bias)
+        return F.conv2d(inputs, ref, m.last.bias, padding=1)
+
+    for form in forms:
+        if form == "chain":
+            continue
+        module.set_form(form)
+        with torch.no_grad():
+            for p in module.parameters():  # EMA-style in-place update
+                p.mul_(0.5).add_(0.1)
+        torch.testing.assert_close(module(x), expected(module), rtol=1e-4, atol=1e-5)
+        sub = module.first
+        sub.load_state_dict({k: v * 2 for k, v in sub.state_dict().items()})  # one factor only
+        torch.testing.assert_close(module(x), expected(module), rtol=1e-4, atol=1e-5)
+        other = {name: p.detach() * -1.5 for name, p in module.named_parameters()}
+        got = torch.func.functional_call(module, other, (x,))
+        swapped = copy.deepcopy(module)
+        with torch.no_grad():
+            for name, p in swapped.named_parameters():
+                p.copy_(other[name])
+        torch.testing.assert_close(got, expected(swapped), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(module(x), expected(module), rtol=1e-4, atol=1e-5)  # back to its own
+        wide = copy.deepcopy(module).to(F64)
+        torch.testing.assert_close(wide(x.double()), expected(wide, x.double()), rtol=1e-10, atol=1e-12)
+        with torch.inference_mode():
+            module.eval()  # rebuilds the kernel inside inference mode
+            module.set_form(form)
+        xg = x.clone().requires_grad_(True)
+        module(xg).sum().backward()
+        assert xg.grad is not None and bool(torch.isfinite(xg.grad).all())

@@ -37,9 +37,15 @@ input shape; ``set_form(name)`` picks one (``forms`` lists those of a class):
   -> 7.2 ms for a 16-channel layer at ranks (3, 3), 28x28 images, batch 256, one thread).
 
 A non-chain form is an inference cache: its kernel is a non-persistent buffer computed in
-float64 from the factors by ``set_form``, again after ``load_state_dict`` and whenever the
-module is switched to eval mode; in training mode the chain runs, so gradients always reach
-the factors and the ``state_dict`` is the same for every form.  ``spec()`` records a
+float64 from the factors by ``set_form``, again after ``load_state_dict``, whenever the
+module is switched to eval mode, and, in eager mode, at the first call after any change of
+the factors (in-place updates, other tensors through ``torch.func.functional_call``, a
+dtype or device change: each call compares the factors' identity and in-place version with
+those the kernel was made from). In training mode the chain runs, so gradients always reach
+the factors (in eval mode a non-chain form gives them none) and the eager ``state_dict`` is
+the same for every form. A TorchScript module keeps the kernel it was scripted with, and
+its ``state_dict`` lists it as ``_form_weight`` (TorchScript ignores ``persistent=False``):
+script or trace after the final weights are loaded, or script the ``'chain'`` form.  ``spec()`` records a
 non-chain form under the key ``'form'`` (absent means ``'chain'``, so older specs load).
 :func:`tensorly_dataaware.torch.deploy.optimize_for_inference` chooses forms by measurement.
 """
@@ -213,11 +219,44 @@ class _FormMixin(nn.Module):
             )
         super().__setattr__(name, value)
 
+    # The freshness key of the cached kernel (see _kernel) is eager-only bookkeeping.
+    __jit_ignored_attributes__ = ["_form_key", "_form_slots"]
+
     def _init_form(self) -> None:
         self.form = "chain"
         # Empty until a non-chain form is chosen; a tensor (never None) keeps TorchScript simple.
         self.register_buffer("_form_weight", torch.empty(0, dtype=self._factor_dtype()), persistent=False)
+        self._form_key: tuple | None = None
+        self._form_slots: list = []
         self.register_load_state_dict_post_hook(_refresh_after_load)
+
+    def _factor_key(self) -> tuple:
+        """Storage address and in-place version of every parameter: what the cached kernel
+        was computed from. A dtype or device change moves the data (``_apply`` converts into
+        new storage while the old is alive), an in-place update bumps the version, and a
+        Parameter replaced in its module's dictionary is read from there. Read through the
+        ``_parameters`` dictionaries collected at the last refresh: ``self.parameters()``
+        costs about 10 us per call, as much as a small layer's convolution."""
+        return tuple((p.data_ptr(), p._version) for d, name in self._form_slots if (p := d[name]) is not None)
+
+    def _kernel(self) -> torch.Tensor:
+        """The cached kernel of a non-chain form, rebuilt first if the factors changed.
+
+        ``set_form``, ``load_state_dict`` and ``eval()`` rebuild it, but factors also change
+        without any of them: an in-place update (an EMA of the weights, an optimizer step
+        in eval mode, ``layer.core.load_state_dict``), ``torch.func.functional_call`` with
+        other tensors, or ``model.to(dtype)``, which converted the cached kernel instead of
+        recomputing it. Each of these gave a silently stale output. (Eager mode only: a
+        scripted module keeps the kernel it was scripted with.)
+        """
+        if not torch.jit.is_scripting():
+            self._check_form_cache()
+        return self._form_weight
+
+    @torch.jit.unused
+    def _check_form_cache(self) -> None:
+        if self._factor_key() != self._form_key:
+            self._refresh_form()
 
     def _factor_dtype(self) -> torch.dtype:
         return self.last.weight.dtype  # type: ignore[union-attr]
@@ -241,6 +280,15 @@ class _FormMixin(nn.Module):
 
     @torch.no_grad()
     def _refresh_form(self) -> None:
+        # Outside inference mode even when called in it (`model.eval()` inside a
+        # `torch.inference_mode()` evaluation): an inference tensor as the cached kernel made
+        # later autograd through the layer fail ("Inference tensors cannot be saved for backward").
+        with torch.inference_mode(False):
+            self._refresh_kernel()
+        self._form_slots = [(m._parameters, name) for m in self.modules() for name in m._parameters]
+        self._form_key = self._factor_key()
+
+    def _refresh_kernel(self) -> None:
         if self.form == "chain":
             kernel = torch.empty(0, dtype=self._factor_dtype(), device=self._form_weight.device)
         else:
@@ -318,7 +366,7 @@ class _FactorizedConv2d(_FormMixin):
         return F.conv2d(x, weight, bias, self._stride_list, self._native_pad, self._dilation_list, groups)
 
     def _dense_forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._single_conv(x, self._form_weight, self.last.bias, 1)  # type: ignore[union-attr]
+        return self._single_conv(x, self._kernel(), self.last.bias, 1)  # type: ignore[union-attr]
 
     def _conv_spec(self) -> dict[str, Any]:
         return {
@@ -425,7 +473,7 @@ class Tucker2Conv2d(_FactorizedConv2d):
             return self._dense_forward(x)
         if self.form == "merged" and not self.training:
             # The 1x1 input factor commutes with padding: the merged kernel pads like the core.
-            return self._single_conv(self.first(x), self._form_weight, self.last.bias, 1)
+            return self._single_conv(self.first(x), self._kernel(), self.last.bias, 1)
         return self.last(self.core(self.first(x)))
 
     def weight_approx(self) -> torch.Tensor:
@@ -579,7 +627,7 @@ class CPConv2d(_FactorizedConv2d):
             return self._dense_forward(x)
         x = self.first(x)
         if self.form == "merged" and not self.training:
-            return self.last(self._single_conv(x, self._form_weight, None, self.rank))
+            return self.last(self._single_conv(x, self._kernel(), None, self.rank))
         if self._use_explicit_pad:
             x = F.pad(x, self._explicit_pad, mode=self._pad_mode)
         return self.last(self.horizontal(self.vertical(x)))
@@ -795,7 +843,7 @@ class LowRankLinear(_FormMixin):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.form == "dense" and not self.training:
-            return F.linear(x, self._form_weight, self.last.bias)
+            return F.linear(x, self._kernel(), self.last.bias)
         return self.last(self.first(x))
 
     def weight_approx(self) -> torch.Tensor:
