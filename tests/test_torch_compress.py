@@ -640,3 +640,18 @@ def test_pruned_all_zero_layer(method, sequential):
     assert factors and all(not p.any() for p in factors)
     with torch.no_grad():
         torch.testing.assert_close(out(batches[0]), model(batches[0]))
+
+
+def test_replacing_a_hooked_layer_warns_that_the_hooks_stay_behind():
+    """Hooks on a compressed layer were dropped silently (the statistics include their effect,
+    the factorized module does not run them)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1)).eval()
+    x = torch.randn(4, 3, 8, 8)
+    stats = collect_covariances(model, [x], progress=False)
+    model[2].register_forward_hook(lambda m, a, out: out.clamp(max=0.1))
+    with pytest.warns(RuntimeWarning, match="Layer '2' has forward hooks"):
+        compress(model, stats, "tucker2", ratio=0.5, layers=["2"], progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        compress(model, stats, "tucker2", ratio=0.5, layers=["0"], progress=False)  # no hook there

@@ -912,7 +912,9 @@ def test_cross_validated_refit_does_not_overfit_few_images():
     interpolates the calibration data; the cross-validated ridge generalizes far better."""
     net, calib, fresh = _few_images_net(3)
     kwargs = dict(ranks={"0": 8}, refit=["2"], progress=False, return_report=True)
-    with pytest.warns(RuntimeWarning, match="overfit"):
+    # The advice names the refitted layer's own ridge (it named `damping` and
+    # `target_damping`, which a refitted layer does not use).
+    with pytest.warns(RuntimeWarning, match="overfit.*larger `refit_damping` or `refit_damping='cv'`"):
         plain, _ = compress_sequential(net, calib, "svd", refit_damping=1e-6, **kwargs)
     cv, report = compress_sequential(net, calib, "svd", **kwargs)
     assert "cross-validated" in report[-1].notes[-1]
@@ -1019,7 +1021,7 @@ def test_auto_target_damping_is_the_fixed_ridge_on_well_sampled_layers():
 
 @pytest.mark.parametrize("value", [-1.0, float("inf"), "gcv", True])
 def test_bad_target_damping(value):
-    with pytest.raises(ValueError, match="target_damping"):
+    with pytest.raises(ValueError, match="target_damping.*'cv', 'auto' or None"):
         compress_sequential(_conv_net(), _batches(1), ratio=0.5, target_damping=value, progress=False)
 
 
@@ -1103,3 +1105,51 @@ def test_conv1d_layers_reported_as_kept_dense():
     one_shot = compress(net, collect_covariances(net, batches, progress=False), "tucker2", ratio=0.5, progress=False,
                         return_report=True)[1]
     assert [row.name for row in one_shot] == [row.name for row in report]
+
+
+class _ScalesItsInput(nn.Module):
+    """An in-place preprocessing at the top of forward (x.mul_(0.5))."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = _conv_net()
+
+    def forward(self, x):
+        x.mul_(0.5)
+        return self.body(x)
+
+
+def test_a_model_that_changes_its_input_in_place(monkeypatch):
+    """Every pass fed the same batch tensor, so each pass scaled it again: the original and the
+    compressed network saw differently scaled images (full-rank output error ~1) and the
+    user's batches came back scaled by 0.5**passes."""
+    torch.manual_seed(0)
+    net = _ScalesItsInput().eval()
+    batches = _batches(n_batches=2, size=16)
+    before = [x.clone() for x, _ in batches]
+    ranks = {"body.0": 8, "body.3": 10}  # full rank: the model must come back unchanged
+    small = compress_sequential(net, batches, "svd", ranks=ranks, layers=list(ranks), progress=False,
+                                target_damping=1e-9)
+    for (x, _), x0 in zip(batches, before):
+        assert torch.equal(x, x0)
+    fresh = _batches(n_batches=1, size=8, seed=5)[0][0]
+    with torch.no_grad():
+        torch.testing.assert_close(small(fresh.clone()), net(fresh.clone()), rtol=1e-7, atol=1e-8)
+
+
+def test_cross_validation_folds_count_images_over_batches():
+    """Folds were 'image k of every batch': with one image per batch every image fell in fold
+    0, and the cross-validated ridge silently became the fixed fallback. Batches of 1 and of
+    12 now give the same folds' moments, hence the same ridge and the same model."""
+    net = _conv_net()
+    batches = _batches(n_batches=2, size=12)
+    single = [(x[i : i + 1], y[i : i + 1]) for x, y in batches for i in range(len(x))]
+    kwargs = dict(ranks={"0": (4, 2), "3": (5, 4)}, layers=["0", "3"], progress=False, n_iter_max=10,
+                  random_state=0, return_report=True, target_damping="cv")
+    big, big_report = compress_sequential(net, batches, "tucker2", **kwargs)
+    one, one_report = compress_sequential(net, single, "tucker2", **kwargs)
+    (note,) = [n for n in one_report[1].notes if n.startswith("target damping")]
+    assert note.endswith("(cross-validated)"), one_report[1].notes
+    assert note in big_report[1].notes
+    for (k, a), b in zip(big.state_dict().items(), one.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-9, msg=k)

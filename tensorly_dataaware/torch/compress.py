@@ -184,6 +184,18 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     forward pass running the old module through the other one.
     """
     old = model.get_submodule(name)
+    hooks = [kind for kind, table in (("forward pre-hooks", old._forward_pre_hooks), ("forward hooks", old._forward_hooks),
+                                      ("backward hooks", old._backward_hooks), ("backward pre-hooks", old._backward_pre_hooks))
+             if table]
+    if hooks and new is not old:
+        # The statistics were collected with their effect, but a hook belongs to the module
+        # object it was registered on: the factorized module does not run it.
+        warnings.warn(
+            f"Layer {name!r} has {' and '.join(hooks)}; the {type(new).__name__} that replaces it does not carry "
+            "them over: register them again on the new module if they are needed.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
     aliases = [alias for alias, module in model.named_modules(remove_duplicate=False) if module is old]
     for alias in aliases or [name]:
         parent_name, _, child = alias.rpartition(".")
@@ -771,7 +783,9 @@ def compress(
         Also return the list of :class:`LayerReport` (see :func:`format_report`).
     **solver_options
         Passed to :func:`~tensorly_dataaware.tucker2_sigma` / :func:`~tensorly_dataaware.parafac_sigma` (``n_iter_max``, ``tol``,
-        ``init``, ``random_state``, ...).
+        ``init``, ``random_state``, ...). Pass ``random_state`` (an int) for results that
+        repeat from run to run: CP's initialization at ranks above a mode's size draws
+        random columns (as TensorLy's ``parafac`` does), and ``init='random'`` always does.
 
     Returns
     -------

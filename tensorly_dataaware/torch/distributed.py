@@ -1074,7 +1074,7 @@ def compress_sequential_distributed(
         rank's shard (re-iterable) and must not be empty. With ``refit_damping='cv'`` or
         ``target_damping='cv'`` (or ``'auto'`` on an underdetermined layer) the moments of
         every fold of images are all-reduced (fold
-        ``k`` holds image ``k``, ``k + 4``, ... of every batch of every rank); with a
+        ``k`` holds the images ``k``, ``k + 4``, ... of every rank's stream of batches); with a
         ``'fisher'`` weighting, the per-channel Fisher sums are all-reduced as well.
     progress : bool, optional
         Default: on rank 0 only.

@@ -182,7 +182,10 @@ def _capture_input(model: nn.Module, module: nn.Module, x: torch.Tensor, name: s
 
     handle = module.register_forward_pre_hook(hook, with_kwargs=True)
     try:
-        model(x)
+        # A copy: a model that changes its input in place (an in-place normalization at the
+        # top of forward) would otherwise change the user's batch at every pass, and the
+        # original and the compressed network would see differently scaled images.
+        model(x.clone())
     except _StopForward:
         pass
     finally:
@@ -526,7 +529,7 @@ def layer_call_order(
             handles.append(modules[name].register_forward_pre_hook(make_hook(name)))
         model.eval()
         with torch.no_grad():
-            model(x)
+            model(x.clone())  # a copy, as in _capture_input
     finally:
         for handle in handles:
             handle.remove()
@@ -708,7 +711,7 @@ def compress_sequential(
         samples per input feature its least-squares fit overfits (a 2304-input classifier
         refitted on 500 images fell from 92% to 77% test accuracy at ``damping=1e-6``).
         ``'cv'`` chooses it per layer by 4-fold cross-validation over the calibration
-        images (images ``i``, ``i + 4``, ... of every batch form a fold; the held-out
+        images (the ``i``-th image, counted over the batches, is in fold ``i mod 4``; the held-out
         output error is computed from the folds' moments, so nothing is stored per image),
         from a logarithmic grid from ``1e-6`` to ``1e4``; the chosen value is in the
         report's notes. None: ``damping``.
@@ -769,7 +772,8 @@ def compress_sequential(
         images that no setting was chosen on: CP +0.15 to +0.45 point (93.24-93.36%),
         Tucker-2 0 to +0.21 point (``benchmarks/results/kfac_*.json``).
     **solver_options
-        Passed to the solvers, as in :func:`~tensorly_dataaware.torch.compress`.
+        Passed to the solvers, as in :func:`~tensorly_dataaware.torch.compress` (pass
+        ``random_state`` for CP results that repeat from run to run).
 
     Returns
     -------
@@ -815,7 +819,7 @@ def _check_ridge(value, what: str, allow_cv: bool = True, allow_auto: bool = Fal
     if (allow_cv and value == "cv") or (allow_auto and value == "auto"):
         return
     if not isinstance(value, numbers.Real) or isinstance(value, bool) or not (value >= 0) or value == float("inf"):
-        also = ", 'cv' or None" if allow_cv else ""
+        also = (", 'cv'" if allow_cv else "") + (", 'auto'" if allow_auto else "") + (" or None" if allow_cv or allow_auto else "")
         raise ValueError(f"`{what}` must be a finite number >= 0{also}; got {value!r}.")
 
 
@@ -999,7 +1003,7 @@ def _cache_reference_inputs(reference, batches, order, max_batches, run_device, 
             x = _prepare(batch, index, run_device)
             inputs.append(x)
             used += x.numel() * x.element_size()
-            reference(x)
+            reference(x.clone())  # a copy, as in _capture_input: `inputs` must stay the batches
             if used > limit:
                 return None
     finally:
@@ -1094,14 +1098,16 @@ def _layer_moments(
 
     ``cached``: the original network's inputs of the layer, batch by batch, if kept.
     ``prefix``: a :class:`_PrefixCache` of ``target`` (replays what cannot have changed).
-    ``folds > 1``: also return the moments of each fold of images (image ``i`` of every
-    batch in fold ``i % folds``), whose sum is the first result; else None.
+    ``folds > 1``: also return the moments of each fold of images (the ``i``-th image of
+    the stream, counted over the batches, in fold ``i % folds``), whose sum is the first
+    result; else None.
     """
     ref_module = reference.get_submodule(name)
     module = target.get_submodule(name)  # still the dense layer: it is replaced after the fit
     n = ref_module.weight[0].numel()
     parts = [CrossStatistics(n, device=run_device) for _ in range(folds)]
     error = None
+    seen = 0  # images before this batch: fold of an image = its position in the stream mod folds
     try:
         for index, batch in _iterate(batches, max_batches):
             x = _prepare(batch, index, run_device)
@@ -1128,8 +1134,16 @@ def _layer_moments(
                     # falls back to `damping`).
                     parts[0].update_from_inputs(ref_module, x_ref, None if first_layer else x_new)
                 else:
+                    # By position in the whole stream, not in the batch: with one image per
+                    # batch, "image k of every batch" put everything in fold 0 and the
+                    # cross-validation silently fell back to a fixed ridge.
                     for k, part in enumerate(parts):
-                        part.update_from_inputs(ref_module, x_ref[k::folds], None if first_layer else x_new[k::folds])
+                        start = (k - seen) % folds
+                        if start < x_ref.shape[0]:
+                            part.update_from_inputs(
+                                ref_module, x_ref[start::folds], None if first_layer else x_new[start::folds]
+                            )
+                    seen += x_ref.shape[0]
             except ValueError as exc:
                 raise ValueError(f"Layer {name!r}, batch {index}: {exc}") from None
     except Exception as exc:  # noqa: BLE001 - every process must learn of it
@@ -1236,18 +1250,20 @@ def _auto_target_ridge(module, name, first_name, first_count, per_image, damping
     return "cv", f"target damping cross-validated (target_damping='auto': {expected:.0f} samples for {inputs} inputs)"
 
 
-def _warn_if_underdetermined(name: str, moments: CrossStatistics, notes: list[str]) -> None:
+def _warn_if_underdetermined(name: str, moments: CrossStatistics, notes: list[str], option: str = "target_damping") -> None:
     # W' is a regression of the original output on n input features: with fewer samples
     # than features it interpolates the calibration data (measured: a refitted 2304-input
     # classifier fell from 92.15% to 77.0% test accuracy with 500 images; on the small
     # networks of benchmarks/architectures.py with 16-48 calibration images, held-out output
     # errors up to 8.7e4 times the output against 0.12-0.15 with target_damping='cv').
     if moments.count < 2 * moments.n:
-        notes.append(f"few samples ({moments.count} for {moments.n} inputs): may overfit, see target_damping='cv'")
+        # The ridge of a refitted layer is `refit_damping`; of a compressed layer's target,
+        # `target_damping` (`damping` regularizes only the low-rank fit's weight).
+        notes.append(f"few samples ({moments.count} for {moments.n} inputs): may overfit, see {option}='cv'")
         warnings.warn(
             f"Layer {name!r}: {moments.count} calibration samples for {moments.n} input features; its "
-            "sequential fit may overfit the calibration data (use more images, a larger `damping` or "
-            "`target_damping='cv'`).",
+            f"sequential fit may overfit the calibration data (use more images, a larger `{option}` or "
+            f"`{option}='cv'`).",
             RuntimeWarning,
             stacklevel=6,
         )
@@ -1313,7 +1329,8 @@ def _choose_ridge(name, module, moments, damping, folds, first_layer, centered, 
         notes.append(f"{label} {chosen:g} (cross-validated)")
         return chosen
     if not first_layer:
-        _warn_if_underdetermined(name, moments, notes)
+        # label "damping": a refitted layer (refit_damping); "target damping": a compressed one.
+        _warn_if_underdetermined(name, moments, notes, "refit_damping" if label == "damping" else "target_damping")
     return damping
 
 
