@@ -206,3 +206,30 @@ def test_nested_outputs_are_compared_tensor_by_tensor(monkeypatch):
     monkeypatch.setattr(deploy, "time_interleaved", no_timing)
     with pytest.raises(TypeError, match=r"output\[1\] has type NoneType"):
         optimize_for_inference(_TwoOutputs(with_none=True), x, repeats=1)
+
+
+def test_a_layout_the_model_cannot_run_in_is_skipped():
+    """`x.view(n, -1)` after a convolution fails on channels_last activations: the default
+    layouts made optimize_for_inference crash on such models."""
+    import torch.nn.functional as F
+    from torch import nn
+
+    from tensorly_dataaware.torch import collect_covariances, compress
+
+    class ViewNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.c2, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.Linear(8 * 9 * 9, 5)
+
+        def forward(self, x):
+            return self.fc(F.relu(self.c2(F.relu(self.c1(x)))).view(x.size(0), -1))
+
+    torch.manual_seed(0)
+    net = ViewNet().eval()
+    stats = collect_covariances(net, [torch.randn(4, 3, 9, 9)], layers=["c2"], progress=False)
+    small = compress(net, stats, "tucker2", ratio=0.5, progress=False, n_iter_max=3)
+    x = torch.randn(2, 3, 9, 9)
+    with pytest.warns(RuntimeWarning, match="channels_last layout is skipped"):
+        fast, report = optimize_for_inference(small, x, repeats=1, return_report=True)
+    assert report.memory_format == "contiguous"
+    torch.testing.assert_close(fast(x), small(x), rtol=1e-5, atol=1e-6)

@@ -216,3 +216,17 @@ def test_unsupported_outputs_fail_before_exporting(tmp_path, monkeypatch, struct
     assert os.listdir(tmp_path) == []
     with pytest.raises(error, match=match):  # before onnxruntime is even imported
         export.check_onnx(tmp_path / "m.onnx", model, x)
+
+
+def test_onnx_check_tolerance_and_float64_message(tmp_path):
+    """float16 models failed the fixed 1e-4 check (their rounding is ~5e-4); float64 models
+    got ONNX Runtime's raw NOT_IMPLEMENTED without a word on why."""
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 2, 3)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    export_onnx(net.half(), tmp_path / "half.onnx", x.half())
+    with pytest.raises(ValueError, match="no float64 convolution: export a float32 copy"):
+        export_onnx(net.double(), tmp_path / "double.onnx", x.double())
+    assert not (tmp_path / "double.onnx").exists()

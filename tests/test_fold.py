@@ -210,3 +210,27 @@ def test_shared_parameters_are_never_changed(tie, inplace, expected_pairs):
     assert report.folded_batchnorm in ([], [list(pair) for pair in expected_pairs])  # [] if "as given" won
     with torch.no_grad():
         torch.testing.assert_close(fast(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_batchnorm_subclasses_are_traced_as_leaves():
+    """fx traced into a BatchNorm2d subclass, whose `if self.training` is control flow: a model
+    with even an empty subclass could not be folded at all. A subclass that keeps the forward
+    is folded; one with its own forward is left alone (it may compute something else)."""
+
+    class Plain(nn.BatchNorm2d):
+        pass
+
+    class Own(nn.BatchNorm2d):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), Plain(4), nn.ReLU(), nn.Conv2d(4, 4, 3), Own(4)).eval()
+    for bn in (net[1], net[4]):
+        with torch.no_grad():
+            bn.running_mean.uniform_(-1, 1)
+            bn.running_var.uniform_(0.5, 2)
+    x = torch.randn(2, 3, 9, 9)
+    folded, pairs = fold_batchnorm(net, return_pairs=True)
+    assert pairs == [("0", "1")]
+    torch.testing.assert_close(folded(x), net(x), rtol=1e-5, atol=1e-6)

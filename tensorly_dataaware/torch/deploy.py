@@ -423,6 +423,20 @@ def optimize_for_inference(
             trial = _to_format(copy.deepcopy(folded), memory_format)
             for name, module in _factorized(trial).items():
                 module.set_form("chain")
+            if memory_format != "contiguous":
+                # Code written for contiguous activations can fail in another layout (e.g.
+                # `x.view(n, -1)` after a convolution under channels_last): skip that layout.
+                try:
+                    with torch.no_grad():
+                        trial(example_input)
+                except RuntimeError as exc:
+                    warnings.warn(
+                        f"optimize_for_inference: the {memory_format} layout is skipped: the model fails in it "
+                        f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}).",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
+                    continue
             choice = _choose_forms(trial, example_input, candidates, repeats, max_macs_ratio, memory_format)
             choices[memory_format] = choice
             forms = {n: c[0] for n, c in choice.items()}

@@ -33,8 +33,19 @@ __all__ = ["fold_batchnorm"]
 class _Tracer(fx.Tracer):
     # The factorized layers are opaque: their last 1x1 convolution is what a BatchNorm folds
     # into, so they must stay one node each.
+    # BatchNorm subclasses too: traced into, their forward's `if self.training` is control
+    # flow that fx refuses, which made any model with one (even `class BN(nn.BatchNorm2d):
+    # pass`) unfoldable.
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return isinstance(m, _FormMixin) or super().is_leaf_module(m, module_qualified_name)
+        return (
+            isinstance(m, (_FormMixin, nn.modules.batchnorm._BatchNorm))
+            or super().is_leaf_module(m, module_qualified_name)
+        )
+
+
+def _plain_batchnorm2d(module: nn.Module | None) -> bool:
+    """A BatchNorm2d that computes what nn.BatchNorm2d computes (a subclass may redefine it)."""
+    return isinstance(module, nn.BatchNorm2d) and type(module).forward is nn.BatchNorm2d.forward
 
 
 def _foldable_producer(module: nn.Module) -> nn.Conv2d | None:
@@ -188,7 +199,7 @@ def fold_batchnorm(model: nn.Module, *, inplace: bool = False, return_pairs: boo
     calls = Counter(node.target for node in graph.nodes if node.op == "call_module")
     pairs = []
     for node in graph.nodes:
-        if node.op != "call_module" or not isinstance(modules.get(node.target), nn.BatchNorm2d):
+        if node.op != "call_module" or not _plain_batchnorm2d(modules.get(node.target)):
             continue
         source = node.args[0] if node.args else None
         if len(node.args) != 1 or node.kwargs or not isinstance(source, fx.Node) or source.op != "call_module":
