@@ -833,6 +833,31 @@ def test_float32_activations_of_extreme_magnitude_are_collected_exactly(scale):
     assert float((cross_conv.sum_xy[0] - reference).abs().max() / reference.abs().max()) < 1e-5
 
 
+def test_centred_covariance_of_mean_dominated_float32_inputs_is_exact():
+    """Inputs 1e3 + N(0, 1) in float32: the products' rounding (~1e-6 of the mean square
+    1e6) is as large as the variance, and the default precision gave centred covariances
+    8-54% wrong on every route. Such batches are now formed in float64."""
+    from tensorly_dataaware.torch.statistics import CrossStatistics
+
+    gen = torch.Generator().manual_seed(17)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, stride=2))
+    x = 1e3 + torch.randn(24, 3, 9, 9, generator=gen)
+    stats = collect_covariances(model, [x], layers=["0"], progress=False)["0"]
+    patches = patches_for(model[0], x.double())[0]
+    reference = torch.cov(patches.T, correction=0)
+    assert float((stats.sigma(True) - reference).abs().max() / reference.abs().max()) < 1e-6
+    p = 1e3 + torch.randn(400, 5, generator=gen)
+    linear = LayerStatistics("linear", (2, 5))
+    linear.update(p)
+    torch.testing.assert_close(linear.sigma(True), torch.cov(p.double().T, correction=0), rtol=1e-6, atol=1e-9)
+    cross = CrossStatistics(5)
+    q = p + 0.1 * torch.randn(400, 5, generator=gen)
+    cross.update(p, q)
+    xc, yc = p.double() - p.double().mean(0), q.double() - q.double().mean(0)
+    torch.testing.assert_close(cross.sum_xy[0] / 400 - torch.outer(cross.sum_x[0], cross.sum_y[0]) / 400**2,
+                               xc.T @ yc / 400, rtol=1e-6, atol=1e-8)
+
+
 def test_collect_covariances_checks_its_device_like_compress():
     """An unavailable device failed inside the first batch with torch's own error, and
     'meta' (no values) with "Tensor.item() cannot be called on meta tensors"."""
@@ -1145,6 +1170,25 @@ def test_hand_edited_statistics_are_rejected(tmp_path):
     torch.save({**state, "layers": ["c"]}, tmp_path / "list.pt")
     with pytest.raises(ValueError, match="list.pt"):
         load_statistics(tmp_path / "list.pt")
+
+
+def test_statistics_with_offsets_that_never_see_data_round_trip(tmp_path):
+    """A 3x3 kernel on 3x1 maps: two kernel columns only ever see padding, so their entries
+    are exactly 0. The shift route leaves rounding residue there (of either sign, at the
+    scale of the largest entries), and load_statistics refused the file save_statistics had
+    just written ("negative diagonal entry")."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(1, 2, 3, padding=1, dtype=torch.float64)
+    stats = collect_covariances(conv, [torch.randn(4, 1, 3, 1, dtype=torch.float64)], progress=False)
+    save_statistics(stats, tmp_path / "s.pt")
+    loaded = load_statistics(tmp_path / "s.pt")[""]
+    torch.testing.assert_close(loaded.sum_outer, stats[""].sum_outer, rtol=0, atol=0)
+    # A negative diagonal beyond rounding is still refused.
+    state = stats[""].state_dict()
+    state["sum_outer"] = state["sum_outer"].clone()
+    state["sum_outer"][0, 4, 4] = -1e-2 * float(state["sum_outer"][0].diagonal().max())
+    with pytest.raises(ValueError, match="negative diagonal"):
+        LayerStatistics.from_state_dict(state)
 
 
 def test_empty_batch_into_linear_and_conv():
