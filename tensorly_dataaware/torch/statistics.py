@@ -106,12 +106,13 @@ def _product_dtype(dtype: torch.dtype, precision: str) -> torch.dtype:
 FLOAT32_SAFE_MEAN_SQUARE = (2.0**-90, 2.0**90)
 
 
-#: With float32 products, a column whose variance is below this fraction of its mean square
-#: is formed again in float64 (:func:`_float32_range_ok`). The products' rounding is about
-#: ``5e-6`` of the mean square (``float32_error_bound``'s typical case), and the centred
-#: covariance subtracts the squared mean from it: for inputs ``1e3 + N(0, 1)`` the variance
-#: is ``1e-6`` of the mean square and came out 8-54% wrong. Above this fraction the
-#: centred entries keep about ``5e-4`` relative accuracy; ReLU activations have ~0.36.
+#: With float32 products, a batch whose largest variance is below this fraction of its
+#: largest mean square is formed again in float64 (:func:`_float32_range_ok`). The
+#: products' rounding is about ``5e-6`` of the mean squares (``float32_error_bound``'s
+#: typical case), and the centred covariance subtracts the squared means from them: for
+#: inputs ``1e3 + N(0, 1)`` the variance is ``1e-6`` of the mean square and came out 8-54%
+#: wrong. Above this fraction the centred covariance keeps about ``5e-4`` accuracy relative
+#: to its largest entry; ReLU activations have ~0.36.
 FLOAT32_MIN_SPREAD = 1e-2
 
 
@@ -125,9 +126,9 @@ def _float32_range_ok(count: int, pairs: list[tuple[torch.Tensor, torch.Tensor]]
     squares (its squares underflowed to zero). Why: ``precision='auto'`` forms the products
     in float32, and finite float32 activations of magnitude 1e-20 or 1e18 gave statistics
     that were 100% wrong, or an error blaming NaN in the data (collected in float64 they
-    are exact). A dead (all-zero) column passes: its zeros are exact. Also False when a
-    column's mean dominates it (variance below :data:`FLOAT32_MIN_SPREAD` of the mean
-    product): the centred covariance would be lost in the products' rounding.
+    are exact). A dead (all-zero) column passes: its zeros are exact. Also False when the
+    means dominate (the largest variance below :data:`FLOAT32_MIN_SPREAD` of the largest
+    mean product): the centred covariance would be lost in the products' rounding.
     """
     if count == 0:
         return True
@@ -140,10 +141,12 @@ def _float32_range_ok(count: int, pairs: list[tuple[torch.Tensor, torch.Tensor]]
             return False
         if bool(((products == 0) & (sums != 0)).any()):
             return False
-        # For a pair of x_i y_i products (cross statistics) the test is approximate, which
-        # only costs a float64 repeat where the two sides differ.
-        spread = mean - (sums / count) ** 2
-        if bool(((mean > 0) & (spread < FLOAT32_MIN_SPREAD * mean)).any()):
+        # The products' rounding, ~5e-6 of the largest mean square, must stay small against
+        # the largest variance: the scale of the centred covariance, which subtracts the
+        # squared means. (Per group. For x_i y_i pairs of cross statistics the test is
+        # approximate, which at worst costs a float64 repeat.)
+        spread = (mean - (sums / count) ** 2).amax(dim=-1)
+        if bool((spread < FLOAT32_MIN_SPREAD * mean.amax(dim=-1)).any()):
             return False
     return True
 
@@ -2357,9 +2360,10 @@ def collect_covariances(
         afterwards).  A model (input) in float64 always gets float64 products, and with
         ``'auto'`` so does a batch whose float32 products would leave float32's range
         (root-mean-square activations below about 3e-14 or above about 1e13, see
-        :data:`FLOAT32_SAFE_MEAN_SQUARE`; they gave wrong statistics), and a batch in which
-        some input's variance is below 1% of its mean square (:data:`FLOAT32_MIN_SPREAD`:
-        the centred covariance of inputs ``1e3 + N(0, 1)`` came out 8-54% wrong). The
+        :data:`FLOAT32_SAFE_MEAN_SQUARE`; they gave wrong statistics), and a batch whose
+        largest input variance is below 1% of its largest mean square
+        (:data:`FLOAT32_MIN_SPREAD`: the centred covariance of inputs ``1e3 + N(0, 1)``
+        came out 8-54% wrong). The
         bound above is on the uncentred sums: explicit ``'float32'`` gives neither
         protection, so use it only for activations of ordinary size and spread.  The default
         took the collection on the embedded ResNet-20 / VGG from 24x / 16x a forward pass to
