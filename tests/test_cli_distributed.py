@@ -82,6 +82,20 @@ def test_compress_distributed_in_one_process(files, tmp_path, capsys):
                  "--output", str(tmp_path / "fail_model.pt")])
     assert code == 1 and "memory budget" in capsys.readouterr().err
     assert not (tmp_path / "fail.pt").exists() and not (tmp_path / "fail_model.pt").exists()
+    # --sequential needs a batch per rank: 48 images in one batch for 2 ranks was refused by
+    # rank 1 with "`batches` yielded no batch". Two ranks are pretended (the check comes
+    # before any collective).
+    import torch.distributed as tdist
+
+    real = tdist.get_world_size
+    tdist.get_world_size = lambda *a, **k: 2
+    try:
+        code = main(["compress", *files, "--distributed", "--backend", "gloo", "--sequential", "--ratio", "0.5",
+                     "--batch-size", "64", "--no-progress"])
+    finally:
+        tdist.get_world_size = real
+    err = capsys.readouterr().err
+    assert code == 1 and "at least one calibration batch per rank" in err and "--batch-size" in err, err
     # the same validation as without --distributed, before any process group exists
     code = main(["compress", *files, "--distributed", "--layers", "conv9", "--no-progress"])
     assert code == 2 and "conv9" in capsys.readouterr().err

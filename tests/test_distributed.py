@@ -375,6 +375,64 @@ def test_sequential_distributed_failure_reaches_every_rank(tmp_path):
         assert "rank 1" in res["error"] and "NaN" in res["error"]
 
 
+def _failure_modes_worker(rank, world, port, outdir):
+    """Failures that used to hang the other rank, or went unnoticed: each must end with a
+    DistributedCompressionError naming rank 1 on every rank (the group stays usable)."""
+    _join_gloo(rank, world, port)
+
+    def other_model():
+        model = make_model()
+        if rank == 1:
+            with torch.no_grad():
+                model.conv2.weight.mul_(1.5)
+        return model
+
+    def nan_in_second_batch():
+        batches = [b.clone() for b in tdd.shard(make_batches(), rank, world)]
+        if rank == 1:
+            batches[1][0, 0, 0, 0] = float("nan")
+        return batches
+
+    shard = tdd.shard(make_batches(), rank, world)
+    same_stats = tdd.collect_covariances_distributed(make_model(), shard, progress=False)
+    modes = {
+        "collect, other model": lambda: tdd.collect_covariances_distributed(other_model(), shard, progress=False),
+        "compress, other model": lambda: tdd.compress_distributed(other_model(), same_stats, "tucker2",
+                                                                   **COMPRESS_KW["tucker2"]),
+        "sequential, other model": lambda: tdd.compress_sequential_distributed(other_model(), shard, "tucker2",
+                                                                                **SEQ_KW),
+        # The output Fisher's all-reduce waited for the rank that had failed before it.
+        "sequential fisher, NaN": lambda: tdd.compress_sequential_distributed(
+            make_model(), nan_in_second_batch(), "tucker2", **{**SEQ_KW_FISHER, "cache_bytes": 0}),
+        # The reference cache's pass raised on one rank only.
+        "sequential, NaN": lambda: tdd.compress_sequential_distributed(make_model(), nan_in_second_batch(), "tucker2",
+                                                                       **SEQ_KW),
+        "sequential, one-shot iterator": lambda: tdd.compress_sequential_distributed(
+            make_model(), iter(shard) if rank == 1 else shard, "tucker2", **SEQ_KW),
+    }
+    result = {}
+    try:
+        for mode, run in modes.items():
+            try:
+                run()
+                result[mode] = None
+            except tdd.DistributedCompressionError as exc:
+                result[mode] = str(exc)
+    finally:
+        torch.save(result, os.path.join(outdir, f"rank{rank}.pt"))
+        dist.destroy_process_group()
+
+
+def test_failures_on_one_rank_stop_every_rank_without_hanging(tmp_path):
+    results = _spawn(_failure_modes_worker, 2, tmp_path)
+    for res in results:
+        for mode, error in res.items():
+            assert error is not None and "rank 1" in error, (mode, error)
+    assert "differs from rank 0" in results[0]["compress, other model"]
+    assert "NaN" in results[0]["sequential fisher, NaN"]
+    assert "one-shot iterator" in results[0]["sequential, one-shot iterator"]
+
+
 # ------------------------------------------------------------------------------------------
 # Argument checks, reports and devices (a world of one process, in this process)
 # ------------------------------------------------------------------------------------------

@@ -142,6 +142,14 @@ def run_distributed(
             layers = default_layers(model)
         n = images.shape[0] if calib_samples is None else min(calib_samples, images.shape[0])
         batches = [images[s : min(s + batch_size, n)] for s in range(0, n, batch_size)]
+        if sequential and len(batches) < world:
+            # Every rank needs a shard for the sequential passes (an empty one is refused);
+            # the one-shot collection lets empty shards contribute zeros.
+            raise ValueError(
+                f"--sequential needs at least one calibration batch per rank: {n} image(s) in batches of "
+                f"{batch_size} make {len(batches)} batch(es) for {world} ranks; lower --batch-size "
+                f"(at most {max(1, n // world)}) or use fewer ranks."
+            )
         if sequential:
             if positions_per_image:
                 raise ValueError("positions_per_image sub-samples one-shot statistics; sequential calibration "

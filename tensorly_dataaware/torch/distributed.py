@@ -216,6 +216,42 @@ def _agree(ok: bool, error: str | None, what: str, group) -> None:
         )
 
 
+def _model_fingerprint(model: nn.Module) -> list[tuple]:
+    """Per parameter and buffer: name, shape, and the float64 sum and absolute sum."""
+    rows = []
+    with torch.no_grad():
+        for name, tensor in itertools.chain(model.named_parameters(), model.named_buffers()):
+            if tensor.device.type == "meta" or tensor.is_complex():
+                rows.append((name, tuple(tensor.shape), 0.0, 0.0))
+                continue
+            wide = tensor.detach().to(torch.float64)
+            rows.append((name, tuple(tensor.shape), float(wide.sum()), float(wide.abs().sum())))
+    return rows
+
+
+def _check_same_model(model: nn.Module, what: str, group) -> None:
+    """Raise on every rank unless every rank holds the same model (names, shapes, weights).
+
+    Ranks with different weights were accepted: the result mixed them (each layer factorized
+    from the weights of the rank that decomposed it). Sums differ between devices by rounding
+    only, hence the relative tolerance.
+    """
+    prints = _all_gather(_model_fingerprint(model), group)
+
+    def same(a, b) -> bool:
+        return len(a) == len(b) and all(
+            x[:2] == y[:2] and abs(x[2] - y[2]) <= 1e-6 * max(x[3], y[3]) + 1e-300 and abs(x[3] - y[3]) <= 1e-6 * max(x[3], y[3]) + 1e-300
+            for x, y in zip(a, b)
+        )
+
+    differ = [rank for rank, p in enumerate(prints) if not same(p, prints[0])]
+    if differ:
+        raise DistributedCompressionError(
+            f"{what}: the model on rank{'s' if len(differ) > 1 else ''} {', '.join(map(str, differ))} differs from rank "
+            "0's (parameter or buffer names, shapes or values): every rank must hold the same model."
+        )
+
+
 # --------------------------------------------------------------------------------------------
 # Statistics
 # --------------------------------------------------------------------------------------------
@@ -322,9 +358,11 @@ def all_reduce_statistics(
 def shard(batches: Iterable[Any], rank: int | None = None, world_size: int | None = None):
     """This rank's share of ``batches``: every ``world_size``-th batch, starting at ``rank``.
 
-    A list or tuple gives a list; any other iterable (e.g. a ``DataLoader``) a lazy iterator
-    (every rank still iterates, i.e. loads, all batches: for big data sets prefer a
-    ``DistributedSampler``, which loads only the rank's samples). ``rank`` and
+    A list or tuple gives a list; any other iterable (e.g. a ``DataLoader``) a lazy one-shot
+    iterator (every rank still iterates, i.e. loads, all batches: for big data sets prefer a
+    ``DistributedSampler``, which loads only the rank's samples; and
+    :func:`compress_sequential_distributed`, which reads its batches once per layer, needs a
+    list or a ``DataLoader``). ``rank`` and
     ``world_size`` default to those of the initialized default process group. The union of
     the shards of all ranks is exactly ``batches``.
     """
@@ -404,6 +442,7 @@ def collect_covariances_distributed(
     rank, world = _rank_world(group)
     if progress is None:
         progress = rank == 0
+    _check_same_model(model, "collect_covariances_distributed", group)
     counted = _Counting(batches)
     stats = None
     error = None
@@ -817,6 +856,7 @@ def compress_distributed(
             check_flags(**{name: value})
     if bias_correction is None:
         bias_correction = norm == "sigma" and centered
+    _check_same_model(model, "compress_distributed", group)
 
     # 1. Plan (the same on every rank); agree that it worked and that it is the same.
     jobs: list[LayerJob] = []
@@ -1060,11 +1100,15 @@ def compress_sequential_distributed(
     """:func:`~tensorly_dataaware.torch.compress_sequential` over data shards on all ranks.
 
     Every rank streams the paired patches of *its own shard* of the calibration batches
-    (e.g. :func:`shard` or a ``DistributedSampler``; ``max_batches`` applies per rank), the
-    per-layer sums are all-reduced, rank 0 factorizes the layer and broadcasts the new
-    module, which every rank installs before the next layer. All ranks end with the same
-    compressed model, equal to a single process over the union of the shards up to the
-    float64 round-off of the summation order. Call it on every rank with the same model
+    (a ``DataLoader`` with a ``DistributedSampler``, or :func:`shard` of a *list* of batches:
+    ``shard`` of a ``DataLoader`` is a one-shot iterator, which a sequential pass cannot
+    re-read; ``max_batches`` applies per rank), the per-layer sums are all-reduced, rank 0
+    factorizes the layer and broadcasts the new module, which every rank installs before
+    the next layer. All ranks end with the same compressed model, equal to a single process
+    over the union of the shards up to the float64 round-off of the summation order, with
+    one exception: cross-validated ridges (below) use folds of each rank's own stream, so
+    they can differ from a single process's unless every rank's batches hold a multiple of
+    4 images. Call it on every rank with the same model (checked: names, shapes and values)
     and arguments.
 
     Parameters
@@ -1095,6 +1139,8 @@ def compress_sequential_distributed(
     """
     _require_initialized()
     comm = _Collectives(group, chunk_bytes, model)
+    if isinstance(model, nn.Module):  # else _run_sequential refuses it, on every rank alike
+        _check_same_model(model, "compress_sequential_distributed", group)
     return _run_sequential(
         model, batches, method, ranks=ranks, ratio=ratio, energy=energy, budget=budget, norm=norm,
         layers=layers, centered=centered, bias_correction=bias_correction, inplace=inplace,

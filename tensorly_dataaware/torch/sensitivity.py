@@ -49,6 +49,7 @@ def output_fisher(
     max_batches: int | None = None,
     reduce=None,
     full: bool = False,
+    agree=None,
 ) -> dict[str, torch.Tensor]:
     r"""Diagonal (or full) empirical Fisher of every named layer's output channels, label-free.
 
@@ -80,6 +81,10 @@ def output_fisher(
         ``reduce(tensor)`` sums a float64 tensor over processes in place (distributed runs);
         it is called once with the concatenated sums, the per-layer counts of batches whose
         loss depended on the layer, and the image count.
+    agree : callable, optional
+        ``agree(error, what)`` with the exception this process met in its own forward and
+        backward passes (or None), before ``reduce``: in distributed runs every process must
+        learn of a failure there, or the others would wait in ``reduce`` for ever.
     full : bool, default is False
         Return the ``out_channels x out_channels`` matrix
         :math:`\frac1N \sum_{\text{images}} \sum_p g_p g_p^\top` instead of its diagonal
@@ -133,6 +138,7 @@ def output_fisher(
     device = _model_device(model)
     flags = {name: m.training for name, m in model.named_modules()}
     model.eval()
+    local_error = None
     try:
         with torch.enable_grad():
             for index, batch in enumerate(batches):
@@ -203,10 +209,16 @@ def output_fisher(
                     else:
                         sums[name] += (g * g).sum(dim=tuple(d for d in range(g.dim()) if d != axis)).cpu()
                 images += logits.shape[0]
+    except Exception as exc:  # noqa: BLE001 - re-raised here, or first made known to every process
+        local_error = exc
     finally:
         for name, module in model.named_modules():
             if name in flags:
                 module.train(flags[name])
+    if agree is not None:
+        agree(local_error, "the output Fisher")
+    elif local_error is not None:
+        raise local_error
     if reduce is not None:
         # `reached` travels with the sums, so that every process warns or raises alike.
         flat = torch.cat(

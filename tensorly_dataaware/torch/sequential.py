@@ -858,11 +858,15 @@ def _run_sequential(
         _check_choice(fit_weighting, "fit_weighting", FIT_WEIGHTINGS)
     if isinstance(cache_bytes, bool) or not isinstance(cache_bytes, numbers.Integral) or cache_bytes < 0:
         raise ValueError(f"`cache_bytes` must be an int >= 0; got {cache_bytes!r}.")
-    if _is_one_shot_iterator(batches):
-        raise TypeError(
+    # The one argument that may differ by process (each passes its own shard): agreed on, so
+    # that a one-shot iterator on one rank does not leave the others waiting.
+    comm.agree(
+        TypeError(
             "`batches` is a one-shot iterator (e.g. a generator), but sequential calibration reads the "
             "batches once per compressed layer: pass a re-iterable (a DataLoader or a list, e.g. list(batches))."
-        )
+        ) if _is_one_shot_iterator(batches) else None,
+        "the batches",
+    )
     skipped: list = []
     call_position: dict[str, int] = {}
     module_calls: dict[str, int] = {}
@@ -900,7 +904,13 @@ def _run_sequential(
             comm.same(order, "the layer order")
             if target_damping == "auto":
                 comm.same(sorted(per_image.items()), "the samples per input of each layer")
-            cache = _cache_reference_inputs(reference, batches, order, max_batches, run_device, cache_bytes)
+            # Runs every batch through the model: a bad batch on one process must stop all.
+            cache, error = None, None
+            try:
+                cache = _cache_reference_inputs(reference, batches, order, max_batches, run_device, cache_bytes)
+            except Exception as exc:  # noqa: BLE001 - every process must learn of it
+                error = exc
+            comm.agree(error, "the original network's inputs")
             # The target is still a copy of the reference: the same module names and calls.
             once = {name for name, calls in module_calls.items() if calls == 1}
             prefix = _PrefixCache(target, once, cache_bytes) if cache_bytes else None
@@ -911,7 +921,8 @@ def _run_sequential(
                 try:
                     full = fit_weighting == "kfac"
                     measured = output_fisher(
-                        reference, batches, compressed, max_batches=max_batches, reduce=comm.reduce_tensor, full=full
+                        reference, batches, compressed, max_batches=max_batches, reduce=comm.reduce_tensor, full=full,
+                        agree=comm.agree,
                     )
                     fisher = fisher_row_weights({k: v.diagonal() if full else v for k, v in measured.items()})
                     if fit_weighting is not None:
