@@ -525,8 +525,10 @@ def check_outputs(outputs: Sequence[tuple[str, str | None]], inputs: Iterable[tu
         if not text:
             raise InputError(f"{option} is empty; give a file name.")
         out = Path(text)
-        if out.is_dir() or text.endswith(("/", os.sep)):
+        if out.is_dir():
             raise InputError(f"{option} {text!r} is a folder; give a file name.")
+        if text.endswith(("/", os.sep)):
+            raise InputError(f"{option} {text!r} ends with a path separator; give a file name.")
         if out.exists() and not out.is_file():
             raise InputError(f"{option} {text!r} exists and is not a regular file (a device, pipe or socket); "
                              "give the path of a regular file.")

@@ -391,7 +391,7 @@ def test_outputs_that_are_not_regular_files_are_refused(tiny_files, tmp_path, ca
         os.mkfifo(target)
         text, match = str(target), "not a regular file"
     else:
-        text, match = str(tmp_path / "newdir") + os.sep, "is a folder"
+        text, match = str(tmp_path / "newdir") + os.sep, "ends with a path separator"
     err = _error(capsys, ["compress", *_state_args(tiny_files), "--data-dir", str(tiny_files["data"]),
                           "--output", text])
     assert match in err, err
