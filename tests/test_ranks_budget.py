@@ -96,3 +96,63 @@ def test_energy_rank_below_the_cap_keeps_its_meaning(method):
         if method == "tucker2":
             assert rank[1] == math.ceil(expected / T * S)
         assert float(energies[r_out - 1]) >= energy > float(energies[r_out - 2])
+
+
+def test_a_saturated_estimate_does_not_leave_the_budget_unspent():
+    """The whitened output tail of a CP rank is 0 from the output size on, so the greedy
+    stopped there: CP budget=0.9 kept 24% of the weights. What the estimate cannot use is now
+    spread over the layers (the smallest fraction of its largest candidate first)."""
+    curves = {
+        "a": [(10, 0.5, 1), (20, 0.0, 2), (30, 0.0, 3), (40, 0.0, 4)],
+        "b": [(10, 0.4, 1), (20, 0.0, 2), (30, 0.0, 3), (40, 0.0, 4)],
+    }
+    assert allocate_budget(curves, 40) == {"a": 2, "b": 2}
+    assert allocate_budget(curves, 70) == {"a": 4, "b": 3}
+    from torch import nn
+
+    from tensorly_dataaware.torch import collect_covariances, compress
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(16, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1)).eval()
+    stats = collect_covariances(net, [torch.randn(16, 16, 8, 8)], progress=False)
+    _, report = compress(net, stats, "cp", budget=0.9, progress=False, return_report=True, n_iter_max=2)
+    kept = sum(r.params_after for r in report) / sum(r.params_before for r in report)
+    assert 0.85 < kept <= 0.9
+
+
+def test_small_budgets_can_use_rank_one_and_exact_fits_fit():
+    """Each layer's smallest budget candidate was its 2% rank, which refused budgets that
+    rank-1 layers fit; floating point (0.58 * 100 = 57.99...) refused ranks that fit
+    exactly; energy=1.0 on a rank-deficient covariance kept round-off eigenvalues."""
+    from tensorly_dataaware.torch.compress import _budget_ranks
+
+    shape = (64, 64, 3, 3)
+    prepared = [(name, None, "tucker2", torch.randn(*shape, dtype=torch.float64), torch.eye(576, dtype=torch.float64))
+                for name in ("a", "b")]
+    ranks = _budget_ranks(prepared, 0.01)
+    assert sum(factorized_params("tucker2", shape, r) for r in ranks.values()) <= 0.01 * 2 * dense_params(shape)
+    assert ranks_for_ratio("svd", (4, 25), 0.58) == 2
+    assert ranks_for_ratio("cp", (10, 32, 3, 3), 0.35) == 21
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 2, generator=gen, dtype=torch.float64) @ torch.randn(2, 144, generator=gen, dtype=torch.float64)
+    weight = torch.randn(16, 16, 3, 3, generator=gen, dtype=torch.float64)
+    sigma = x.T @ x / 200
+    assert ranks_for_energy("svd", weight, sigma, 1.0) == 2
+    assert ranks_for_energy("tucker2", weight, sigma, 1.0) == (2, 2)
+
+
+def test_explicit_ranks_that_leave_too_little_budget_are_named():
+    from torch import nn
+
+    from tensorly_dataaware.torch import collect_covariances, plan_compression
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.Flatten(), nn.Linear(512, 6))
+    stats = collect_covariances(net, [torch.randn(8, 3, 8, 8)], progress=False)
+    total = sum(dense_params(tuple(net[i].weight.shape)) for i in (0, 1, 3))
+    fc = factorized_params("svd", (6, 512), 6)
+    budget = (fc + 20) / total  # 20 weights left for two convolutions
+    with pytest.raises(ValueError, match="explicit `ranks` use .* left are below the smallest factorization"):
+        plan_compression(net, stats, "tucker2", ranks={"3": 6}, budget=budget)
+    with pytest.raises(ValueError, match="names a layer twice"):
+        plan_compression(net, stats, "tucker2", ratio=0.5, layers=["1", "1"])

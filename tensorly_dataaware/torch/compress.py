@@ -120,6 +120,10 @@ def _resolve_layers(model: nn.Module, stats: Mapping[str, LayerStatistics], laye
         reason = _unsupported_reason(modules[name])
         if reason:
             raise ValueError(f"Cannot compress layer {name!r}: {reason}")
+    if len(set(names)) != len(names):
+        # As compress_sequential does: a repeated name was decomposed and reported twice, and
+        # counted twice against a `budget`.
+        raise ValueError(f"`layers` names a layer twice: {names}.")
     return names
 
 
@@ -545,6 +549,15 @@ def plan_compression(
         )
         free = [p[:5] for p in prepared if p[0] not in fixed]
         available = int(budget * total) - spent
+        if free and available > 0 and spent:
+            smallest = sum(rk.factorized_params(p[2], tuple(p[3].shape), rk.ranks_for_ratio(p[2], tuple(p[3].shape), 1e-9))
+                           for p in free)
+            if smallest > available:
+                raise ValueError(
+                    f"The explicit `ranks` use {spent} of the `budget`'s {int(budget * total)} parameters: the "
+                    f"{available} left are below the smallest factorization of {[p[0] for p in free]} ({smallest} "
+                    "weights). Give a larger `budget` or smaller explicit ranks."
+                )
         if free and available <= 0 and not spent:
             raise ValueError(
                 f"The parameter budget {int(budget * total)} (`budget`={budget} of the selected layers' {total} "
@@ -754,7 +767,10 @@ def compress(
     budget : float in (0, 1], optional
         Whole-model mode: keep this fraction of the selected layers' total weights, spent
         where the whitened spectra say it lowers the sigma-error most
-        (:func:`~tensorly_dataaware.torch.allocate_budget`). Layers listed in ``ranks`` keep
+        (:func:`~tensorly_dataaware.torch.allocate_budget`: greedy, so close to but not
+        always the best allocation of its estimate, and a larger budget can give a layer a
+        smaller rank; any budget the estimate cannot use is spread over the layers as
+        evenly as their ranks allow). Layers listed in ``ranks`` keep
         those ranks and their parameters count against the budget; the rest is allocated
         over the other layers.
     norm : {'sigma', 'frobenius'}, default is 'sigma'
@@ -860,7 +876,9 @@ def _budget_ranks(
         else:
             tail = 1 - torch.cumsum(eig, 0) / max(float(eig.sum()), 1e-300)
         curve = []
-        for frac in [0.02 * i for i in range(1, 51)]:
+        # Rank 1 first: the smallest factorization (the 2% step refused budgets that rank-1
+        # layers fit).
+        for frac in [1e-9] + [0.02 * i for i in range(1, 51)]:
             rank = rk.ranks_for_ratio(method, shape, frac)
             # Proxy error: the whitened output tail at the output rank the factorization
             # affords (a lower bound of the layer's sigma-error at that size).
