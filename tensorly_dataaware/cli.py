@@ -106,6 +106,17 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _thread_count(text: str) -> int:
+    from .decomposition._threads import MAX_THREADS
+
+    value = _positive_int(text)
+    if value > MAX_THREADS:
+        # torch.set_num_threads overflows on such values (an uncaught traceback, with the
+        # thread limits left changed).
+        raise argparse.ArgumentTypeError(f"expected at most {MAX_THREADS} threads, got {value}")
+    return value
+
+
 def _nonnegative_int(text: str) -> int:
     try:
         value = int(text)
@@ -166,9 +177,10 @@ def _torch_session(threads: int, seed: int | None, device: str) -> Iterator[Any]
         limiter = threadpool_limits(limits=threads)
     except ImportError:  # pragma: no cover - threadpoolctl is a dependency; stay usable without it
         pass
-    # After threadpoolctl, which also sets the OpenMP runtime that torch shares.
-    torch.set_num_threads(threads)
     try:
+        # After threadpoolctl, which also sets the OpenMP runtime that torch shares; inside
+        # the try, so that the limits above are restored whatever happens.
+        torch.set_num_threads(threads)
         if seed is not None:
             torch.manual_seed(seed)
         yield _check_device(device)
@@ -996,7 +1008,7 @@ examples:
 
 def _add_common(p: argparse.ArgumentParser, work: str = "collection, decompositions and evaluation") -> None:
     p.add_argument("--device", default="cpu", help=f"torch device for {work} (cpu, cuda, cuda:1, ...)")
-    p.add_argument("--threads", type=_positive_int, default=DEFAULT_THREADS, metavar="N", help=THREADS_HELP)
+    p.add_argument("--threads", type=_thread_count, default=DEFAULT_THREADS, metavar="N", help=THREADS_HELP)
     p.add_argument("--seed", type=int, default=0, help="seed of torch and of the solvers' random choices")
     p.add_argument("--no-progress", action="store_true",
                    help="no progress bars (they are drawn only when stderr is a terminal, never into a log file)")

@@ -676,6 +676,7 @@ def _bad_inputs(tiny_files, tmp_path):
         "damping nan": ["compress", *model, *data, "--damping", "nan"],
         "two sizes": ["compress", *model, *data, "--ratio", "0.5", "--energy", "0.9"],
         "threads 0": ["compress", *model, *data, "--threads", "0"],
+        "threads huge": ["compress", *model, *data, "--threads", str(2**31)],
         "timeout negative": ["compress", *model, *data, "--distributed", "--timeout", "-1"],
         "demo ratios": ["demo", "--ratios", "2"],
         "demo method": ["demo", "--methods", "svdx"],

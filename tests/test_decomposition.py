@@ -593,9 +593,14 @@ class TestThreads:
         monkeypatch.setenv("TENSORLY_DATAAWARE_THREADS", "many")
         with pytest.raises(ValueError, match="TENSORLY_DATAAWARE_THREADS"):
             tucker2_sigma(W, 3, sigma, n_iter_max=1)
+        monkeypatch.setenv("TENSORLY_DATAAWARE_THREADS", str(2**40))
+        with pytest.raises(ValueError, match="TENSORLY_DATAAWARE_THREADS.*at most"):
+            tucker2_sigma(W, 3, sigma, n_iter_max=1)
 
-    @pytest.mark.parametrize("threads", [-1, 1.5, "2", True])
+    @pytest.mark.parametrize("threads", [-1, 1.5, "2", True, 2**31])
     def test_bad_threads(self, rng, threads):
+        # 2**31: torch overflowed ("Overflow when unpacking long") and OpenBLAS wrapped the
+        # value around; now the package's own message.
         with pytest.raises(ValueError, match="threads"):
             tucker2_sigma(rng.standard_normal(SHAPE), 3, np.eye(N), threads=threads)
 

@@ -26,6 +26,14 @@ Override, from the most to the least specific:
 ``0`` means "leave the thread settings alone" (use what the process has, e.g. for very
 large layers on a many-core machine, or a GPU run where host threads do not matter).
 JAX's CPU thread pool is fixed when JAX starts and is not affected.
+
+The thread counts of BLAS and OpenMP are process-wide: solver calls running at the same
+time in several Python threads change them under each other (the last to return restores
+what it found, which can be another call's temporary value), and threadpoolctl ignores the
+limits set by a thread other than the one that first set them. Run concurrent solver calls
+in processes, or with ``threads=0`` and your own settings, to keep them apart. (TensorLy's
+backend is process-wide too: the PyTorch adapter switches it to ``'pytorch'`` for its
+decompositions, so a NumPy call running meanwhile in another thread can meet that backend.)
 """
 
 from __future__ import annotations
@@ -52,9 +60,16 @@ _scoped: ContextVar[int | None] = ContextVar("tensorly_dataaware_solver_threads"
 _controller = None
 
 
+#: Largest thread count accepted: beyond it torch failed with "Overflow when unpacking long"
+#: and OpenBLAS silently wrapped the value around (2**32 + 1 ran on one thread).
+MAX_THREADS = 4096
+
+
 def _check(value, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
         raise ValueError(f"`{name}` must be an int >= 0 (0: leave the thread settings alone), got {value!r}.")
+    if value > MAX_THREADS:
+        raise ValueError(f"`{name}` must be at most {MAX_THREADS}, got {value!r}.")
     return int(value)
 
 
@@ -68,9 +83,10 @@ def resolve_threads(threads=None) -> int:
     env = os.environ.get(ENV_VAR, "").strip()
     if env:
         try:
-            return _check(int(env), ENV_VAR)
+            value = int(env)
         except ValueError:
             raise ValueError(f"{ENV_VAR}={env!r}: expected an int >= 0.") from None
+        return _check(value, ENV_VAR)
     return DEFAULT_THREADS_BY_BACKEND.get(tl.get_backend(), DEFAULT_THREADS)
 
 
