@@ -215,14 +215,26 @@ def _fraction_as_float(rank):
     return rank
 
 
-def check_damping(value) -> float:
-    """``damping`` as a finite ``float >= 0`` (NumPy scalars too), or a clear error."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"`damping` must be a real number >= 0, got {value!r}.")
-    value = float(value)
-    if not np.isfinite(value) or value < 0:
-        raise ValueError(f"`damping` must be a finite number >= 0, got {value!r}.")
-    return value
+def check_init_form(init, decomposition: type, form: str, pair: str, factors: str) -> bool:
+    """Refuse an ``init`` that is neither a method name nor a decomposition.
+
+    Returns True for a decomposition (``decomposition`` or a ``pair`` whose second item is
+    the list of ``factors``), False for a name. Before, a NumPy array failed with "truth
+    value of an array is ambiguous" and a list of factors with "too many values to unpack".
+    """
+    name = decomposition.__name__
+    if not isinstance(init, (str, decomposition, tuple, list)):
+        raise TypeError(
+            f"`init` must be 'svd', 'frobenius', 'random' or a {name} / {form}; got a {type(init).__name__}."
+        )
+    if isinstance(init, str):
+        return False
+    if len(init) != 2 or not isinstance(init[1], (tuple, list)):
+        raise ValueError(
+            f"`init` must be a {name} or a pair {pair} with `factors` a list of {factors}; got a "
+            f"{type(init).__name__} of {len(init)} items."
+        )
+    return True
 
 
 def validate_tucker2_rank(shape: Sequence[int], rank) -> tuple[int, int]:

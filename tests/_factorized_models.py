@@ -65,3 +65,16 @@ class SmallFactorized(nn.Module):
 
 def small_input(batch: int = 2, size: int = 20, seed: int = 1) -> torch.Tensor:
     return torch.randn(batch, 1, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+class SharedStem(nn.Module):
+    """One convolution registered under two names: an attribute and a ModuleList entry
+    (``named_modules()`` lists it once, under its first name; the forward uses the other)."""
+
+    def __init__(self, in_channels: int = 3, channels: int = 8):
+        super().__init__()
+        self.stem = nn.Conv2d(in_channels, channels, 3, padding=1)
+        self.layers = nn.ModuleList([self.stem, nn.Conv2d(channels, channels, 3, padding=1)])
+
+    def forward(self, x):
+        return self.layers[1](torch.relu(self.layers[0](x)))

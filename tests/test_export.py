@@ -82,7 +82,7 @@ def test_export_is_atomic_and_checked(tmp_path, monkeypatch):
     def failing_check(*args, **kwargs):
         raise ValueError("ONNX Runtime output differs")
 
-    monkeypatch.setattr(export, "check_onnx", failing_check)
+    monkeypatch.setattr(export, "_compare_with_onnx_runtime", failing_check)
     with pytest.raises(ValueError, match="differs"):
         export_onnx(model, target, x)
     # The destination is untouched and no temporary file is left behind.
@@ -120,19 +120,19 @@ def test_export_writes_like_the_packages_atomic_writer(tmp_path, monkeypatch):
     def leftovers():
         return sorted(os.listdir(tmp_path)), os.listdir(store), os.listdir(scratch)
 
-    real_check = export.check_onnx
+    real_check = export._compare_with_onnx_runtime
 
     def check_then_fail(*args, **kwargs):
         real_check(*args, **kwargs)  # the exported file is complete and correct, but ...
         raise ValueError("ONNX Runtime output differs")  # ... a failed check writes nothing
 
-    monkeypatch.setattr(export, "check_onnx", check_then_fail)
+    monkeypatch.setattr(export, "_compare_with_onnx_runtime", check_then_fail)
     with pytest.raises(ValueError, match="differs"):
         export_onnx(model, link, x)
     assert link.is_symlink() and target.read_bytes() == b"old"
     assert leftovers() == (["net.onnx", "store", "tmp"], ["net.onnx"], [])
 
-    monkeypatch.setattr(export, "check_onnx", real_check)
+    monkeypatch.setattr(export, "_compare_with_onnx_runtime", real_check)
     assert export_onnx(model, link, x) == str(link)
     assert link.is_symlink() and target.read_bytes() != b"old"
     assert stat.S_IMODE(os.stat(target).st_mode) == 0o600

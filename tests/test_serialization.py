@@ -11,6 +11,8 @@ from torch import nn  # noqa: E402
 from tensorly_dataaware.torch import compress, collect_covariances, load_compressed, save_compressed  # noqa: E402
 from tensorly_dataaware.torch import serialization  # noqa: E402
 
+from ._factorized_models import SharedStem  # noqa: E402
+
 
 class Net(nn.Module):
     def __init__(self, width=8):
@@ -179,26 +181,14 @@ def test_save_is_atomic_fsynced_with_plain_open_permissions(tmp_path, monkeypatc
     assert sorted(os.listdir(tmp_path)) == ["m.pt", "plain"]
 
 
-class _SharedStem(nn.Module):
-    """One convolution registered under two names (an attribute and a ModuleList entry)."""
-
-    def __init__(self):
-        super().__init__()
-        self.stem = nn.Conv2d(3, 8, 3, padding=1)
-        self.layers = nn.ModuleList([self.stem, nn.Conv2d(8, 8, 3, padding=1)])
-
-    def forward(self, x):
-        return self.layers[1](torch.relu(self.layers[0](x)))
-
-
 def test_round_trip_of_a_layer_registered_under_two_names(tmp_path):
     """compress replaces such a layer under both names; load_compressed refused the file
     (the state_dict has its factors under both names, the check expected one)."""
     torch.manual_seed(0)
-    model, x = _SharedStem().eval(), torch.randn(6, 3, 8, 8)
+    model, x = SharedStem().eval(), torch.randn(6, 3, 8, 8)
     small = compress(model, collect_covariances(model, [x], progress=False), "tucker2", ratio=0.5, progress=False)
     assert small.stem is small.layers[0]
     save_compressed(small, tmp_path / "shared.pt")
-    loaded = load_compressed(_SharedStem(), tmp_path / "shared.pt").eval()
+    loaded = load_compressed(SharedStem(), tmp_path / "shared.pt").eval()
     assert loaded.stem is loaded.layers[0] and type(loaded.stem) is type(small.stem)
     torch.testing.assert_close(loaded(x), small(x), rtol=0, atol=0)

@@ -351,17 +351,10 @@ def test_a_layer_registered_under_two_names_is_replaced_under_both():
     forward pass here uses the other one, which kept running the dense layer while the
     report said it was compressed. At full rank the output is unchanged."""
 
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.stem = nn.Conv2d(6, 6, 3, padding=1)
-            self.layers = nn.ModuleList([self.stem, nn.Conv2d(6, 6, 3, padding=1)])
-
-        def forward(self, x):
-            return self.layers[1](torch.relu(self.layers[0](x)))
+    from ._factorized_models import SharedStem
 
     torch.manual_seed(0)
-    model = Net().double().eval()
+    model = SharedStem(6, 6).double().eval()
     x = torch.randn(4, 6, 7, 7, dtype=torch.float64)
     stats = collect_covariances(model, [x], progress=False)
     small = compress(model, stats, "tucker2", ranks={"stem": (6, 6), "layers.1": (6, 6)}, progress=False,

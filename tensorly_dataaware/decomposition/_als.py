@@ -15,7 +15,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from .._backend_ops import full_precision_products
-from .._validation import check_damping, check_positive_int
+from .._validation import check_positive_int
 from ._monitor import ALSMonitor
 from ._problem import SigmaProblem
 from ._structured_solve import InputFactorSystem, SolveInfo
@@ -93,7 +93,7 @@ def validate_als_options(*, n_iter_max, tol, solver, cg_tol, cg_maxiter, check_p
         "cg_tol": _check_tolerance(cg_tol, "cg_tol"),
         "cg_maxiter": check_positive_int(cg_maxiter, "cg_maxiter"),
         "check_psd": bool(check_psd),
-        "damping": check_damping(damping),
+        "damping": _check_tolerance(damping, "damping"),
         "verbose": verbose,
         "callback": callback,
     }

@@ -33,7 +33,7 @@ import tensorly as tl
 from tensorly.cp_tensor import CPTensor
 
 from .._backend_ops import weighted_sum
-from .._validation import check_finite, validate_cp_rank
+from .._validation import check_finite, check_init_form, validate_cp_rank
 from ..norms import psd_solve
 from ._als import finish, run_als
 from ._base import SigmaDecomposition
@@ -170,17 +170,7 @@ def _initial_inputs(tensor, prob: SigmaProblem, rank: int, init, random_state):
     from tensorly.decomposition._cp import initialize_cp
 
     context = tl.context(tensor)
-    if not isinstance(init, (str, CPTensor, tuple, list)):
-        raise TypeError(
-            f"`init` must be 'svd', 'frobenius', 'random' or a CPTensor / (weights, factors); got a "
-            f"{type(init).__name__}."
-        )
-    if isinstance(init, (CPTensor, tuple, list)):
-        if len(init) != 2 or not isinstance(init[1], (tuple, list)):
-            raise ValueError(
-                "`init` must be a CPTensor or a pair (weights, factors) with `factors` a list of one factor "
-                f"matrix per mode; got a {type(init).__name__} of {len(init)} items."
-            )
+    if check_init_form(init, CPTensor, "(weights, factors)", "(weights, factors)", "one factor matrix per mode"):
         weights, factors = init
         if len(factors) != len(prob.shape) or any(
             tuple(tl.shape(f)) != (d, rank) for f, d in zip(factors, prob.shape)

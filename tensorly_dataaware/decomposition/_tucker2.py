@@ -44,7 +44,7 @@ import tensorly as tl
 from tensorly.tucker_tensor import TuckerTensor
 
 from .._backend_ops import contract
-from .._validation import check_finite, validate_tucker2_rank
+from .._validation import check_finite, check_init_form, validate_tucker2_rank
 from ..norms import psd_solve, top_eigvecs
 from ._als import finish, run_als
 from ._base import SigmaDecomposition
@@ -115,17 +115,8 @@ def _joint_step(prob: SigmaProblem, V, r_out: int) -> _Tucker2State:
 def _initial_input_factor(tensor, prob: SigmaProblem, ranks, init, random_state):
     S = prob.n_in
     r_out, r_in = ranks
-    if not isinstance(init, (str, TuckerTensor, tuple, list)):
-        raise TypeError(
-            f"`init` must be 'svd', 'frobenius', 'random' or a TuckerTensor / (core, [U, V, ...]); got a "
-            f"{type(init).__name__}."
-        )
-    if isinstance(init, (TuckerTensor, tuple, list)):
-        if len(init) != 2 or not isinstance(init[1], (tuple, list)):
-            raise ValueError(
-                "`init` must be a TuckerTensor or a pair (core, factors) with `factors` a list of the factor "
-                f"matrices (output first, input second); got a {type(init).__name__} of {len(init)} items."
-            )
+    if check_init_form(init, TuckerTensor, "(core, [U, V, ...])", "(core, factors)",
+                       "the factor matrices (output first, input second)"):
         _, factors = init
         if len(factors) < 2 or tuple(tl.shape(factors[1])) != (S, r_in):
             raise ValueError(

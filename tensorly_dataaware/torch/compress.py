@@ -550,8 +550,7 @@ def plan_compression(
         free = [p[:5] for p in prepared if p[0] not in fixed]
         available = int(budget * total) - spent
         if free and available > 0 and spent:
-            smallest = sum(rk.factorized_params(p[2], tuple(p[3].shape), rk.ranks_for_ratio(p[2], tuple(p[3].shape), 1e-9))
-                           for p in free)
+            smallest = sum(rk.factorized_params(p[2], tuple(p[3].shape), rk.min_rank(p[2])) for p in free)
             if smallest > available:
                 raise ValueError(
                     f"The explicit `ranks` use {spent} of the `budget`'s {int(budget * total)} parameters: the "
@@ -878,8 +877,7 @@ def _budget_ranks(
         curve = []
         # Rank 1 first: the smallest factorization (the 2% step refused budgets that rank-1
         # layers fit).
-        for frac in [1e-9] + [0.02 * i for i in range(1, 51)]:
-            rank = rk.ranks_for_ratio(method, shape, frac)
+        for rank in [rk.min_rank(method)] + [rk.ranks_for_ratio(method, shape, 0.02 * i) for i in range(1, 51)]:
             # Proxy error: the whitened output tail at the output rank the factorization
             # affords (a lower bound of the layer's sigma-error at that size).
             r_out = rank[0] if isinstance(rank, tuple) else min(rank, shape[0])

@@ -277,7 +277,9 @@ def export_onnx(
                 "which export_onnx cannot write atomically; the model is probably over 2 GB."
             )
         if check:
-            check_onnx(scratch_path, exported, example_input, rtol=rtol)
+            # `exported` is already the eval-mode copy and `leaves` its outputs: check_onnx
+            # would copy the model and run it again.
+            _compare_with_onnx_runtime(scratch_path, exported, example_input, leaves, rtol)
         with open(scratch_path, "rb") as source:
             atomic_write(path, lambda handle: shutil.copyfileobj(source, handle))
     return path
@@ -312,6 +314,12 @@ def check_onnx(
     with torch.no_grad():
         # Before importing onnxruntime and loading the file: an unsupported output fails first.
         expected = _output_leaves(_eval_copy(model)(example_input))
+    return _compare_with_onnx_runtime(path, model, example_input, expected, rtol)
+
+
+def _compare_with_onnx_runtime(path, model: nn.Module, example_input: torch.Tensor,
+                               expected: list[tuple[tuple, torch.Tensor]], rtol: float | None) -> float:
+    """:func:`check_onnx` once PyTorch's outputs ``expected`` (:func:`_output_leaves`) are known."""
     import onnxruntime as ort
 
     rtol = _default_rtol(model, rtol)

@@ -89,6 +89,11 @@ def check_fraction(value, label: str) -> None:
         raise ValueError(f"`{label}` must be in (0, 1], got {value}.")
 
 
+def min_rank(method: str):
+    """The smallest factorization of ``method``: rank 1 (``(1, 1)`` for Tucker-2)."""
+    return (1, 1) if method == "tucker2" else 1
+
+
 def ranks_for_ratio(method: str, shape: Sequence[int], ratio: float):
     """Largest rank whose factorized form keeps at most ``ratio`` of the layer's weights.
 

@@ -23,7 +23,6 @@ transformed by :math:`F^{1/2}` (:func:`fisher_matrix_roots`).
 
 from __future__ import annotations
 
-import numbers
 import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -31,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._validation import check_positive_int
 from .statistics import _batch_input, _model_device
 
 __all__ = ["output_fisher", "fisher_matrix_roots", "fisher_row_weights"]
@@ -115,11 +115,8 @@ def output_fisher(
     if not names:
         raise ValueError("`layers` is empty.")
     if max_batches is not None:
-        # Integral, not int: compress_sequential passes on whatever integer it accepted.
-        if isinstance(max_batches, bool) or not isinstance(max_batches, numbers.Integral):
-            raise TypeError(f"`max_batches` must be a positive int or None; got {max_batches!r}.")
-        if max_batches < 1:
-            raise ValueError(f"`max_batches` must be >= 1; got {max_batches}.")
+        # Any Integral (compress_sequential passes on whatever integer it accepted).
+        max_batches = check_positive_int(max_batches, "max_batches")
     modules = {}
     for name in names:
         try:
